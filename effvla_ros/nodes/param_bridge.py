@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 import typing
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from rcl_interfaces.msg import (
     FloatingPointRange,

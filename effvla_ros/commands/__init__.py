@@ -1,0 +1,1 @@
+"""Subcommands of the ``effvla`` command (see ``effvla_ros.cli``)."""

@@ -1,0 +1,174 @@
+"""The effvla_ros ROS 2 graph, described once in plain Python.
+
+``describe_graph(...)`` returns which nodes run, from which executable/module, with which layered
+parameter files (``config/base.yaml`` < ``config/targets/<target>.yaml`` < the user's file <
+explicit overrides), which remappings, and whether they share one process. Both
+``launch/manipulation.launch.py`` (real ROS 2 with launch_ros) and ``effvla run`` (single-process
+bringup without ``launch``) build the graph from this description, so the wiring tested here is the
+wiring users launch.
+
+Topic layout (names relative to the namespace unless absolute)::
+
+    camera/<cam>/image_raw ─► token_compressor ─► visual_tokens ─► policy ─► action_chunk ─► chunk_executor
+    instruction ────────────► token_compressor, policy                    ▲                     │
+    joint_states ───────────► policy, chunk_executor                      └─ execution_feedback ┘
+    chunk_executor ─► /<controller>/joint_trajectory (ros2_control joint_trajectory_controller)
+
+With ``sim=True`` the SO-101 MuJoCo bridge provides the cameras, joint states, instruction and the
+controller; otherwise the robot's drivers and ros2_control do.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGE = "effvla_ros"
+TARGETS = ("orin_nano_8gb", "orin_nx_16gb", "agx_orin_64gb", "agx_thor", "x86_cpu")
+DEFAULT_TARGET = "x86_cpu"
+DEFAULT_CAMERAS = ("scene", "wrist")
+DEFAULT_CONTROLLER = "arm_controller"
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node of the graph."""
+
+    name: str  # ROS node name
+    executable: str  # `ros2 run effvla_ros <executable>` (installed in lib/effvla_ros)
+    module: str  # Python module holding the Node class and main()
+    node_class: str  # Node subclass, constructed with no positional arguments (single-process bringup)
+    remappings: tuple[tuple[str, str], ...] = ()
+    role: str = "pipeline"  # "pipeline" | "sim"
+
+
+@dataclass(frozen=True)
+class Graph:
+    nodes: tuple[NodeSpec, ...]
+    params_files: tuple[Path, ...]  # in increasing precedence
+    overrides: dict[str, object] = field(default_factory=dict)  # applied to every node, highest precedence
+    namespace: str = ""
+    single_process: bool = False
+
+    def node(self, name: str) -> NodeSpec:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def ros_args(self, spec: NodeSpec, log_level: str | None = None) -> list[str]:
+        """``--ros-args`` for one node: parameter files, overrides, remappings, namespace."""
+        args = ["--ros-args", "-r", f"__node:={spec.name}"]
+        if self.namespace:
+            args += ["-r", f"__ns:={self.namespace}"]
+        for f in self.params_files:
+            args += ["--params-file", str(f)]
+        for k, v in self.overrides.items():
+            args += ["-p", f"{k}:={_yaml_scalar(v)}"]
+        for src, dst in spec.remappings:
+            args += ["-r", f"{src}:={dst}"]
+        if log_level:
+            args += ["--log-level", log_level]
+        return args
+
+
+def _yaml_scalar(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_yaml_scalar(x) for x in v) + "]"
+    if isinstance(v, str):
+        return v if v and not any(c in v for c in ":[]{},#&*!|>'\"%@`") else repr(v)
+    return str(v)
+
+
+def share_dir() -> Path:
+    """The package's share directory: the installed one (colcon/apt) or, from a source checkout, the repo."""
+    try:  # an installed package (ament index) wins
+        from ament_index_python.packages import get_package_share_directory
+
+        p = Path(get_package_share_directory(PACKAGE))
+        if (p / "config" / "base.yaml").is_file():
+            return p
+    except Exception:  # noqa: BLE001 - not installed through ament: use the source tree
+        pass
+    return Path(__file__).resolve().parents[1]
+
+
+def params_files(target: str, user_file: str | os.PathLike[str] | None = None, root: Path | None = None) -> list[Path]:
+    """Layered parameter files: base < target < user."""
+    if target not in TARGETS:
+        raise ValueError(f"target: {target!r} is not one of {list(TARGETS)}")
+    root = root or share_dir()
+    files = [root / "config" / "base.yaml", root / "config" / "targets" / f"{target}.yaml"]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"parameter file {f} is missing (package share dir {root})")
+    if user_file:
+        uf = Path(user_file).expanduser()
+        if not uf.is_file():
+            raise FileNotFoundError(f"params_file: {uf} does not exist")
+        files.append(uf)
+    return files
+
+
+def describe_graph(
+    target: str = DEFAULT_TARGET,
+    *,
+    sim: bool = False,
+    cameras: tuple[str, ...] | list[str] = DEFAULT_CAMERAS,
+    controller: str = DEFAULT_CONTROLLER,
+    namespace: str = "",
+    checkpoint: str | None = None,
+    params_file: str | os.PathLike[str] | None = None,
+    use_sim_time: bool | None = None,
+    single_process: bool = False,
+    root: Path | None = None,
+) -> Graph:
+    """The graph for one target. ``use_sim_time`` defaults to ``sim``."""
+    cams = tuple(cameras)
+    if not cams:
+        raise ValueError("cameras: at least one camera is needed")
+    for c in cams:
+        if not _NAME_RE.match(c):
+            raise ValueError(f"cameras: {c!r} is not a valid camera name (letters, digits, underscore)")
+    if not _NAME_RE.match(controller):
+        raise ValueError(f"controller: {controller!r} is not a valid controller name")
+    ns = namespace.strip("/")
+    if ns and not all(_NAME_RE.match(p) for p in ns.split("/")):
+        raise ValueError(f"namespace: {namespace!r} is not a valid ROS namespace")
+
+    nodes = [
+        NodeSpec(
+            "token_compressor", "token_compressor", "effvla_ros.nodes.token_compressor", "TokenCompressorNode",
+            remappings=(("~/visual_tokens", "visual_tokens"),),
+        ),
+        NodeSpec(
+            "policy", "policy", "effvla_ros.nodes.policy", "PolicyNode",
+            remappings=(("~/visual_tokens", "visual_tokens"), ("~/action_chunk", "action_chunk"),
+                        ("~/execution_feedback", "execution_feedback")),
+        ),
+        NodeSpec(
+            "chunk_executor", "chunk_executor", "effvla_ros.nodes.chunk_executor", "ChunkExecutorNode",
+            remappings=(("~/action_chunk", "action_chunk"), ("~/feedback", "execution_feedback"),
+                        ("~/joint_trajectory", f"/{controller}/joint_trajectory")),
+        ),
+    ]
+    if sim:
+        nodes.insert(0, NodeSpec("sim_bridge", "sim_bridge", "effvla_ros.nodes.sim_bridge", "SimBridgeNode",
+                                 role="sim"))
+    overrides: dict[str, object] = {"use_sim_time": sim if use_sim_time is None else use_sim_time}
+    if checkpoint:
+        overrides["checkpoint"] = str(checkpoint)
+    overrides["cameras"] = list(cams)
+    if sim:
+        overrides["controller"] = controller
+    return Graph(
+        nodes=tuple(nodes),
+        params_files=tuple(params_files(target, params_file, root)),
+        overrides=overrides,
+        namespace=ns,
+        single_process=single_process,
+    )
