@@ -1,0 +1,89 @@
+"""Frame-level and patch-level change detection for temporal reuse at the vision encoder.
+
+A camera frame is compared with the pixels its cached encoder state came from, patch by patch (the
+vision transformer's patch grid at model resolution). A patch "changed" when its mean absolute
+pixel difference exceeds ``threshold`` (pixels in [0, 1]). Then:
+
+* ``reuse``   — no patch changed and the cached tokens are younger than ``max_age`` frames: the
+  frame's tokens are reused as they are (no encoder compute at all);
+* ``partial`` — some patches changed, patch-level reuse is on and the last full pass (keyframe) is
+  younger than ``keyframe_interval``: only the changed patches go through the vision transformer
+  (Eventful Transformers, Dutson et al., ICCV 2023), the rest reuse their cached per-layer state;
+* ``full``    — otherwise (first frame, shape change, too many changed patches, keyframe due).
+
+VLA-Cache compares raw patches by cosine similarity (>= 0.996); the mean absolute difference is
+used here because it does not depend on a patch's brightness level and is cheap on a Jetson.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def patch_change(prev: torch.Tensor, cur: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Mean absolute difference per patch, shape grid (gh, gw). prev/cur: (3, H, W) float in [0, 1]."""
+    if prev.shape != cur.shape:
+        raise ValueError(f"image shape changed: {tuple(prev.shape)} -> {tuple(cur.shape)}")
+    gh, gw = grid
+    diff = (cur.float() - prev.float()).abs().mean(0, keepdim=True).unsqueeze(0)  # (1, 1, H, W)
+    return torch.nn.functional.adaptive_avg_pool2d(diff, (gh, gw))[0, 0]
+
+
+@dataclass
+class ChangeDecision:
+    kind: str  # "reuse" | "partial" | "full"
+    changed: torch.Tensor  # (gh, gw) bool: patches to recompute (all True for "full")
+    max_change: float  # largest per-patch mean abs difference (inf when there is no reference)
+
+
+class ChangeDetector:
+    """Per-camera state: reference pixels of the cached encoder state and the ages of that state."""
+
+    def __init__(self) -> None:
+        self.reference: torch.Tensor | None = None
+        self.since_compute = 0  # frames since the tokens were last (partly) computed
+        self.since_keyframe = 0  # frames since the last full pass
+
+    def reset(self) -> None:
+        self.reference, self.since_compute, self.since_keyframe = None, 0, 0
+
+    def decide(
+        self,
+        image: torch.Tensor,
+        grid: tuple[int, int],
+        *,
+        threshold: float,
+        max_age: int,
+        patch_level: bool,
+        keyframe_interval: int,
+        max_changed_fraction: float = 0.6,
+    ) -> ChangeDecision:
+        full = torch.ones(grid, dtype=torch.bool)
+        if self.reference is None or self.reference.shape != image.shape:
+            return ChangeDecision("full", full, float("inf"))
+        pc = patch_change(self.reference, image, grid)
+        changed = pc > threshold
+        mx = float(pc.max())
+        if not bool(changed.any()) and self.since_compute + 1 < max_age:
+            return ChangeDecision("reuse", changed, mx)
+        if (patch_level and self.since_keyframe + 1 < keyframe_interval and bool(changed.any())
+                and float(changed.float().mean()) <= max_changed_fraction):
+            return ChangeDecision("partial", changed, mx)
+        return ChangeDecision("full", full, mx)
+
+    def commit(self, image: torch.Tensor, decision: ChangeDecision) -> None:
+        """Record what was done with ``image``: the reference follows the pixels the cache holds."""
+        if decision.kind == "reuse":
+            self.since_compute += 1
+            self.since_keyframe += 1
+        elif decision.kind == "partial" and self.reference is not None:
+            h, w = image.shape[-2:]
+            mask = torch.nn.functional.interpolate(decision.changed[None, None].float(), size=(h, w), mode="nearest")[0]
+            self.reference = torch.where(mask.bool(), image, self.reference)
+            self.since_compute = 0
+            self.since_keyframe += 1
+        else:
+            self.reference = image.detach().clone()
+            self.since_compute = 0
+            self.since_keyframe = 0

@@ -1,0 +1,103 @@
+"""Training-free visual token pruning for the VLM prefix.
+
+``task`` — task relevance after LightVLA (Jiang et al., "The Better You Learn, The Smarter You
+Prune: Towards Efficient Vision-language-action Models via Differentiable Token Pruning",
+arXiv 2509.12594), parameter-free query selection: with weightless RMSNorm on the N visual tokens
+P (N, d) and the task tokens T (M, d) (instruction embeddings, optionally the state token), each
+visual token becomes a query by attending to the task tokens,
+``Q = RMSNorm(softmax(P T^T / sqrt(d)) T)``, and scores every visual token,
+``S = Q P^T / sqrt(d)`` (N x N). The ``adaptive`` mode keeps the union of each query's best token
+(the count adapts to the scene, LightVLA's inference rule); the ``ratio`` mode keeps a fixed
+fraction ranked by each token's best score over all queries (ties broken by vote count).
+
+``coverage`` — a spatial guard: the token grid is split into ``regions x regions`` blocks and every
+block keeps at least its best-scoring token, so no region of the image disappears.
+
+``none`` keeps everything. Kept tokens keep their grid indices; the prefix places them at their
+original positions semantics (masked = removed in SmolVLA, see the policy core).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from effvla_ros.core.params import ConfigBase, param
+
+
+@dataclass
+class PruningConfig(ConfigBase):
+    """Token pruning settings (ROS parameters of the token compressor under ``pruning.``)."""
+
+    method: str = param("task", choices=("task", "none"), description="pruning method: task relevance or none")
+    mode: str = param("ratio", choices=("ratio", "adaptive"),
+                      description="ratio: keep keep_ratio of the tokens; adaptive: LightVLA's union of each "
+                                  "query's best token (count adapts to the scene)")
+    keep_ratio: float = param(0.5, min=0.05, max=1.0, description="fraction of visual tokens kept (ratio mode)")
+    min_tokens: int = param(4, min=1, max=4096, description="never keep fewer tokens per camera")
+    coverage_regions: int = param(2, min=0, max=16,
+                                  description="coverage guard: the grid is split in regions x regions blocks "
+                                              "that each keep at least one token (0 = off)")
+
+
+def _rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def relevance_scores(visual: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+    """LightVLA query-token scores S (N, N): row = query (from visual token i), column = candidate j."""
+    p = _rms(visual.float())  # (N, d)
+    t = _rms(task.float())  # (M, d)
+    d = p.shape[-1]
+    attn = torch.softmax(p @ t.T / math.sqrt(d), dim=-1)  # (N, M)
+    q = _rms(attn @ t)  # (N, d)
+    return q @ p.T / math.sqrt(d)  # (N, N)
+
+
+def _coverage(keep: torch.Tensor, token_score: torch.Tensor, grid: tuple[int, int], regions: int) -> torch.Tensor:
+    gh, gw = grid
+    if regions <= 0:
+        return keep
+    rows = torch.arange(gh).repeat_interleave(gw)
+    cols = torch.arange(gw).repeat(gh)
+    region = (rows * regions // gh) * regions + (cols * regions // gw)
+    keep = keep.clone()
+    for r in torch.unique(region).tolist():
+        members = (region == r).nonzero().flatten()
+        if not keep[members].any():
+            keep[members[token_score[members].argmax()]] = True
+    return keep
+
+
+def select_tokens(
+    visual: torch.Tensor,
+    task: torch.Tensor | None,
+    grid: tuple[int, int],
+    cfg: PruningConfig,
+) -> torch.Tensor:
+    """Indices (ascending, int64) of the visual tokens to keep for one camera.
+
+    visual: (N, d) connector tokens of one camera (N = grid h x w); task: (M, d) task-token
+    embeddings in the same space (None: no instruction yet -> keep everything).
+    """
+    n = visual.shape[0]
+    if n != grid[0] * grid[1]:
+        raise ValueError(f"grid: {grid} does not match {n} tokens")
+    if cfg.method == "none" or task is None or task.shape[0] == 0 or n <= cfg.min_tokens:
+        return torch.arange(n)
+    s = relevance_scores(visual, task)  # (N, N)
+    best = s.argmax(dim=1)  # each query's best token
+    votes = torch.bincount(best, minlength=n).float()
+    token_score = s.max(dim=0).values  # best score any query gives token j
+    keep = torch.zeros(n, dtype=torch.bool)
+    if cfg.mode == "adaptive":
+        keep[best] = True
+    else:
+        k = max(cfg.min_tokens, int(round(cfg.keep_ratio * n)))
+        rank = token_score + 1e-3 * votes  # votes only break near-ties
+        keep[torch.topk(rank, min(k, n)).indices] = True
+    if int(keep.sum()) < cfg.min_tokens:
+        keep[torch.topk(token_score, cfg.min_tokens).indices] = True
+    keep = _coverage(keep, token_score, grid, cfg.coverage_regions)
+    return keep.nonzero().flatten()
