@@ -33,7 +33,7 @@ from pathlib import Path
 import mujoco
 import numpy as np
 
-SCENE_VERSION = 1
+SCENE_VERSION = 4
 DEFAULT_TARGET_FACES = 1500
 
 # Geometry of the task objects (metres).
@@ -99,6 +99,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -138,6 +139,8 @@ def build_spec(mesh_dir: Path | None, target_faces: int | None) -> mujoco.MjSpec
     spec.meshdir = str(assets / "assets")
     spec.modelname = "effvla_so101_two_cube"
     spec.visual.quality.offsamples = 0
+    spec.visual.global_.offwidth = 640
+    spec.visual.global_.offheight = 480
 
     if mesh_dir is not None and target_faces is not None:
         originals = list(spec.meshes)
@@ -147,6 +150,10 @@ def build_spec(mesh_dir: Path | None, target_faces: int | None) -> mujoco.MjSpec
         for geom in spec.geoms:
             if geom.type == mujoco.mjtGeom.mjGEOM_MESH and geom.group == 2:  # class "visual"
                 geom.meshname = f"{geom.meshname}_lo"
+        used = {g.meshname for g in spec.geoms if g.type == mujoco.mjtGeom.mjGEOM_MESH}
+        for mesh in originals:  # full meshes only drawn by the base (no collision geoms there)
+            if mesh.name not in used:
+                spec.delete(mesh)
 
     # A light, neutral table: every cube colour stands out against it.
     for tex in spec.textures:
@@ -177,15 +184,16 @@ def build_spec(mesh_dir: Path | None, target_faces: int | None) -> mujoco.MjSpec
         pos=[0.2, 0.08, MARKER_HALF_HEIGHT], rgba=[0.08, 0.08, 0.08, 1.0], contype=0, conaffinity=0, group=0,
     )
     # Third-person camera: behind-right of the workspace, looking at its centre.
-    pos = np.array([0.62, -0.30, 0.38])
-    world.add_camera(name="scene", pos=pos, quat=_look_at_quat(pos, np.array([0.2, 0.0, 0.0]), np.array([0, 0, 1.0])),
-                     fovy=42)
+    pos = np.array([0.62, -0.38, 0.46])
+    world.add_camera(name="scene", pos=pos, quat=_look_at_quat(pos, np.array([0.19, 0.0, 0.04]), np.array([0, 0, 1.0])),
+                     fovy=45)
     # Wrist camera on the wrist-roll link ("gripper" body). In that frame the jaws point along -z
-    # and the moving jaw lies toward +x; the camera sits behind the fixed jaw and looks at the tips.
+    # and close along x; the camera sits beside the jaws (+y) and looks down past their tips, the
+    # wrist toward the top of the image, so the jaws, a grasped cube and the table below are in view.
     gripper = spec.body("gripper")
-    cpos = np.array([-0.045, 0.0, -0.03])
+    cpos = np.array([0.0, 0.05, -0.03])
     gripper.add_camera(
-        name="wrist", pos=cpos, quat=_look_at_quat(cpos, np.array([0.0, 0.0, -0.11]), np.array([0, 1.0, 0])), fovy=70
+        name="wrist", pos=cpos, quat=_look_at_quat(cpos, np.array([0.0, 0.0, -0.15]), np.array([0, 0, 1.0])), fovy=75
     )
     return spec
 

@@ -22,6 +22,7 @@ Inputs are model-ready pixels (after resize-with-pad and scaling to [-1, 1]) of 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +46,8 @@ class EventfulState:
 class EventfulVisionEncoder:
     """Vision transformer + connector of SmolVLM, run layer by layer with per-token reuse."""
 
-    def __init__(self, vision_model: nn.Module, connector: nn.Module) -> None:
+    def __init__(self, vision_model: Any, connector: Any) -> None:
+        # transformers modules with dynamic attributes (SmolVLMVisionTransformer, SmolVLMConnector)
         self.vm = vision_model
         self.connector = connector
         emb = vision_model.embeddings
@@ -61,7 +63,7 @@ class EventfulVisionEncoder:
     def _embed(self, pixels: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         """Patch + position embeddings of the patches ``idx`` (all when None): (n, d)."""
         emb = self.vm.embeddings
-        conv: nn.Conv2d = emb.patch_embedding
+        conv = emb.patch_embedding
         gh, gw = self.patch_grid(pixels)
         if gh != self.side or gw != self.side:
             raise ValueError(f"image: expected {self.side * self.patch} px square model input, got {tuple(pixels.shape[-2:])}")
@@ -81,7 +83,7 @@ class EventfulVisionEncoder:
         n, d = x.shape
         return x.view(n, n_heads, d // n_heads).transpose(0, 1)  # (H, n, hd)
 
-    def _layer(self, layer: nn.Module, x: torch.Tensor, cache: _LayerCache | None,
+    def _layer(self, layer: Any, x: torch.Tensor, cache: _LayerCache | None,
                idx: torch.Tensor | None) -> tuple[torch.Tensor, _LayerCache]:
         """One encoder layer. Full when idx is None, else only rows idx (x holds those rows)."""
         attn = layer.self_attn
