@@ -1,0 +1,83 @@
+"""Token compressor core on a tiny SmolVLA: reuse paths, FLOPs accounting, pruning, fidelity."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
+from effvla_ros.core.compression.pruning import PruningConfig
+from effvla_ros.core.smolvla import build_random_policy, tiny_arch
+from effvla_ros.core.smolvla.tokenizer import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def policy():  # type: ignore[no-untyped-def]
+    return build_random_policy(tiny_arch(), tokenizer=build_tiny_tokenizer(), seed=3)
+
+
+def _scene(seed: int = 0) -> torch.Tensor:
+    return torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_reuse_off_equals_policy_encoder_exactly(policy) -> None:  # type: ignore[no-untyped-def]
+    comp = TokenCompressor(policy, PruningConfig(method="none"), ReuseConfig(enabled=False))
+    img = _scene()
+    out = comp.process("camera1", img)
+    ref = policy.encode_images({"camera1": img[None]}).tokens["camera1"][0]
+    assert out.kind == "full" and out.kept.tolist() == list(range(16))
+    assert torch.equal(out.tokens, ref)
+    assert out.encoder_flops == out.encoder_flops_full > 0
+    out2 = comp.process("camera1", img)  # reuse off: computed again
+    assert out2.kind == "full" and out2.encoder_flops > 0
+
+
+def test_static_frames_reuse_and_moving_region_is_partial(policy) -> None:  # type: ignore[no-untyped-def]
+    comp = TokenCompressor(policy, PruningConfig(method="none"),
+                           ReuseConfig(threshold=0.02, max_age=100, keyframe_interval=100, dilation=0))
+    img = _scene(1)
+    first = comp.process("camera1", img)
+    assert first.kind == "full"
+    same = comp.process("camera1", img.clone())
+    assert same.kind == "reuse" and same.encoder_flops == 0 and bool(same.reused.all())
+    assert torch.equal(same.tokens, first.tokens)
+    moved = img.clone()
+    moved[:, 30:40, 40:50] = torch.rand(3, 10, 10, generator=torch.Generator().manual_seed(7))  # an object moves
+    part = comp.process("camera1", moved)
+    assert part.kind == "partial"
+    assert 0 < part.encoder_flops < 0.6 * part.encoder_flops_full
+    assert 0 < int((~part.reused).sum()) < 16
+    # error against a full encode of the same frame stays small relative to the tokens' scale
+    full = policy.encode_images({"camera1": moved[None]}).tokens["camera1"][0]
+    rel = ((part.all_tokens - full).norm() / full.norm()).item()
+    stale = ((first.tokens - full).norm() / full.norm()).item()
+    assert rel < stale  # better than reusing the old frame whole
+
+
+def test_keyframe_and_max_age_force_full(policy) -> None:  # type: ignore[no-untyped-def]
+    comp = TokenCompressor(policy, PruningConfig(method="none"), ReuseConfig(max_age=2, keyframe_interval=100))
+    img = _scene(2)
+    kinds = [comp.process("camera1", img).kind for _ in range(5)]
+    assert kinds == ["full", "reuse", "full", "reuse", "full"]
+
+
+def test_task_pruning_keeps_fraction_and_live_reconfiguration(policy) -> None:  # type: ignore[no-untyped-def]
+    comp = TokenCompressor(policy, PruningConfig(method="task", keep_ratio=0.5, coverage_regions=2),
+                           ReuseConfig(enabled=False))
+    img = _scene(3)
+    no_instr = comp.process("camera1", img)
+    assert len(no_instr.kept) == 16  # no instruction yet: nothing is pruned
+    comp.set_instruction("pick up the red cube")
+    half = comp.process("camera1", img)
+    assert len(half.kept) == 8
+    assert torch.equal(half.tokens, half.all_tokens[half.kept])
+    comp.configure(pruning=PruningConfig(method="task", keep_ratio=0.25, coverage_regions=0, min_tokens=1))
+    quarter = comp.process("camera1", img)
+    assert len(quarter.kept) == 4
+
+
+def test_bad_images_rejected(policy) -> None:  # type: ignore[no-untyped-def]
+    comp = TokenCompressor(policy)
+    with pytest.raises(ValueError, match="NaN"):
+        comp.process("camera1", torch.full((3, 48, 64), float("nan")))
+    with pytest.raises(ValueError, match="image"):
+        comp.process("camera1", torch.rand(48, 64))
