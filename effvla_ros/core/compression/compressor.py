@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -103,7 +104,8 @@ class TokenCompressor:
             self._task = None
             return
         ids, mask = self.policy.tokenize(text)
-        emb = self.policy.weights.text.embed_tokens(ids)[0]  # (L, D)
+        text_model: Any = self.policy.weights.text
+        emb = text_model.embed_tokens(ids)[0]  # (L, D)
         self._task = emb[mask[0]].float()
 
     # ------------------------------------------------------------------ encoding
@@ -122,7 +124,8 @@ class TokenCompressor:
         st = self._cams.setdefault(camera, _CameraState())
         t0 = time.perf_counter()
         pixels = self.policy.preprocess_image(image[None])  # (1, 3, S, S) in [-1, 1]
-        vdtype = self.policy.weights.vision.embeddings.patch_embedding.weight.dtype
+        vision: Any = self.policy.weights.vision
+        vdtype = vision.embeddings.patch_embedding.weight.dtype
         pixels = pixels.to(vdtype)
         patch_grid = self.eventful.patch_grid(pixels)
         s = self.policy.arch.scale_factor
