@@ -1,0 +1,102 @@
+"""Shared pieces of the node layer: QoS profiles, image conversion, stamps, the per-process model cache."""
+from __future__ import annotations
+
+import threading
+import types
+from typing import Any
+
+import numpy as np
+from builtin_interfaces.msg import Time as TimeMsg
+from rclpy.qos import (
+    DurabilityPolicy,
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,
+    qos_profile_sensor_data,
+)
+
+# Camera images: best effort, keep only the newest frame (sensor data).
+SENSOR_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT,
+    durability=DurabilityPolicy.VOLATILE,
+)
+assert qos_profile_sensor_data.reliability == ReliabilityPolicy.BEST_EFFORT
+# Pipeline messages (tokens, chunks, feedback): reliable, shallow (latest wins downstream).
+PIPELINE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=2, reliability=ReliabilityPolicy.RELIABLE)
+# Instructions: latched so a node that starts later still gets the current instruction.
+LATCHED_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
+# Volatile twin of LATCHED_QOS: a transient-local subscription does not match volatile publishers
+# (e.g. `ros2 topic pub`), so instruction topics are subscribed with both.
+INSTRUCTION_VOLATILE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                                      reliability=ReliabilityPolicy.RELIABLE)
+
+_BPP = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "8UC3": 3, "8UC1": 1, "8UC4": 4}
+SUPPORTED_ENCODINGS = tuple(_BPP)
+
+
+class ImageError(ValueError):
+    """An image message that cannot be used (reason in the message)."""
+
+
+def image_to_rgb(msg: Any) -> np.ndarray:
+    """sensor_msgs/Image -> (H, W, 3) uint8 RGB.
+
+    Validates size, step and data length, removes row padding (``step`` > width * bytes per pixel),
+    then converts the encoding with rosbags-image (the same conversion as cv_bridge; PyPI's
+    cv-bridge is broken with numpy 2).
+    """
+    from rosbags.image import image_to_cvimage
+
+    enc = msg.encoding
+    if enc not in _BPP:
+        raise ImageError(f"unsupported encoding {enc!r} (supported: {', '.join(SUPPORTED_ENCODINGS)})")
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if h <= 0 or w <= 0:
+        raise ImageError(f"zero-size image {w}x{h}")
+    row = w * _BPP[enc]
+    if step < row:
+        raise ImageError(f"step {step} is smaller than width*bytes_per_pixel = {row}")
+    data = msg.data
+    n = len(data)
+    if n != step * h:
+        raise ImageError(f"data length {n} != step*height = {step * h}")
+    buf = np.frombuffer(bytes(data) if not isinstance(data, (bytes, bytearray)) else data, dtype=np.uint8)
+    if step != row:
+        buf = np.ascontiguousarray(buf.reshape(h, step)[:, :row]).reshape(-1)
+    tight = types.SimpleNamespace(encoding=enc, height=h, width=w, step=row, is_bigendian=msg.is_bigendian,
+                                  data=buf)
+    if enc in ("mono8", "8UC1"):
+        gray = image_to_cvimage(tight)
+        return np.repeat(np.asarray(gray)[..., None], 3, axis=2)
+    if enc.startswith("8UC"):  # untyped: assume RGB order
+        arr = np.asarray(image_to_cvimage(tight))
+        return np.ascontiguousarray(arr[..., :3])
+    return np.ascontiguousarray(image_to_cvimage(tight, "rgb8"))
+
+
+def stamp_to_sec(stamp: TimeMsg) -> float:
+    return float(stamp.sec) + 1e-9 * float(stamp.nanosec)
+
+
+def sec_to_stamp(t: float) -> TimeMsg:
+    sec = int(np.floor(t))
+    return TimeMsg(sec=sec, nanosec=int(round((t - sec) * 1e9)) % 1_000_000_000)
+
+
+# ------------------------------------------------------------------------------------- model cache
+_models: dict[tuple[Any, ...], Any] = {}
+_models_lock = threading.Lock()
+
+
+def shared_policy(checkpoint: str, vlm_dir: str | None, runtime: Any) -> Any:
+    """Load a SmolVLA checkpoint once per process (nodes composed in one process share the weights)."""
+    from effvla_ros.core.smolvla import load_policy
+
+    key = (checkpoint, vlm_dir or "", tuple(sorted(runtime.to_dict().items())))
+    with _models_lock:
+        if key not in _models:
+            _models[key] = load_policy(checkpoint, vlm_dir=vlm_dir or None, runtime=runtime)
+        return _models[key]

@@ -1,0 +1,310 @@
+"""Node ``token_compressor``: camera images -> compressed visual tokens (effvla_ros/VisualTokens).
+
+Subscribes ``camera/<camera>/image_raw`` (sensor_msgs/Image, sensor-data QoS, depth 1) for every
+configured camera and ``instruction`` (std_msgs/String, latched and volatile); publishes
+``~/visual_tokens`` (one message per camera frame) and ``/diagnostics``.
+
+The encoder runs in a worker thread, never in a subscription callback: each camera keeps only its
+newest frame (latest wins), so frames never queue behind inference. All compression settings
+(``pruning.*``, ``reuse.*``) are live parameters applied from the next frame on.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rclpy
+import torch
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from sensor_msgs.msg import Image
+from std_msgs.msg import String
+
+from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
+from effvla_ros.core.compression.pruning import PruningConfig
+from effvla_ros.core.params import ConfigBase, param
+from effvla_ros.core.smolvla.config import DTYPES, RuntimeConfig
+from effvla_ros.msg import VisualTokens
+from effvla_ros.nodes.common import (
+    INSTRUCTION_VOLATILE_QOS,
+    LATCHED_QOS,
+    PIPELINE_QOS,
+    SENSOR_QOS,
+    ImageError,
+    image_to_rgb,
+    shared_policy,
+    stamp_to_sec,
+)
+from effvla_ros.nodes.param_bridge import ConfigParameters
+
+_WIRE_DTYPES = {"float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32)}
+
+
+@dataclass
+class CompressorNodeConfig(ConfigBase):
+    """Node-level parameters of the token compressor (no prefix)."""
+
+    checkpoint: str = param("", read_only=True, description="local LeRobot SmolVLA checkpoint directory")
+    vlm_dir: str = param("", read_only=True,
+                         description="directory with the VLM config + tokenizer (empty: checkpoint's vlm/ or HF cache)")
+    cameras: list[str] = param(read_only=True, default_factory=lambda: ["scene", "wrist"],
+                               description="camera names (= the checkpoint's observation.images.<name>)")
+    image_topic: str = param("camera/{camera}/image_raw", read_only=True,
+                             description="image topic per camera; {camera} is replaced by the name")
+    instruction_topic: str = param("instruction", read_only=True, description="task instruction topic")
+    device: str = param("cpu", read_only=True, description="torch device of the encoder")
+    vision_dtype: str = param("float32", choices=tuple(DTYPES), read_only=True, description="encoder dtype")
+    wire_dtype: str = param("float16", choices=tuple(_WIRE_DTYPES), read_only=True,
+                            description="element type of the published token payload")
+    num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")
+    camera_timeout_s: float = param(1.0, min=0.05, max=60.0,
+                                    description="a camera without a valid frame for this long is published as missing")
+    max_stamp_skew_s: float = param(0.5, min=0.0, max=60.0,
+                                    description="stamps going backwards by more than this reset the camera's cache "
+                                                "(clock reset); smaller steps back are dropped")
+
+    def validate(self) -> None:
+        if not self.cameras:
+            raise ValueError("cameras: at least one camera is needed")
+        if "{camera}" not in self.image_topic:
+            raise ValueError("image_topic: must contain '{camera}'")
+
+
+class _Slot:
+    """Newest frame of one camera plus its bookkeeping."""
+
+    def __init__(self) -> None:
+        self.msg: Image | None = None
+        self.last_valid_wall = time.monotonic()
+        self.last_stamp: float | None = None
+        self.seq = 0
+        self.rates: deque[float] = deque(maxlen=30)
+        self.last: dict[str, float] = {}
+        self.counts = {"frames": 0, "dropped_invalid": 0, "dropped_backwards": 0, "missing_published": 0}
+        self.missing = False
+
+
+class TokenCompressorNode(Node):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("token_compressor", **kwargs)
+        self.node_params = ConfigParameters(self, CompressorNodeConfig(), on_change=lambda c, n: None)
+        self.pruning_params = ConfigParameters(self, PruningConfig(), prefix="pruning.", on_change=self._on_pruning)
+        self.reuse_params = ConfigParameters(self, ReuseConfig(), prefix="reuse.", on_change=self._on_reuse)
+        cfg = self.node_params.config
+        if not cfg.checkpoint:
+            raise ValueError("checkpoint: parameter is empty; set it to a local LeRobot SmolVLA checkpoint directory")
+        runtime = RuntimeConfig(device=cfg.device, vision_dtype=cfg.vision_dtype, num_threads=cfg.num_threads)
+        policy = shared_policy(cfg.checkpoint, cfg.vlm_dir or None, runtime)
+        unknown = [c for c in cfg.cameras if c not in policy.cameras]
+        if unknown:
+            raise ValueError(f"cameras: {unknown} not in the checkpoint's cameras {policy.cameras}")
+        self.compressor = TokenCompressor(policy, self.pruning_params.config, self.reuse_params.config)
+        self._lock = threading.Condition()
+        self._slots = {c: _Slot() for c in cfg.cameras}
+        self._instruction: str | None = None
+        self._instruction_dirty = False
+        self._settings_dirty = False
+
+        self.pub = self.create_publisher(VisualTokens, "~/visual_tokens", PIPELINE_QOS)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        for cam in cfg.cameras:
+            topic = cfg.image_topic.format(camera=cam)
+            self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(c, m), SENSOR_QOS)
+        for qos in (LATCHED_QOS, INSTRUCTION_VOLATILE_QOS):
+            self.create_subscription(String, cfg.instruction_topic, self._on_instruction, qos)
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
+        self._running = True
+        self._worker = threading.Thread(target=self._work, name="token_compressor_worker", daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f"token compressor ready: cameras {cfg.cameras}, {policy.arch.tokens_per_camera} tokens/camera, "
+            f"pruning={self.pruning_params.config.method} keep_ratio={self.pruning_params.config.keep_ratio}, "
+            f"reuse={'on' if self.reuse_params.config.enabled else 'off'}")
+
+    # ------------------------------------------------------------------ parameter changes
+    def _on_pruning(self, cfg: PruningConfig, names: set[str]) -> None:
+        with self._lock:
+            self._settings_dirty = True
+
+    def _on_reuse(self, cfg: ReuseConfig, names: set[str]) -> None:
+        with self._lock:
+            self._settings_dirty = True
+
+    # ------------------------------------------------------------------ subscriptions (cheap)
+    def _on_image(self, camera: str, msg: Image) -> None:
+        with self._lock:
+            self._slots[camera].msg = msg  # latest wins
+            self._lock.notify()
+
+    def _on_instruction(self, msg: String) -> None:
+        text = msg.data.strip()
+        with self._lock:
+            if text != self._instruction:
+                self._instruction = text
+                self._instruction_dirty = True
+                self._lock.notify()
+
+    # ------------------------------------------------------------------ worker
+    def _work(self) -> None:
+        while self._running and rclpy.ok(context=self.context):
+            with self._lock:
+                pending = [c for c, s in self._slots.items() if s.msg is not None]
+                if not pending:
+                    self._lock.wait(timeout=0.05)
+                    pending = [c for c, s in self._slots.items() if s.msg is not None]
+                jobs = [(c, self._slots[c].msg) for c in pending]
+                for c in pending:
+                    self._slots[c].msg = None
+                instruction = self._instruction if self._instruction_dirty else None
+                self._instruction_dirty = False
+                settings = self._settings_dirty
+                self._settings_dirty = False
+            if settings:
+                self.compressor.configure(self.pruning_params.config, self.reuse_params.config)
+            if instruction is not None:
+                try:
+                    self.compressor.set_instruction(instruction)
+                    self.get_logger().info(f"instruction: {instruction!r}")
+                except Exception as e:  # noqa: BLE001 - keep running
+                    self.get_logger().error(f"cannot tokenize instruction: {e}")
+            for cam, msg in jobs:
+                try:
+                    self._process(cam, msg)
+                except Exception as e:  # noqa: BLE001 - a bad frame must not stop the node
+                    self._slots[cam].counts["dropped_invalid"] += 1
+                    self.get_logger().error(f"camera {cam}: frame dropped: {e}", throttle_duration_sec=2.0)
+            self._check_missing()
+
+    def _process(self, cam: str, msg: Image) -> None:
+        cfg = self.node_params.config
+        slot = self._slots[cam]
+        stamp = stamp_to_sec(msg.header.stamp)
+        if slot.last_stamp is not None and stamp < slot.last_stamp:
+            if slot.last_stamp - stamp > cfg.max_stamp_skew_s:
+                self.get_logger().warning(
+                    f"camera {cam}: stamp jumped back {slot.last_stamp - stamp:.3f} s (clock reset?); "
+                    "resetting its cache", throttle_duration_sec=2.0)
+                self.compressor.reset(cam)
+            else:
+                slot.counts["dropped_backwards"] += 1
+                self.get_logger().warning(f"camera {cam}: stamp went backwards by {slot.last_stamp - stamp:.3f} s; "
+                                       "frame dropped", throttle_duration_sec=2.0)
+                return
+        try:
+            rgb = image_to_rgb(msg)
+        except ImageError as e:
+            slot.counts["dropped_invalid"] += 1
+            self.get_logger().warning(f"camera {cam}: invalid image: {e}", throttle_duration_sec=2.0)
+            return
+        img = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255.0)  # (3, H, W) in [0, 1]
+        out = self.compressor.process(cam, img)
+        tdtype, ndtype = _WIRE_DTYPES[cfg.wire_dtype]
+        payload = out.tokens.detach().to("cpu", tdtype).contiguous().numpy().astype(ndtype, copy=False)
+        if not np.isfinite(payload).all():
+            slot.counts["dropped_invalid"] += 1
+            self.get_logger().error(f"camera {cam}: encoder produced NaN/Inf; not published", throttle_duration_sec=2.0)
+            return
+        vt = VisualTokens()
+        vt.header = msg.header
+        vt.camera_name = cam
+        vt.camera_missing = False
+        vt.frame_seq = slot.seq
+        vt.grid_height, vt.grid_width = out.grid
+        vt.token_dim = int(payload.shape[1])
+        vt.dtype = cfg.wire_dtype
+        vt.kept_indices = out.kept.to(torch.int64).tolist()
+        vt.reused = out.reused.tolist()
+        vt.data = payload.tobytes()
+        vt.encoder_flops = int(out.encoder_flops)
+        vt.encoder_flops_full = int(out.encoder_flops_full)
+        vt.encode_time_ms = float(out.time_s * 1e3)
+        self.pub.publish(vt)
+        now = time.monotonic()
+        slot.rates.append(now)
+        slot.seq += 1
+        slot.last_stamp = stamp
+        slot.last_valid_wall = now
+        slot.missing = False
+        slot.counts["frames"] += 1
+        slot.last = {"kept": len(vt.kept_indices), "reused": int(out.reused.sum()), "time_ms": vt.encode_time_ms,
+                     "flops_fraction": out.encoder_flops / max(out.encoder_flops_full, 1),
+                     "tokens": out.grid[0] * out.grid[1]}
+
+    def _check_missing(self) -> None:
+        cfg = self.node_params.config
+        now = time.monotonic()
+        for cam, slot in self._slots.items():
+            if now - slot.last_valid_wall > cfg.camera_timeout_s:
+                if not slot.missing:
+                    self.get_logger().warning(f"camera {cam}: no valid frame for {cfg.camera_timeout_s} s; "
+                                           "publishing it as missing", throttle_duration_sec=5.0)
+                slot.missing = True
+                slot.last_valid_wall = now  # re-publish the marker every timeout period
+                vt = VisualTokens()
+                vt.header.stamp = self.get_clock().now().to_msg()
+                vt.camera_name = cam
+                vt.camera_missing = True
+                vt.frame_seq = slot.seq
+                vt.dtype = cfg.wire_dtype
+                self.pub.publish(vt)
+                slot.seq += 1
+                slot.counts["missing_published"] += 1
+
+    # ------------------------------------------------------------------ diagnostics
+    def _publish_diagnostics(self) -> None:
+        arr = DiagnosticArray()
+        arr.header.stamp = self.get_clock().now().to_msg()
+        for cam, slot in self._slots.items():
+            st = DiagnosticStatus(name=f"effvla/token_compressor/{cam}", hardware_id=cam)
+            rate = 0.0
+            if len(slot.rates) >= 2 and slot.rates[-1] > slot.rates[0]:
+                rate = (len(slot.rates) - 1) / (slot.rates[-1] - slot.rates[0])
+            if slot.missing:
+                st.level, st.message = DiagnosticStatus.WARN, "camera missing"
+            elif slot.counts["dropped_invalid"] or slot.counts["dropped_backwards"]:
+                st.level, st.message = DiagnosticStatus.WARN, "frames dropped (invalid or stamps backwards)"
+            else:
+                st.level, st.message = DiagnosticStatus.OK, "ok"
+            vals = {"rate_hz": f"{rate:.2f}", **{k: str(v) for k, v in slot.counts.items()},
+                    **{k: (f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in slot.last.items()}}
+            st.values = [KeyValue(key=k, value=v) for k, v in vals.items()]
+            arr.status.append(st)
+        self.diag_pub.publish(arr)
+
+    def destroy_node(self) -> None:
+        self._running = False
+        with self._lock:
+            self._lock.notify_all()
+        if self._worker.is_alive() and threading.current_thread() is not self._worker:
+            self._worker.join(timeout=5.0)
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> None:
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = TokenCompressorNode()
+        executor = MultiThreadedExecutor(num_threads=2)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except ValueError as e:  # configuration errors: say what to change
+        rclpy.logging.get_logger("token_compressor").fatal(str(e))
+        raise SystemExit(2) from None
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()
+
