@@ -5,10 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from effvla_ros.msg import VisualTokens
 from model_fixtures import write_tiny_checkpoint
 from ros_helpers import node_process, spinner, wait_for
-
-from effvla_ros.msg import VisualTokens
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +104,7 @@ def test_compressor_node_end_to_end(tmp_path: Path, ckpt: Path) -> None:
         weird = Image(height=48, width=64, encoding="yuv422", step=128, data=bytes(48 * 128))
         short = Image(height=48, width=64, encoding="rgb8", step=192, data=bytes(100))
         for bad_msg, expected in ((weird, "unsupported encoding 'yuv422'"), (short, "data length 100")):
-            def send_bad() -> bool:
+            def send_bad(bad_msg=bad_msg, expected=expected) -> bool:  # type: ignore[no-untyped-def]
                 nonlocal stamp
                 stamp += 1
                 bad_msg.header.stamp.sec = stamp
