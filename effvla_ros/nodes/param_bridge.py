@@ -99,10 +99,12 @@ class ConfigParameters(Generic[C]):
             self._fields[f.name] = (ptype, elem, is_list)
             pname = prefix + f.name
             default = getattr(cfg, f.name)
-            node.declare_parameter(
-                pname, list(default) if is_list else default, _descriptor(pname, dict(f.metadata), ptype, elem)
-            )
-            values[f.name] = self._from_ros(f.name, node.get_parameter(pname).value)
+            # An empty list cannot carry its element type (rclpy would declare a byte array): declare
+            # the type alone; the value is then "not set" until a file or `ros2 param set` gives one.
+            initial: Any = (list(default) if default else Parameter.Type(ptype)) if is_list else default
+            node.declare_parameter(pname, initial, _descriptor(pname, dict(f.metadata), ptype, elem))
+            p = node.get_parameter_or(pname, Parameter(pname, Parameter.Type.NOT_SET, None))
+            values[f.name] = self._from_ros(f.name, p.value)
         try:
             self.config: C = cfg.replace(**values)
         except ValueError as e:  # bad parameter file / command line: refuse to start, name the field
