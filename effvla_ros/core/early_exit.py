@@ -115,7 +115,7 @@ class PrefixReuse:
         """A ``layer_callback`` for :meth:`SmolVLAPolicy.prefill` for one observation."""
         self.last_similarities = {}
         hidden: dict[int, Tensor] = {}
-        state = {"layout": None}
+        state: dict[str, Any] = {"layout": None}
 
         def cb(info: PrefillLayerInfo) -> PrefillStop | None:
             k = info.layer_idx

@@ -33,8 +33,9 @@ from pathlib import Path
 import mujoco
 import numpy as np
 
-SCENE_VERSION = 4
+SCENE_VERSION = 5
 DEFAULT_TARGET_FACES = 1500
+CLUSTER_CELL = 0.0005  # metres
 
 # Geometry of the task objects (metres).
 CUBE_HALF = 0.02
@@ -83,12 +84,35 @@ def write_stl(path: Path, verts: np.ndarray, faces: np.ndarray) -> None:
     _atomic_write(path, b"effvla_ros decimated mesh".ljust(80, b"\0") + struct.pack("<I", len(faces)) + rec.tobytes())
 
 
+def cluster_vertices(verts: np.ndarray, faces: np.ndarray, cell: float) -> tuple[np.ndarray, np.ndarray]:
+    """Vertex clustering: merge vertices in the same ``cell``-sized grid cell (to their mean), drop the
+    triangles that collapse and duplicates. Deterministic."""
+    key = np.floor(verts / cell).astype(np.int64)
+    _, inv = np.unique(key, axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    n = int(inv.max()) + 1
+    out = np.zeros((n, 3))
+    np.add.at(out, inv, verts)
+    out /= np.bincount(inv, minlength=n)[:, None]
+    f = inv[faces]
+    f = f[(f[:, 0] != f[:, 1]) & (f[:, 1] != f[:, 2]) & (f[:, 0] != f[:, 2])]
+    _, first = np.unique(np.sort(f, axis=1), axis=0, return_index=True)
+    return out, f[np.sort(first)]
+
+
 def decimate(verts: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:
-    """Quadric decimation to about ``target_faces`` triangles (no-op for meshes already smaller)."""
+    """About ``target_faces`` triangles: vertex clustering at 0.5 mm, then quadric decimation.
+
+    Quadric decimation alone stalls at ~25 % of these CAD meshes (thin features it refuses to
+    collapse); a sub-millimetre clustering pass first lets it reach the target.
+    """
     if len(faces) <= target_faces:
         return verts, faces
     import fast_simplification
 
+    verts, faces = cluster_vertices(verts, faces, CLUSTER_CELL)
+    if len(faces) <= target_faces:
+        return verts, faces
     v, f = fast_simplification.simplify(verts, faces.astype(np.int32), target_count=int(target_faces))
     return np.asarray(v, dtype=np.float64), np.asarray(f, dtype=np.int64)
 
