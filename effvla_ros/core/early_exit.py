@@ -156,6 +156,7 @@ class ExpertReuse:
         self._count: dict[int, int] = {}
         self.computed = 0
         self.reused = 0
+        self.steps_with_reuse: set[int] = set()
 
     def hook(self, ctx: ExpertLayerContext) -> Tensor:
         i, h = ctx.layer_idx, ctx.hidden
@@ -165,6 +166,7 @@ class ExpertReuse:
             if rel < self.cfg.threshold:
                 self._count[i] = self._count.get(i, 0) + 1
                 self.reused += 1
+                self.steps_with_reuse.add(ctx.step)
                 return h + self._delta[i]
         out = ctx.run(h)
         self._in[i], self._delta[i], self._count[i] = h.detach(), (out - h).detach(), 0

@@ -46,6 +46,7 @@ class InferenceResult:
     steps: int
     reused_expert_layers: int
     computed_expert_layers: int
+    steps_with_reuse: int
     rtc_delay: int
     guided: bool
     times: dict[str, float] = field(default_factory=dict)  # prefill_s, denoise_s, total_s
@@ -160,7 +161,8 @@ class PolicyRunner:
         return InferenceResult(
             actions=actions, x_final=den.x_final[0], exit_layer=exit_layer, steps=self.inference.num_steps,
             reused_expert_layers=self.expert_reuse.reused if self.expert_reuse.cfg.enabled else 0,
-            computed_expert_layers=computed, rtc_delay=delay, guided=step_cb is not None, times=times, flops=flops,
+            computed_expert_layers=computed, steps_with_reuse=len(self.expert_reuse.steps_with_reuse),
+            rtc_delay=delay, guided=step_cb is not None, times=times, flops=flops,
             similarities=dict(self.prefix_reuse.last_similarities))
 
 

@@ -100,3 +100,34 @@ def shared_policy(checkpoint: str, vlm_dir: str | None, runtime: Any) -> Any:
         if key not in _models:
             _models[key] = load_policy(checkpoint, vlm_dir=vlm_dir or None, runtime=runtime)
         return _models[key]
+
+
+# ------------------------------------------------------------------------------------- entry points
+def run_node(node_cls: Any, name: str, args: list[str] | None = None, threads: int = 2) -> None:
+    """``main()`` of a node: init, spin a MultiThreadedExecutor, shut down cleanly on Ctrl-C.
+
+    Configuration errors (bad parameters, missing checkpoint) end the process with a fatal log
+    that names what to change, and exit code 2.
+    """
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    rclpy.init(args=args)
+    node = None
+    code = 0
+    try:
+        node = node_cls()
+        executor = MultiThreadedExecutor(num_threads=threads)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        rclpy.logging.get_logger(name).fatal(f"{type(e).__name__}: {e}")
+        code = 2
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    if code:
+        raise SystemExit(code)

@@ -22,6 +22,7 @@ from rcl_interfaces.msg import (
     ParameterType,
     SetParametersResult,
 )
+from rclpy.exceptions import ParameterException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
@@ -102,7 +103,10 @@ class ConfigParameters(Generic[C]):
             # An empty list cannot carry its element type (rclpy would declare a byte array): declare
             # the type alone; the value is then "not set" until a file or `ros2 param set` gives one.
             initial: Any = (list(default) if default else Parameter.Type(ptype)) if is_list else default
-            node.declare_parameter(pname, initial, _descriptor(pname, dict(f.metadata), ptype, elem))
+            try:
+                node.declare_parameter(pname, initial, _descriptor(pname, dict(f.metadata), ptype, elem))
+            except ParameterException as e:  # an override from a file / the command line is invalid
+                raise ValueError(f"invalid parameter {pname}: {e}") from None
             p = node.get_parameter_or(pname, Parameter(pname, Parameter.Type.NOT_SET, None))
             values[f.name] = self._from_ros(f.name, p.value)
         try:

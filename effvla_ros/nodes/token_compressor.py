@@ -21,7 +21,6 @@ import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
@@ -38,6 +37,7 @@ from effvla_ros.nodes.common import (
     SENSOR_QOS,
     ImageError,
     image_to_rgb,
+    run_node,
     shared_policy,
     stamp_to_sec,
 )
@@ -279,30 +279,17 @@ class TokenCompressorNode(Node):
 
     def destroy_node(self) -> None:
         self._running = False
-        with self._lock:
-            self._lock.notify_all()
-        if self._worker.is_alive() and threading.current_thread() is not self._worker:
-            self._worker.join(timeout=5.0)
+        worker = getattr(self, "_worker", None)  # absent when the constructor failed
+        if worker is not None:
+            with self._lock:
+                self._lock.notify_all()
+            if worker.is_alive() and threading.current_thread() is not worker:
+                worker.join(timeout=5.0)
         super().destroy_node()
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = TokenCompressorNode()
-        executor = MultiThreadedExecutor(num_threads=2)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except ValueError as e:  # configuration errors: say what to change
-        rclpy.logging.get_logger("token_compressor").fatal(str(e))
-        raise SystemExit(2) from None
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(TokenCompressorNode, "token_compressor", args, threads=2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,466 @@
+"""Node ``policy``: visual tokens (or images) + instruction + joint state -> action chunks.
+
+Subscribes ``~/visual_tokens`` (effvla_ros/VisualTokens, all cameras, matched by source stamp
+within ``stamp_tolerance_s``) — or, with ``input_mode: images``, the camera images directly with an
+in-process token compressor — plus ``instruction`` (std_msgs/String), ``joint_states``
+(sensor_msgs/JointState) and the executor's ``~/execution_feedback``; publishes
+``~/action_chunk`` (effvla_ros/ActionChunk) and ``/diagnostics``.
+
+Inference runs in its own thread; subscriptions only store the newest message (stale observations
+are dropped: latest wins). A new chunk is started when ``execution_horizon`` actions of the current
+one will have elapsed by the time it arrives (measured latency), or back to back when inference is
+slower. Real-time chunking guides every chunk toward the still-unexecuted part of the one the
+executor is running, with the delay d measured from latency (a high percentile, in control steps)
+and the actions the executor reports as committed.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rclpy
+import torch
+from builtin_interfaces.msg import Duration
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import String
+
+from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
+from effvla_ros.core.compression.pruning import PruningConfig
+from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuseConfig
+from effvla_ros.core.params import ConfigBase, param
+from effvla_ros.core.rtc import DelayEstimator, GuidanceTarget, RTCConfig, align_previous_chunk
+from effvla_ros.core.runner import CameraTokens, InferenceConfig, PolicyRunner, compressed_to_camera_tokens
+from effvla_ros.core.smolvla.config import DTYPES, RuntimeConfig
+from effvla_ros.msg import ActionChunk, ExecutionFeedback, VisualTokens
+from effvla_ros.nodes.common import (
+    INSTRUCTION_VOLATILE_QOS,
+    LATCHED_QOS,
+    PIPELINE_QOS,
+    SENSOR_QOS,
+    ImageError,
+    image_to_rgb,
+    run_node,
+    shared_policy,
+    stamp_to_sec,
+)
+from effvla_ros.nodes.param_bridge import ConfigParameters
+
+_NP = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class PolicyNodeConfig(ConfigBase):
+    """Node-level parameters of the policy (no prefix)."""
+
+    checkpoint: str = param("", read_only=True, description="local LeRobot SmolVLA checkpoint directory")
+    vlm_dir: str = param("", read_only=True, description="VLM config + tokenizer directory (empty: checkpoint's vlm/)")
+    device: str = param("cpu", read_only=True, description="torch device")
+    vision_dtype: str = param("float32", choices=tuple(DTYPES), read_only=True, description="vision tower dtype")
+    vlm_dtype: str = param("float32", choices=tuple(DTYPES), read_only=True, description="VLM layers dtype")
+    expert_dtype: str = param("float32", choices=tuple(DTYPES), read_only=True, description="action expert dtype")
+    num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")
+    input_mode: str = param("tokens", choices=("tokens", "images"), read_only=True,
+                            description="tokens: from the token compressor; images: encoder in this process")
+    cameras: list[str] = param(read_only=True, default_factory=lambda: ["scene", "wrist"],
+                               description="camera names (= the checkpoint's observation.images.<name>)")
+    image_topic: str = param("camera/{camera}/image_raw", read_only=True, description="images mode: topic per camera")
+    instruction_topic: str = param("instruction", read_only=True, description="task instruction topic")
+    joint_states_topic: str = param("joint_states", read_only=True, description="sensor_msgs/JointState topic")
+    state_joint_names: list[str] = param(read_only=True, default_factory=list,
+                                         description="joints forming observation.state, in order (empty: the first "
+                                                     "state_dim positions of JointState)")
+    action_joint_names: list[str] = param(read_only=True, default_factory=list,
+                                          description="names of the action dimensions (empty: state_joint_names)")
+    fps: float = param(30.0, min=1.0, max=1000.0, read_only=True,
+                       description="control rate the policy was trained at: action i targets stamp + i/fps")
+    execution_horizon: int = param(25, min=1, max=1000,
+                                   description="actions of a chunk executed before the next chunk should take over")
+    stamp_tolerance_s: float = param(0.05, min=0.0, max=5.0, description="max stamp spread across cameras")
+    max_observation_age_s: float = param(1.0, min=0.01, max=60.0,
+                                         description="observations older than this at inference start are dropped")
+
+    def validate(self) -> None:
+        if not self.cameras:
+            raise ValueError("cameras: at least one camera is needed")
+
+
+@dataclass
+class _Chunk:
+    chunk_id: int
+    stamp: float
+    x_final: torch.Tensor  # (H, max_action_dim) normalized
+
+
+class PolicyNode(Node):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("policy", **kwargs)
+        self.node_params = ConfigParameters(self, PolicyNodeConfig(), on_change=self._on_change)
+        self.inference_params = ConfigParameters(self, InferenceConfig(), on_change=self._on_change)
+        self.exit_params = ConfigParameters(self, EarlyExitConfig(), prefix="early_exit.", on_change=self._on_change)
+        self.expert_params = ConfigParameters(self, ExpertReuseConfig(), prefix="expert_reuse.",
+                                              on_change=self._on_change)
+        self.rtc_params = ConfigParameters(self, RTCConfig(), prefix="rtc.", on_change=self._on_change)
+        cfg = self.node_params.config
+        if not cfg.checkpoint:
+            raise ValueError("checkpoint: parameter is empty; set it to a local LeRobot SmolVLA checkpoint directory")
+        runtime = RuntimeConfig(device=cfg.device, vision_dtype=cfg.vision_dtype, vlm_dtype=cfg.vlm_dtype,
+                                expert_dtype=cfg.expert_dtype, num_threads=cfg.num_threads)
+        self.policy = shared_policy(cfg.checkpoint, cfg.vlm_dir or None, runtime)
+        arch = self.policy.arch
+        unknown = [c for c in cfg.cameras if c not in self.policy.cameras]
+        if unknown:
+            raise ValueError(f"cameras: {unknown} not in the checkpoint's cameras {self.policy.cameras}")
+        if cfg.state_joint_names and len(cfg.state_joint_names) != arch.state_dim:
+            raise ValueError(f"state_joint_names: {len(cfg.state_joint_names)} names, the checkpoint's state has "
+                             f"{arch.state_dim} dimensions")
+        names = list(cfg.action_joint_names or cfg.state_joint_names or [f"joint_{i}" for i in range(arch.action_dim)])
+        if len(names) != arch.action_dim:
+            raise ValueError(f"action_joint_names: {len(names)} names, the checkpoint's action has {arch.action_dim} "
+                             "dimensions")
+        self.action_names = names
+        self.runner = PolicyRunner(self.policy, inference=self.inference_params.config,
+                                   early_exit=self.exit_params.config, expert_reuse=self.expert_params.config,
+                                   rtc=self.rtc_params.config)
+        self.delay = DelayEstimator(self.rtc_params.config)
+        self.compressor: TokenCompressor | None = None
+        if cfg.input_mode == "images":
+            self.pruning_params = ConfigParameters(self, PruningConfig(), prefix="pruning.", on_change=self._on_change)
+            self.reuse_params = ConfigParameters(self, ReuseConfig(), prefix="reuse.", on_change=self._on_change)
+            self.compressor = TokenCompressor(self.policy, self.pruning_params.config, self.reuse_params.config)
+
+        self._cv = threading.Condition()
+        self._tokens: dict[str, VisualTokens] = {}
+        self._images: dict[str, Image] = {}
+        self._image_tokens: dict[str, tuple[float, CameraTokens]] = {}
+        self._state: JointState | None = None
+        self._instruction: str | None = None
+        self._feedback: ExecutionFeedback | None = None
+        self._dirty = False
+        self._last_obs_stamp: float | None = None
+        self._chunks: deque[_Chunk] = deque(maxlen=8)
+        self._chunk_id = 0
+        self._lat_hist: deque[float] = deque(maxlen=100)
+        self._last: dict[str, Any] = {}
+        self.counts = {"chunks": 0, "dropped_stale": 0, "rejected_tokens": 0, "rejected_state": 0,
+                       "nonfinite_output": 0, "errors": 0}
+
+        self.pub = self.create_publisher(ActionChunk, "~/action_chunk", PIPELINE_QOS)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        if cfg.input_mode == "tokens":
+            self.create_subscription(VisualTokens, "~/visual_tokens", self._on_tokens, 10)
+        else:
+            for cam in cfg.cameras:
+                self.create_subscription(Image, cfg.image_topic.format(camera=cam),
+                                         lambda m, c=cam: self._on_image(c, m), SENSOR_QOS)
+        for qos in (LATCHED_QOS, INSTRUCTION_VOLATILE_QOS):
+            self.create_subscription(String, cfg.instruction_topic, self._on_instruction, qos)
+        self.create_subscription(JointState, cfg.joint_states_topic, self._on_state, 10)
+        self.create_subscription(ExecutionFeedback, "~/execution_feedback", self._on_feedback, PIPELINE_QOS)
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
+        self._running = True
+        self._worker = threading.Thread(target=self._work, name="policy_inference", daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f"policy ready: {cfg.input_mode} in, cameras {cfg.cameras}, chunk {arch.chunk_size} x {arch.action_dim} "
+            f"at {cfg.fps} Hz, rtc={'on' if self.rtc_params.config.enabled else 'off'}, "
+            f"early_exit={'on' if self.exit_params.config.enabled else 'off'}")
+
+    # ------------------------------------------------------------------ callbacks (cheap)
+    def _on_change(self, cfg: Any, names: set[str]) -> None:
+        with self._cv:
+            self._dirty = True
+            self._cv.notify()
+
+    def _on_tokens(self, msg: VisualTokens) -> None:
+        if msg.camera_name not in self._tokens and msg.camera_name not in self.node_params.config.cameras:
+            self.get_logger().warning(f"tokens for unknown camera {msg.camera_name!r} ignored",
+                                      throttle_duration_sec=5.0)
+            return
+        with self._cv:
+            self._tokens[msg.camera_name] = msg
+            self._cv.notify()
+
+    def _on_image(self, cam: str, msg: Image) -> None:
+        with self._cv:
+            self._images[cam] = msg
+            self._cv.notify()
+
+    def _on_instruction(self, msg: String) -> None:
+        with self._cv:
+            self._instruction = msg.data.strip()
+            self._cv.notify()
+
+    def _on_state(self, msg: JointState) -> None:
+        with self._cv:
+            self._state = msg
+
+    def _on_feedback(self, msg: ExecutionFeedback) -> None:
+        with self._cv:
+            self._feedback = msg
+
+    # ------------------------------------------------------------------ worker
+    def _apply_settings(self) -> None:
+        self.runner.configure(inference=self.inference_params.config, early_exit=self.exit_params.config,
+                              expert_reuse=self.expert_params.config, rtc=self.rtc_params.config)
+        self.delay.reconfigure(self.rtc_params.config)
+        if self.compressor is not None:
+            self.compressor.configure(self.pruning_params.config, self.reuse_params.config)
+
+    def _work(self) -> None:
+        while self._running and rclpy.ok(context=self.context):
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - the node keeps running
+                if not rclpy.ok(context=self.context):
+                    break  # shutting down
+                self.counts["errors"] += 1
+                self.get_logger().error(f"inference failed: {type(e).__name__}: {e}", throttle_duration_sec=2.0)
+                time.sleep(0.05)
+
+    def _step(self) -> None:
+        cfg = self.node_params.config
+        with self._cv:
+            self._cv.wait(timeout=0.05)
+            dirty, self._dirty = self._dirty, False
+            instruction = self._instruction
+            state_msg = self._state
+            feedback = self._feedback
+            tokens = dict(self._tokens)
+            images = dict(self._images)
+            self._images.clear()
+        if dirty:
+            self._apply_settings()
+        if self.compressor is not None:
+            self._compress_images(images, instruction)
+        if not instruction:
+            self.get_logger().warning("no instruction yet: waiting (publish a std_msgs/String on "
+                                      f"{cfg.instruction_topic})", throttle_duration_sec=10.0)
+            return
+        if state_msg is None:
+            self.get_logger().warning(f"no JointState yet on {cfg.joint_states_topic}: waiting",
+                                      throttle_duration_sec=10.0)
+            return
+        obs = self._observation(tokens)
+        if obs is None:
+            return
+        obs_stamp, cams = obs
+        if self._last_obs_stamp is not None and obs_stamp <= self._last_obs_stamp:
+            return  # nothing new
+        now = self._now()
+        if now - obs_stamp > cfg.max_observation_age_s:
+            self.counts["dropped_stale"] += 1
+            self.get_logger().warning(f"observation is {now - obs_stamp:.2f} s old (> max_observation_age_s "
+                                      f"{cfg.max_observation_age_s}); dropped", throttle_duration_sec=2.0)
+            self._last_obs_stamp = obs_stamp
+            return
+        dt = 1.0 / cfg.fps
+        if self._chunks:
+            lat = self.delay.latency() or 0.0
+            due = self._chunks[-1].stamp + cfg.execution_horizon * dt - lat
+            if now < due:
+                return  # the current chunk still covers the horizon
+        state = self._state_vector(state_msg)
+        if state is None:
+            return
+        self.runner.set_instruction(instruction)
+        guidance = self._guidance(obs_stamp, feedback, dt)
+        self._last_obs_stamp = obs_stamp
+        try:
+            res = self.runner.infer(cams, state, guidance=guidance)
+        except FloatingPointError as e:
+            self.counts["nonfinite_output"] += 1
+            self.get_logger().error(f"{e}: chunk not published", throttle_duration_sec=2.0)
+            return
+        except ValueError as e:
+            self.counts["rejected_tokens"] += 1
+            self.get_logger().error(f"observation rejected: {e}", throttle_duration_sec=2.0)
+            return
+        self._publish(obs_stamp, res, guidance, dt)
+
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
+
+    def _compress_images(self, images: dict[str, Image], instruction: str | None) -> None:
+        assert self.compressor is not None
+        if instruction and instruction != self.compressor.instruction:
+            self.compressor.set_instruction(instruction)
+        for cam, msg in images.items():
+            try:
+                rgb = image_to_rgb(msg)
+            except ImageError as e:
+                self.get_logger().warning(f"camera {cam}: invalid image: {e}", throttle_duration_sec=2.0)
+                continue
+            img = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255.0)
+            out = self.compressor.process(cam, img)
+            self._image_tokens[cam] = (stamp_to_sec(msg.header.stamp), compressed_to_camera_tokens(out))
+
+    def _observation(self, tokens: dict[str, VisualTokens]) -> tuple[float, dict[str, CameraTokens]] | None:
+        cfg = self.node_params.config
+        cams: dict[str, CameraTokens] = {}
+        stamps: list[float] = []
+        for cam in cfg.cameras:
+            if self.compressor is not None:
+                if cam not in self._image_tokens:
+                    return None
+                st, ct = self._image_tokens[cam]
+                cams[cam] = ct
+                stamps.append(st)
+                continue
+            msg = tokens.get(cam)
+            if msg is None:
+                return None
+            if msg.camera_missing:
+                cams[cam] = CameraTokens(torch.zeros(0), torch.zeros(0, dtype=torch.long),
+                                         (msg.grid_height, msg.grid_width), missing=True)
+                continue
+            ct = self._decode(msg)
+            if ct is None:
+                return None
+            cams[cam] = ct
+            stamps.append(stamp_to_sec(msg.header.stamp))
+        if not stamps:
+            self.get_logger().warning("every camera is missing: no inference", throttle_duration_sec=5.0)
+            return None
+        if max(stamps) - min(stamps) > cfg.stamp_tolerance_s:
+            return None  # wait for the cameras of one instant
+        return max(stamps), cams
+
+    def _decode(self, msg: VisualTokens) -> CameraTokens | None:
+        n = len(msg.kept_indices)
+        dt = _NP.get(msg.dtype)
+        data = bytes(msg.data)
+        if dt is None or n == 0 or len(msg.reused) not in (0, n) or len(data) != n * msg.token_dim * np.dtype(dt).itemsize:
+            self.counts["rejected_tokens"] += 1
+            self.get_logger().error(f"camera {msg.camera_name}: malformed VisualTokens (dtype {msg.dtype!r}, "
+                                    f"{n} tokens x {msg.token_dim}, {len(data)} bytes)", throttle_duration_sec=2.0)
+            return None
+        arr = np.frombuffer(data, dtype=dt).reshape(n, msg.token_dim).astype(np.float32)
+        if not np.isfinite(arr).all():
+            self.counts["rejected_tokens"] += 1
+            self.get_logger().error(f"camera {msg.camera_name}: tokens contain NaN/Inf", throttle_duration_sec=2.0)
+            return None
+        return CameraTokens(torch.from_numpy(arr), torch.tensor(list(msg.kept_indices), dtype=torch.long),
+                            (int(msg.grid_height), int(msg.grid_width)))
+
+    def _state_vector(self, msg: JointState) -> torch.Tensor | None:
+        cfg = self.node_params.config
+        dim = self.policy.arch.state_dim
+        pos = list(msg.position)
+        if cfg.state_joint_names:
+            index = {n: i for i, n in enumerate(msg.name)}
+            missing = [n for n in cfg.state_joint_names if n not in index]
+            if missing or len(pos) != len(msg.name):
+                self.counts["rejected_state"] += 1
+                self.get_logger().error(f"JointState lacks joints {missing} (or positions); skipping",
+                                        throttle_duration_sec=2.0)
+                return None
+            values = [pos[index[n]] for n in cfg.state_joint_names]
+        else:
+            if len(pos) < dim:
+                self.counts["rejected_state"] += 1
+                self.get_logger().error(f"JointState has {len(pos)} positions, the checkpoint's state needs {dim}",
+                                        throttle_duration_sec=2.0)
+                return None
+            values = pos[:dim]
+        state = torch.tensor(values, dtype=torch.float32)
+        if not torch.isfinite(state).all():
+            self.counts["rejected_state"] += 1
+            self.get_logger().error("JointState contains NaN/Inf; skipping", throttle_duration_sec=2.0)
+            return None
+        return state
+
+    def _guidance(self, obs_stamp: float, fb: ExecutionFeedback | None, dt: float) -> GuidanceTarget | None:
+        rtc = self.rtc_params.config
+        if not rtc.enabled or not self._chunks:
+            return None
+        prev = self._chunks[-1]
+        committed = 0
+        if fb is not None and fb.chunk_id != 0:
+            by_id = {c.chunk_id: c for c in self._chunks}
+            prev = by_id.get(fb.chunk_id, prev)
+            committed_until = stamp_to_sec(fb.committed_until)
+            committed = max(0, math.ceil((committed_until - obs_stamp) / dt - 1e-6))
+            if fb.state == ExecutionFeedback.STATE_HOLDING:
+                return None  # the executor holds: nothing of the old chunk will run
+        if obs_stamp < prev.stamp:
+            return None
+        aligned, valid = align_previous_chunk(prev.x_final, prev.stamp, obs_stamp, dt, self.policy.arch.chunk_size)
+        if valid <= 0:
+            return None
+        d = self.delay.delay_steps(dt, available=valid, committed_steps=committed)
+        return GuidanceTarget(aligned, valid, d, prev.chunk_id)
+
+    def _publish(self, obs_stamp: float, res: Any, guidance: GuidanceTarget | None, dt: float) -> None:
+        arch = self.policy.arch
+        acts = res.actions.detach().cpu().double().numpy()
+        if not np.isfinite(acts).all():  # runner checks too; never publish non-finite commands
+            self.counts["nonfinite_output"] += 1
+            return
+        self._chunk_id += 1
+        msg = ActionChunk()
+        sec = math.floor(obs_stamp)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = int(sec), int(round((obs_stamp - sec) * 1e9)) % 1_000_000_000
+        msg.header.frame_id = "policy"
+        msg.chunk_id = self._chunk_id
+        msg.step_period = Duration(sec=int(dt), nanosec=int(round((dt - int(dt)) * 1e9)))
+        msg.joint_names = list(self.action_names)
+        msg.num_actions, msg.action_dim = int(acts.shape[0]), int(arch.action_dim)
+        msg.actions = acts.reshape(-1).tolist()
+        msg.inference_latency_ms = float(res.times["total_s"] * 1e3)
+        msg.exit_layers = [int(res.exit_layer)]
+        msg.denoising_steps = int(res.steps)
+        msg.reused_denoising_steps = int(res.steps_with_reuse)
+        msg.rtc_delay_steps = int(res.rtc_delay) if res.guided else 0
+        msg.rtc_prefix_chunk_id = int(guidance.source_chunk_id) if (guidance is not None and res.guided) else 0
+        self.pub.publish(msg)
+        latency = self._now() - obs_stamp
+        self.delay.record(latency)
+        self._lat_hist.append(latency)
+        self._chunks.append(_Chunk(self._chunk_id, obs_stamp, res.x_final.detach().cpu()))
+        self.counts["chunks"] += 1
+        self._last = {"exit_layer": res.exit_layer, "steps": res.steps, "rtc_delay": msg.rtc_delay_steps,
+                      "inference_ms": msg.inference_latency_ms, "prefill_ms": res.times["prefill_s"] * 1e3,
+                      "denoise_ms": res.times["denoise_s"] * 1e3}
+
+    # ------------------------------------------------------------------ diagnostics
+    def _publish_diagnostics(self) -> None:
+        arr = DiagnosticArray()
+        arr.header.stamp = self.get_clock().now().to_msg()
+        st = DiagnosticStatus(name="effvla/policy", hardware_id="policy")
+        bad = self.counts["nonfinite_output"] + self.counts["errors"]
+        st.level = DiagnosticStatus.WARN if bad else DiagnosticStatus.OK
+        st.message = "non-finite outputs or errors" if bad else "ok"
+        vals: dict[str, str] = {k: str(v) for k, v in self.counts.items()}
+        if self._lat_hist:
+            lat = np.array(self._lat_hist) * 1e3
+            vals["latency_p50_ms"], vals["latency_p95_ms"] = f"{np.percentile(lat, 50):.1f}", f"{np.percentile(lat, 95):.1f}"
+        vals.update({k: (f"{v:.2f}" if isinstance(v, float) else str(v)) for k, v in self._last.items()})
+        st.values = [KeyValue(key=k, value=v) for k, v in vals.items()]
+        arr.status.append(st)
+        self.diag_pub.publish(arr)
+
+    def destroy_node(self) -> None:
+        self._running = False
+        worker = getattr(self, "_worker", None)  # absent when the constructor failed
+        if worker is not None:
+            with self._cv:
+                self._cv.notify_all()
+            if worker.is_alive() and threading.current_thread() is not worker:
+                worker.join(timeout=10.0)
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> None:
+    run_node(PolicyNode, "policy", args, threads=3)
+
+
+if __name__ == "__main__":
+    main()

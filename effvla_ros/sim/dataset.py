@@ -1,0 +1,296 @@
+"""Scripted demonstrations of the two-cube task: generation and the on-disk format.
+
+Format (``effvla-sim-demos`` version 1)
+---------------------------------------
+A dataset is a directory::
+
+    DIR/index.json
+    DIR/episodes/episode_000000.npz
+    DIR/episodes/episode_000001.npz
+    ...
+
+Each episode file is a compressed NumPy archive (``numpy.savez_compressed``, no pickled objects;
+read with ``numpy.load(path)``). Frames are recorded at the expert's control rate, **10 Hz**
+(``control_dt`` = 0.1 s, the period ``lerobot_env_so101``'s scripted ``PickPlaceController`` is
+calibrated for). Frame ``t`` holds the observation *before* the action of step ``t`` and the action
+chosen from it. With ``T`` frames and image size ``S``:
+
+==============================  =================  =========  ===========================================
+key                             shape              dtype      meaning
+==============================  =================  =========  ===========================================
+``observation.images.scene``    (T, S, S, 3)       uint8      RGB, fixed third-person camera ``scene``
+``observation.images.wrist``    (T, S, S, 3)       uint8      RGB, camera on the wrist-roll link
+``observation.state``           (T, 6)             float32    measured joint positions, rad, order
+                                                              ``joint_names`` (5 arm joints + gripper)
+``action``                      (T, 6)             float32    absolute joint **position targets**, rad,
+                                                              same order; applied from frame t to t+1
+                                                              (the IK output of the expert's Cartesian
+                                                              action, incl. the gripper jaw angle)
+``timestamp``                   (T,)               float32    seconds since the episode start (t * 0.1)
+``frame_index``                 (T,)               int64      0 .. T-1
+``next.success``                (T,)               bool       task success reached after frame t's action
+                                                              (latched)
+``env.cube_positions``          (T, 2, 3)          float32    centres of cube 0 / cube 1, metres
+``task``                        ()                 <U         the instruction (a 0-d unicode array)
+==============================  =================  =========  ===========================================
+
+Only cameras that were rendered are present (``cameras`` in the index). The gripper value is the
+MuJoCo jaw angle in radians (``-0.1745`` closed … ``1.7453`` open), the same unit the
+``sim_bridge`` node takes in a ``JointTrajectory`` and reports in ``/joint_states``.
+
+``index.json`` holds ``format``, ``version``, ``fps``, ``control_dt``, ``physics_dt``,
+``image_size``, ``cameras``, ``joint_names``, a ``features`` table (key → shape, dtype, meaning),
+``generator`` (base seed, expert, package versions, mesh decimation) and ``episodes``: a list of
+``{"index", "file", "seed", "instruction", "target_color", "place", "cube_colors", "success",
+"length", "duration_s"}``, plus ``stats`` (attempts, successes, expert success rate, wall seconds
+per episode and worker, total wall seconds). By default only successful episodes are kept; their
+seeds are the base seed plus the attempt number, so every episode can be regenerated from its seed.
+Generation is deterministic: the same arguments give identical arrays, with any number of worker
+processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "effvla-sim-demos"
+VERSION = 1
+
+FEATURES: dict[str, str] = {
+    "observation.images.<camera>": "uint8 (T, S, S, 3) RGB image of <camera>",
+    "observation.state": "float32 (T, 6) measured joint positions [rad], joint_names order",
+    "action": "float32 (T, 6) absolute joint position targets [rad], applied from frame t to t+1",
+    "timestamp": "float32 (T,) seconds since episode start",
+    "frame_index": "int64 (T,)",
+    "next.success": "bool (T,) success reached after frame t's action (latched)",
+    "env.cube_positions": "float32 (T, 2, 3) cube centres [m]",
+    "task": "0-d unicode: the instruction",
+}
+
+
+def record_episode(env: Any, seed: int, *, max_steps: int = 200, render: bool = True) -> dict[str, np.ndarray]:
+    """Run the scripted expert on the episode of ``seed`` and return its frames (keys as above).
+
+    Recording stops when the expert has finished (retreated after releasing the cube), the target
+    cube left the workspace, or after ``max_steps`` frames.
+    """
+    from lerobot_env_so101.scripted import PickPlaceController
+
+    env.reset(seed=seed)
+    ctrl = PickPlaceController()
+    cams = list(env.config.cameras) if render else []
+    images: dict[str, list[np.ndarray]] = {c: [] for c in cams}
+    state, action, success, cubes = [], [], [], []
+    for _ in range(max_steps):
+        for c in cams:
+            images[c].append(env.render(c))
+        state.append(env.joint_positions())
+        cubes.append(env.cube_positions())
+        a = env.expert_action(ctrl)
+        _, _, terminated, _, _ = env.step(a)
+        action.append(env.joint_targets())
+        success.append(env.success)
+        if ctrl.done or (terminated and not env.success):
+            break
+    t = len(state)
+    out: dict[str, np.ndarray] = {f"observation.images.{c}": np.stack(images[c]).astype(np.uint8) for c in cams}
+    out["observation.state"] = np.asarray(state, dtype=np.float32)
+    out["action"] = np.asarray(action, dtype=np.float32)
+    out["timestamp"] = (np.arange(t) * env.control_dt).astype(np.float32)
+    out["frame_index"] = np.arange(t, dtype=np.int64)
+    out["next.success"] = np.asarray(success, dtype=bool)
+    out["env.cube_positions"] = np.asarray(cubes, dtype=np.float32)
+    out["task"] = np.asarray(env.instruction)
+    return out
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("lerobot_env_so101", "mujoco"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:  # pragma: no cover
+            out[pkg] = "unknown"
+    return out
+
+
+# -- generation (sequential or in worker processes) ------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _make_env(cfg_dict: dict[str, Any], seed: int) -> Any:
+    from effvla_ros.sim.env import SimConfig, TwoCubePickPlaceEnv
+
+    return TwoCubePickPlaceEnv(SimConfig(**cfg_dict), seed=seed)
+
+
+def _run_episode(env: Any, out_dir: Path, seed: int, max_steps: int, keep_failed: bool) -> dict[str, Any]:
+    """Record one episode; write it to ``episodes/.seed_<seed>.npz`` if kept; return its index entry."""
+    t0 = time.perf_counter()
+    data = record_episode(env, seed, max_steps=max_steps)
+    ok = bool(len(data["next.success"]) and data["next.success"][-1])
+    tmp_name = None
+    if ok or keep_failed:
+        tmp_name = f"episodes/.seed_{seed}.npz"
+        part = out_dir / (tmp_name + ".part.npz")
+        np.savez_compressed(part, **data)  # type: ignore[arg-type]
+        os.replace(part, out_dir / tmp_name)
+    task = env.task
+    return {
+        "seed": seed,
+        "instruction": task.instruction,
+        "target_color": task.target_color,
+        "place": task.place,
+        "cube_colors": list(task.cube_colors),
+        "success": ok,
+        "length": int(len(data["action"])),
+        "duration_s": float(len(data["action"]) * env.control_dt),
+        "_tmp": tmp_name,
+        "_wall_s": time.perf_counter() - t0,
+    }
+
+
+def _worker_init(cfg_dict: dict[str, Any], out_dir: str, max_steps: int, keep_failed: bool) -> None:
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    _WORKER.update(env=_make_env(cfg_dict, 0), out_dir=Path(out_dir), max_steps=max_steps, keep_failed=keep_failed)
+
+
+def _worker_run(seed: int) -> dict[str, Any]:
+    w = _WORKER
+    return _run_episode(w["env"], w["out_dir"], seed, w["max_steps"], w["keep_failed"])
+
+
+def generate(
+    out_dir: Path,
+    episodes: int,
+    *,
+    image_size: int = 224,
+    seed: int = 0,
+    cameras: tuple[str, ...] = ("scene", "wrist"),
+    max_steps: int = 200,
+    keep_failed: bool = False,
+    max_attempts: int | None = None,
+    paraphrase: bool = True,
+    mesh_faces: int | None = None,
+    workers: int = 1,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``episodes`` episodes (successful ones unless ``keep_failed``) to ``out_dir``; return the index.
+
+    Seeds ``seed``, ``seed + 1``, ... are tried in order (in ``workers`` processes when > 1) until
+    enough episodes are kept or ``max_attempts`` (default ``2 * episodes + 10``) were tried; the
+    result does not depend on ``workers``.
+    """
+    from effvla_ros.sim import scene as scene_mod
+    from effvla_ros.sim.env import JOINT_NAMES, SimConfig
+
+    out_dir = Path(out_dir)
+    (out_dir / "episodes").mkdir(parents=True, exist_ok=True)
+    faces = scene_mod.DEFAULT_TARGET_FACES if mesh_faces is None else mesh_faces
+    cfg = SimConfig(image_size=image_size, cameras=list(cameras), paraphrase=paraphrase, mesh_faces=faces)
+    scene_mod.scene_xml(faces or None)  # build the mesh cache once, before any worker starts
+    max_attempts = max_attempts if max_attempts is not None else 2 * episodes + 10
+    index: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "fps": 1.0 / cfg.control_dt,
+        "control_dt": cfg.control_dt,
+        "physics_dt": cfg.physics_dt,
+        "image_size": image_size,
+        "cameras": list(cameras),
+        "joint_names": list(JOINT_NAMES),
+        "features": FEATURES,
+        "generator": {
+            "base_seed": seed,
+            "expert": "lerobot_env_so101.scripted.PickPlaceController",
+            "paraphrase": paraphrase,
+            "mesh_faces": faces,
+            "max_steps": max_steps,
+            "versions": _versions(),
+        },
+        "episodes": [],
+    }
+    seeds = range(seed, seed + max_attempts)
+    attempts = successes = 0
+    episode_wall = 0.0
+    t0 = time.perf_counter()
+    pool = env = None
+    results: Iterable[dict[str, Any]]
+    try:
+        if workers > 1:
+            import multiprocessing
+
+            pool = multiprocessing.get_context("spawn").Pool(
+                workers, initializer=_worker_init, initargs=(cfg.to_dict(), str(out_dir), max_steps, keep_failed)
+            )
+            results = pool.imap(_worker_run, seeds)
+        else:
+            env = _make_env(cfg.to_dict(), seed)
+            results = (_run_episode(env, out_dir, s, max_steps, keep_failed) for s in seeds)
+        for meta in results:
+            attempts += 1
+            successes += meta["success"]
+            episode_wall += meta.pop("_wall_s")
+            tmp = meta.pop("_tmp")
+            if tmp is not None:
+                i = len(index["episodes"])
+                rel = f"episodes/episode_{i:06d}.npz"
+                os.replace(out_dir / tmp, out_dir / rel)
+                index["episodes"].append({"index": i, "file": rel, **meta})
+            if progress is not None:
+                progress({"attempts": attempts, "successes": successes, "kept": len(index["episodes"])})
+            if len(index["episodes"]) >= episodes:
+                break
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if env is not None:
+            env.close()
+        for leftover in (out_dir / "episodes").glob(".seed_*"):  # in flight when enough were kept
+            leftover.unlink(missing_ok=True)
+    wall = time.perf_counter() - t0
+    index["stats"] = {
+        "attempts": attempts,
+        "successes": successes,
+        "expert_success_rate": successes / attempts if attempts else 0.0,
+        "kept": len(index["episodes"]),
+        "workers": workers,
+        "wall_s": wall,
+        "seconds_per_episode": episode_wall / attempts if attempts else 0.0,
+        "frames": int(sum(e["length"] for e in index["episodes"])),
+    }
+    tmp_index = out_dir / "index.json.tmp"
+    tmp_index.write_text(json.dumps(index, indent=1))
+    os.replace(tmp_index, out_dir / "index.json")
+    return index
+
+
+def load_index(root: Path) -> dict[str, Any]:
+    index = json.loads((Path(root) / "index.json").read_text())
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{root}: not an {FORMAT} dataset")
+    return index
+
+
+def load_episode(root: Path, i: int) -> dict[str, np.ndarray]:
+    """All arrays of episode ``i`` (loaded eagerly)."""
+    index = load_index(root)
+    with np.load(Path(root) / index["episodes"][i]["file"]) as z:
+        return {k: z[k] for k in z.files}
+
+
+def iter_episodes(root: Path) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """(index entry, arrays) of every episode."""
+    index = load_index(root)
+    for e in index["episodes"]:
+        with np.load(Path(root) / e["file"]) as z:
+            yield e, {k: z[k] for k in z.files}

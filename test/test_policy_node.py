@@ -1,0 +1,138 @@
+"""policy node over real DDS: chunks from tokens, RTC with executor feedback, live tuning, bad input."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from model_fixtures import write_tiny_checkpoint
+from ros_helpers import node_process, spinner, wait_for
+
+from effvla_ros.msg import ActionChunk, ExecutionFeedback, VisualTokens
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=1)
+
+
+def _tokens(cam: str, stamp: float, keep: list[int], seed: int, dim: int = 64, dtype: str = "float16") -> VisualTokens:
+    m = VisualTokens()
+    m.header.stamp.sec = int(stamp)
+    m.header.stamp.nanosec = int((stamp - int(stamp)) * 1e9)
+    m.camera_name = cam
+    m.grid_height = m.grid_width = 4
+    m.token_dim = dim
+    m.dtype = dtype
+    m.kept_indices = keep
+    m.reused = [False] * len(keep)
+    m.data = np.random.default_rng(seed).standard_normal((len(keep), dim)).astype(np.float16).tobytes()
+    return m
+
+
+def _set(node, name: str, **value):  # type: ignore[no-untyped-def]
+    from rcl_interfaces.msg import Parameter, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    cli = node.create_client(SetParameters, "/policy/set_parameters")
+    assert cli.wait_for_service(timeout_sec=20)
+    fut = cli.call_async(SetParameters.Request(parameters=[Parameter(name=name, value=ParameterValue(**value))]))
+    wait_for(fut.done, 10)
+    return fut.result().results[0]
+
+
+def test_policy_node_end_to_end(tmp_path: Path, ckpt: Path) -> None:
+    from rcl_interfaces.msg import ParameterType
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import String
+
+    from effvla_ros.nodes.common import LATCHED_QOS, PIPELINE_QOS
+
+    names = [f"j{i}" for i in range(6)]
+    argv = ["-m", "effvla_ros.nodes.policy", "--ros-args", "-p", f"checkpoint:={ckpt}",
+            "-p", "cameras:=[camera1,camera2]", "-p", f"state_joint_names:=[{','.join(names)}]",
+            "-p", "fps:=20.0", "-p", "execution_horizon:=2",
+            "-r", "/policy/visual_tokens:=/vt", "-r", "/policy/execution_feedback:=/fb"]
+    chunks: list[ActionChunk] = []
+    with node_process(argv, tmp_path, "policy") as proc, spinner() as sp:
+        node = sp.node("policy_tester")
+        node.create_subscription(ActionChunk, "/policy/action_chunk", chunks.append, 50)
+        tok_pub = node.create_publisher(VisualTokens, "/vt", 10)
+        js_pub = node.create_publisher(JointState, "/joint_states", 10)
+        fb_pub = node.create_publisher(ExecutionFeedback, "/fb", PIPELINE_QOS)
+        instr_pub = node.create_publisher(String, "/instruction", LATCHED_QOS)
+        t = [time.time()]
+
+        def send(keep=(0, 2, 5, 7, 9, 12), dim=64, cams=("camera1", "camera2"), state=None):  # type: ignore[no-untyped-def]
+            t[0] = max(t[0] + 0.001, time.time())
+            js = JointState(name=names, position=list(state if state is not None else np.linspace(-0.5, 0.5, 6)))
+            js_pub.publish(js)
+            for i, cam in enumerate(cams):
+                tok_pub.publish(_tokens(cam, t[0], list(keep), seed=int(t[0] * 100) + i, dim=dim))
+
+        # no instruction yet: no chunk, the node says what it waits for
+        for _ in range(10):
+            send()
+        wait_for(lambda: "no instruction yet" in proc.log(), timeout=30)
+        assert not chunks
+        instr_pub.publish(String(data="pick up the red cube"))
+        try:
+            wait_for(lambda: (send() or True) and len(chunks) >= 2, timeout=60, period=0.1)
+        except TimeoutError:
+            pytest.fail(f"no chunks; node log:\n{proc.log()}")
+        c = chunks[-1]
+        assert c.num_actions == 10 and c.action_dim == 6 and len(c.actions) == 60
+        assert list(c.joint_names) == names
+        assert np.isfinite(np.array(c.actions)).all()
+        assert c.step_period.nanosec == 50_000_000 and c.denoising_steps == 10
+        assert list(c.exit_layers) == [4]
+        assert c.chunk_id > chunks[0].chunk_id
+        assert abs(c.header.stamp.sec + 1e-9 * c.header.stamp.nanosec - t[0]) < 30  # the observation's stamp
+
+        # executor feedback: RTC guides the next chunk toward the one being executed
+        last = chunks[-1]
+        fb = ExecutionFeedback(state=ExecutionFeedback.STATE_EXECUTING, chunk_id=last.chunk_id,
+                               chunk_stamp=last.header.stamp, step_period=last.step_period,
+                               next_action_index=1, committed_index=2, remaining_actions=8)
+        fb.committed_until.sec = last.header.stamp.sec
+        fb.committed_until.nanosec = last.header.stamp.nanosec + 100_000_000 if last.header.stamp.nanosec < 900_000_000 \
+            else last.header.stamp.nanosec
+        def guided() -> bool:  # type: ignore[no-untyped-def]
+            fb_pub.publish(fb)
+            send()
+            return any(x.rtc_prefix_chunk_id != 0 for x in chunks if x.chunk_id > last.chunk_id)
+        wait_for(guided, timeout=60, period=0.1)
+        g = next(x for x in chunks if x.chunk_id > last.chunk_id and x.rtc_prefix_chunk_id != 0)
+        assert g.rtc_prefix_chunk_id <= g.chunk_id - 1 and g.rtc_delay_steps >= 1
+
+        # live tuning through the real parameter service
+        res = _set(node, "num_steps", type=ParameterType.PARAMETER_INTEGER, integer_value=3)
+        assert res.successful, res.reason
+        wait_for(lambda: (send() or True) and chunks[-1].denoising_steps == 3, timeout=60, period=0.1)
+        bad = _set(node, "rtc.max_guidance_weight", type=ParameterType.PARAMETER_DOUBLE, double_value=-2.0)
+        assert not bad.successful and "max_guidance_weight" in bad.reason
+        ro = _set(node, "checkpoint", type=ParameterType.PARAMETER_STRING, string_value="/nope")
+        assert not ro.successful
+
+        # tokens of the wrong dimension: rejected with a log, nothing published for them
+        n_before = len(chunks)
+        for _ in range(5):
+            send(dim=32)
+        wait_for(lambda: "do not match the checkpoint" in proc.log(), timeout=30)
+        # wrong state dimension
+        def bad_state() -> bool:
+            send()
+            js_pub.publish(JointState(name=names[:3], position=[0.0, 0.0, 0.0]))
+            return "JointState lacks joints" in proc.log()
+        wait_for(bad_state, timeout=30, period=0.1)
+        n_before = len(chunks)
+        # a missing camera is tolerated (masked), inference continues
+        missing = VisualTokens(camera_name="camera2", camera_missing=True, grid_height=4, grid_width=4)
+        def with_missing() -> bool:  # type: ignore[no-untyped-def]
+            send(cams=("camera1",))
+            missing.header.stamp.sec = int(t[0])
+            tok_pub.publish(missing)
+            return len(chunks) > n_before
+        wait_for(with_missing, timeout=60, period=0.1)
+        assert proc.alive()
