@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from ros_helpers import node_process, spinner, wait_for
 
 FIX = Path(__file__).parent / "fixtures"
@@ -30,6 +31,7 @@ def test_interfaces_import_and_fields() -> None:
 
 def test_visual_tokens_cross_processes_byte_exact(tmp_path: Path) -> None:
     from effvla_ros.msg import VisualTokens
+
     from tokens_publisher import make_tokens
 
     seed, n, dim = 7, 40, 960  # 40 x 960 fp16 = 76.8 kB payload

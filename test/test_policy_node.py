@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from model_fixtures import write_tiny_checkpoint
-from ros_helpers import node_process, spinner, wait_for
 
 from effvla_ros.msg import ActionChunk, ExecutionFeedback, VisualTokens
+
+from model_fixtures import write_tiny_checkpoint
+from ros_helpers import node_process, spinner, wait_for
 
 
 @pytest.fixture(scope="module")

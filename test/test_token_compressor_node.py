@@ -5,7 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from effvla_ros.msg import VisualTokens
+
 from model_fixtures import write_tiny_checkpoint
 from ros_helpers import node_process, spinner, wait_for
 
