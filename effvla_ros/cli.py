@@ -47,7 +47,17 @@ def main(argv: list[str] | None = None) -> None:
     sub_parser = argparse.ArgumentParser(prog=f"effvla {name}", description=help_)
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(argv[1:])
-    sys.exit(module.run(args))
+    try:
+        code = module.run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input or configuration: say what, no traceback
+        print(f"effvla {name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        if type(e).__name__ == "CheckpointError":
+            print(f"effvla {name}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,10 @@ class Graph:
             args += ["-r", f"__ns:={self.namespace}"]
         for f in self.params_files:
             args += ["--params-file", str(f)]
-        for k, v in self.overrides.items():
-            args += ["-p", f"{k}:={_yaml_scalar(v)}"]
+        if self.overrides:
+            # Not `-p`: rcl lets a node-specific file section beat `-p` (which applies to /**), so the
+            # overrides go into a last file with node-specific sections, as launch_ros does.
+            args += ["--params-file", str(self.overrides_file())]
         for src, dst in spec.remappings:
             args += ["-r", f"{src}:={dst}"]
         if log_level:
@@ -74,14 +76,27 @@ class Graph:
         return args
 
 
-def _yaml_scalar(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_yaml_scalar(x) for x in v) + "]"
-    if isinstance(v, str):
-        return v if v and not any(c in v for c in ":[]{},#&*!|>'\"%@`") else repr(v)
-    return str(v)
+    def overrides_file(self) -> Path:
+        """A parameter file holding ``overrides`` for every node of the graph (written once)."""
+        import hashlib
+        import tempfile
+
+        import yaml
+
+        data = {f"/**/{n.name}": {"ros__parameters": dict(self.overrides)} for n in self.nodes}
+        class _NoAliases(yaml.SafeDumper):  # rcl's YAML parser refuses anchors/aliases
+            def ignore_aliases(self, data: object) -> bool:
+                return True
+
+        text = yaml.dump(data, Dumper=_NoAliases, sort_keys=True)
+        d = Path(tempfile.gettempdir()) / "effvla_ros"
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"overrides-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+        if not path.is_file():
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+        return path
 
 
 def share_dir() -> Path:
@@ -95,6 +110,12 @@ def share_dir() -> Path:
     except Exception:  # noqa: BLE001 - not installed through ament: use the source tree
         pass
     return Path(__file__).resolve().parents[1]
+
+
+def default_checkpoint() -> str | None:
+    """The bundled SO-101 simulation checkpoint (effvla_ros/assets/so101_pickplace), when present."""
+    p = Path(__file__).resolve().parent / "assets" / "so101_pickplace"
+    return str(p) if (p / "config.json").is_file() else None
 
 
 def params_files(target: str, user_file: str | os.PathLike[str] | None = None, root: Path | None = None) -> list[Path]:
@@ -157,11 +178,12 @@ def describe_graph(
         ),
     ]
     if sim:
-        nodes.insert(0, NodeSpec("sim_bridge", "sim_bridge", "effvla_ros.nodes.sim_bridge", "SimBridgeNode",
+        nodes.insert(0, NodeSpec("sim_bridge", "sim_bridge", "effvla_ros.nodes.sim_bridge", "SimBridge",
                                  role="sim"))
     overrides: dict[str, object] = {"use_sim_time": sim if use_sim_time is None else use_sim_time}
-    if checkpoint:
-        overrides["checkpoint"] = str(checkpoint)
+    ckpt = checkpoint or default_checkpoint()
+    if ckpt:
+        overrides["checkpoint"] = str(ckpt)
     overrides["cameras"] = list(cams)
     if sim:
         overrides["controller"] = controller

@@ -356,19 +356,17 @@ class ChunkExecutorNode(Node):
         values["period.error_max_ms"] = f"{jit['max_ms']:.4f}"
         values["merge_strategy"] = cfg.merge_strategy
         values["output_mode"] = cfg.output_mode
-        level = int.from_bytes(DiagnosticStatus.OK, "little") if isinstance(DiagnosticStatus.OK, bytes) else int(
-            DiagnosticStatus.OK
-        )
+        level = 0  # DiagnosticStatus.OK
         message = _STATE_NAMES[state]
         if state in (ExecState.WAITING_FOR_JOINT_STATE, ExecState.HOLDING):
-            level = 1
+            level = 1  # DiagnosticStatus.WARN
             message = {ExecState.WAITING_FOR_JOINT_STATE: "waiting for JointState"}.get(state, f"watchdog: {wd}")
         return level, message, values
 
     def _publish_diagnostics(self) -> None:
         level, message, values = self.diagnostics_values()
         st = DiagnosticStatus()
-        st.level = bytes([level]) if isinstance(DiagnosticStatus.OK, bytes) else level
+        st.level = bytes([level]) if isinstance(DiagnosticStatus.OK, bytes) else level  # bytes on Jazzy+
         st.name = f"{self.get_name()}: chunk executor"
         st.message = message
         st.hardware_id = self.get_fully_qualified_name()

@@ -101,13 +101,23 @@ class ConfigParameters(Generic[C]):
             pname = prefix + f.name
             default = getattr(cfg, f.name)
             # An empty list cannot carry its element type (rclpy would declare a byte array): declare
-            # the type alone; the value is then "not set" until a file or `ros2 param set` gives one.
+            # the type alone, then (without an override) set an empty list of that type.
             initial: Any = (list(default) if default else Parameter.Type(ptype)) if is_list else default
+            overrides = getattr(node, "_parameter_overrides", {})
+            ov = overrides.get(pname)
+            if elem is float and ov is not None and ov.type_ in (Parameter.Type.INTEGER, Parameter.Type.INTEGER_ARRAY):
+                # `-p rate:=0` or `rate: 0` in YAML for a float parameter: accept it as 0.0
+                vals = [float(x) for x in ov.value] if is_list else float(ov.value)
+                overrides[pname] = Parameter(pname, Parameter.Type.DOUBLE_ARRAY if is_list else Parameter.Type.DOUBLE,
+                                             vals)
             try:
                 node.declare_parameter(pname, initial, _descriptor(pname, dict(f.metadata), ptype, elem))
             except ParameterException as e:  # an override from a file / the command line is invalid
                 raise ValueError(f"invalid parameter {pname}: {e}") from None
             p = node.get_parameter_or(pname, Parameter(pname, Parameter.Type.NOT_SET, None))
+            if is_list and p.type_ == Parameter.Type.NOT_SET:  # no override: an empty, typed list
+                node.set_parameters([Parameter(pname, Parameter.Type(ptype), [])])
+                p = node.get_parameter(pname)
             values[f.name] = self._from_ros(f.name, p.value)
         try:
             self.config: C = cfg.replace(**values)

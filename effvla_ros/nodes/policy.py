@@ -39,6 +39,7 @@ from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.core.rtc import DelayEstimator, GuidanceTarget, RTCConfig, align_previous_chunk
 from effvla_ros.core.runner import CameraTokens, InferenceConfig, PolicyRunner, compressed_to_camera_tokens
 from effvla_ros.core.smolvla.config import DTYPES, RuntimeConfig
+from effvla_ros.core.target_check import TARGETS, check_checkpoint, enforce
 from effvla_ros.msg import ActionChunk, ExecutionFeedback, VisualTokens
 from effvla_ros.nodes.common import (
     INSTRUCTION_VOLATILE_QOS,
@@ -86,6 +87,12 @@ class PolicyNodeConfig(ConfigBase):
     stamp_tolerance_s: float = param(0.05, min=0.0, max=5.0, description="max stamp spread across cameras")
     max_observation_age_s: float = param(1.0, min=0.01, max=60.0,
                                          description="observations older than this at inference start are dropped")
+    target: str = param("x86_cpu", choices=tuple(TARGETS), read_only=True,
+                        description="hardware target of the startup memory/compute check")
+    memory_budget_gb: float = param(0.0, min=0.0, max=1024.0, read_only=True,
+                                    description="memory the policy stack may use (0 = the target's default budget)")
+    startup_check: bool = param(True, read_only=True,
+                                description="refuse to start when the estimate exceeds the target's budget")
 
     def validate(self) -> None:
         if not self.cameras:
@@ -111,6 +118,16 @@ class PolicyNode(Node):
         cfg = self.node_params.config
         if not cfg.checkpoint:
             raise ValueError("checkpoint: parameter is empty; set it to a local LeRobot SmolVLA checkpoint directory")
+        if cfg.startup_check:  # before any weight is loaded: fail with what to change, not OOM later
+            est = check_checkpoint(
+                cfg.checkpoint, cfg.target, cfg.vlm_dir or None, cameras=len(cfg.cameras),
+                vision_dtype=cfg.vision_dtype, vlm_dtype=cfg.vlm_dtype, expert_dtype=cfg.expert_dtype,
+                num_steps=self.inference_params.config.num_steps, fps=cfg.fps, execution_horizon=cfg.execution_horizon,
+                memory_budget_gb=cfg.memory_budget_gb or None,
+                keep_ratio=1.0 if cfg.input_mode == "tokens" else 0.5)
+            enforce(est)
+            self.get_logger().info(f"startup check on {cfg.target}: ~{est.memory_gb:.2f} GB, "
+                                   f"~{est.latency_s:.3f} s per chunk (estimates)")
         runtime = RuntimeConfig(device=cfg.device, vision_dtype=cfg.vision_dtype, vlm_dtype=cfg.vlm_dtype,
                                 expert_dtype=cfg.expert_dtype, num_threads=cfg.num_threads)
         self.policy = shared_policy(cfg.checkpoint, cfg.vlm_dir or None, runtime)
