@@ -1,0 +1,37 @@
+"""Early-exit calibration from data: similarities between consecutive observations, thresholds
+that reproduce the target exit fractions, and the YAML the policy node loads."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from effvla_ros.core.calibration import calibrate, exit_similarities
+from effvla_ros.core.early_exit import EarlyExitConfig, load_calibration, save_calibration
+from effvla_ros.core.smolvla import build_random_policy, tiny_arch
+from effvla_ros.core.smolvla.tokenizer import build_tiny_tokenizer
+
+
+def _seq(n: int, drift: float):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(0)
+    base = {c: torch.rand(3, 48, 64, generator=g) for c in ("camera1", "camera2")}
+    for t in range(n):
+        imgs = {c: (im + drift * t * torch.rand(3, 48, 64, generator=g)).clamp(0, 1) for c, im in base.items()}
+        yield imgs, torch.zeros(6), "pick up the red cube"
+
+
+def test_similarities_track_change_and_calibration_roundtrip(tmp_path: Path) -> None:
+    policy = build_random_policy(tiny_arch(), tokenizer=build_tiny_tokenizer(), seed=4)
+    still = exit_similarities(policy, _seq(4, 0.0), [1, 2])
+    moving = exit_similarities(policy, _seq(4, 0.3), [1, 2])
+    assert still.shape == (3, 2)
+    torch.testing.assert_close(still, torch.ones_like(still), atol=1e-5, rtol=0)
+    assert float(moving.mean()) < float(still.mean())
+    res = calibrate(policy, _seq(12, 0.05), [1, 2], ratio=0.5, exit_fraction=0.5)
+    assert res["exit_layers"] == [1, 2] and len(res["thresholds"]) == 2 and res["samples"] == 11
+    f = tmp_path / "exit.yaml"
+    save_calibration(f, res["exit_layers"], res["thresholds"])
+    data = load_calibration(f)
+    assert data["exit_layers"] == [1, 2]
+    layers, thr = EarlyExitConfig(enabled=True, calibration_file=str(f)).resolved(policy.arch.num_vlm_layers)
+    assert layers == [1, 2] and thr == data["thresholds"]
