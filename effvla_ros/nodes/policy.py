@@ -30,7 +30,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
-from std_msgs.msg import String
+from std_msgs.msg import Empty, String
 
 from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
 from effvla_ros.core.compression.pruning import PruningConfig
@@ -161,6 +161,7 @@ class PolicyNode(Node):
         self._instruction: str | None = None
         self._feedback: ExecutionFeedback | None = None
         self._dirty = False
+        self._reset_pending = False
         self._last_obs_stamp: float | None = None
         self._chunks: deque[_Chunk] = deque(maxlen=8)
         self._chunk_id = 0
@@ -181,6 +182,7 @@ class PolicyNode(Node):
             self.create_subscription(String, cfg.instruction_topic, self._on_instruction, qos)
         self.create_subscription(JointState, cfg.joint_states_topic, self._on_state, 10)
         self.create_subscription(ExecutionFeedback, "~/execution_feedback", self._on_feedback, PIPELINE_QOS)
+        self.create_subscription(Empty, "reset", self._on_reset, 10)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
         self._running = True
         self._worker = threading.Thread(target=self._work, name="policy_inference", daemon=True)
@@ -223,6 +225,15 @@ class PolicyNode(Node):
         with self._cv:
             self._feedback = msg
 
+    def _on_reset(self, _msg: Empty) -> None:
+        """A new episode: forget the previous chunks (no RTC guidance across it) and reuse caches."""
+        with self._cv:
+            self._reset_pending = True
+            self._tokens.clear()
+            self._images.clear()
+            self._feedback = None
+            self._cv.notify()
+
     # ------------------------------------------------------------------ worker
     def _apply_settings(self) -> None:
         self.runner.configure(inference=self.inference_params.config, early_exit=self.exit_params.config,
@@ -246,6 +257,7 @@ class PolicyNode(Node):
         cfg = self.node_params.config
         with self._cv:
             self._cv.wait(timeout=0.05)
+            reset, self._reset_pending = self._reset_pending, False
             dirty, self._dirty = self._dirty, False
             instruction = self._instruction
             state_msg = self._state
@@ -253,6 +265,14 @@ class PolicyNode(Node):
             tokens = dict(self._tokens)
             images = dict(self._images)
             self._images.clear()
+        if reset:
+            self._chunks.clear()
+            self._image_tokens.clear()
+            self.runner.prefix_reuse.reset()
+            if self.compressor is not None:
+                self.compressor.reset()
+            self.get_logger().info("reset: previous chunks and caches cleared")
+            return
         if dirty:
             self._apply_settings()
         if self.compressor is not None:

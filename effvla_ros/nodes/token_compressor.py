@@ -23,7 +23,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from sensor_msgs.msg import Image
-from std_msgs.msg import String
+from std_msgs.msg import Empty, String
 
 from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
 from effvla_ros.core.compression.pruning import PruningConfig
@@ -110,6 +110,7 @@ class TokenCompressorNode(Node):
         self._instruction: str | None = None
         self._instruction_dirty = False
         self._settings_dirty = False
+        self._reset_pending = False
 
         self.pub = self.create_publisher(VisualTokens, "~/visual_tokens", PIPELINE_QOS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -118,6 +119,7 @@ class TokenCompressorNode(Node):
             self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(c, m), SENSOR_QOS)
         for qos in (LATCHED_QOS, INSTRUCTION_VOLATILE_QOS):
             self.create_subscription(String, cfg.instruction_topic, self._on_instruction, qos)
+        self.create_subscription(Empty, "reset", self._on_reset, 10)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
         self._running = True
         self._worker = threading.Thread(target=self._work, name="token_compressor_worker", daemon=True)
@@ -140,6 +142,12 @@ class TokenCompressorNode(Node):
     def _on_image(self, camera: str, msg: Image) -> None:
         with self._lock:
             self._slots[camera].msg = msg  # latest wins
+            self._lock.notify()
+
+    def _on_reset(self, _msg: Empty) -> None:
+        """A new episode: drop the temporal-reuse caches (the scene changed completely)."""
+        with self._lock:
+            self._reset_pending = True
             self._lock.notify()
 
     def _on_instruction(self, msg: String) -> None:
@@ -165,6 +173,9 @@ class TokenCompressorNode(Node):
                 self._instruction_dirty = False
                 settings = self._settings_dirty
                 self._settings_dirty = False
+                reset, self._reset_pending = self._reset_pending, False
+            if reset:
+                self.compressor.reset()
             if settings:
                 self.compressor.configure(self.pruning_params.config, self.reuse_params.config)
             if instruction is not None:
