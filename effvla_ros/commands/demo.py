@@ -98,10 +98,21 @@ class _Monitor:
     def now(self) -> float:
         return self.node.get_clock().now().nanoseconds * 1e-9
 
-    def start_episode(self, seed: int) -> None:
+    def start_episode(self, seed: int, timeout: float = 30.0) -> None:
+        """Reset the simulation to ``seed``; once it reports that episode, reset the pipeline."""
         with self.lock:
             self.success, self.episode, self.chunks, self.tokens = False, {}, [], []
         self.reset_pub.publish(self._int64(data=seed))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            with self.lock:
+                if self.episode.get("seed") == seed:
+                    break
+            time.sleep(0.02)
+        else:
+            raise RuntimeError(f"the simulation did not reset to seed {seed} within {timeout} s")
+        with self.lock:
+            self.chunks, self.tokens, self.frames = [], [], [] if self.record_frames else self.frames
         self.pipeline_reset_pub.publish(self._empty())
 
 
@@ -133,7 +144,6 @@ def run(args: argparse.Namespace) -> int:
             seed = args.seed + ep
             mon.record_frames = ep == 0 and bool(args.gif)
             mon.start_episode(seed)
-            time.sleep(0.2)
             t_sim0, t_wall0 = mon.now(), time.monotonic()
             while True:
                 time.sleep(0.05)

@@ -38,6 +38,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import JointState
+from std_msgs.msg import Empty
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from effvla_ros.core.executor import (
@@ -171,6 +172,7 @@ class ChunkExecutorNode(Node):
         self.create_subscription(
             JointState, ncfg.joint_states_topic, self._on_joint_state, best_effort, callback_group=self._io_group
         )
+        self.create_subscription(Empty, "reset", self._on_reset, 10, callback_group=self._io_group)
         self._timer = self.create_timer(cfg.publish_period, self._on_timer, callback_group=self._timer_group)
         self._diag_timer = self.create_timer(
             ncfg.diagnostics_period, self._publish_diagnostics, callback_group=self._io_group
@@ -217,6 +219,13 @@ class ChunkExecutorNode(Node):
         self._jitter = PeriodJitter(self._jitter.nominal)
 
     # -- callbacks ---------------------------------------------------------------------------
+    def _on_reset(self, _msg: Empty) -> None:
+        """New episode / robot re-homed: drop every chunk, wait for a fresh JointState, start from it."""
+        with self._lock:
+            self._core.reset()
+            self._last_state = self._core.state
+        self.get_logger().info("reset: timeline cleared; waiting for JointState to restart from the measured position")
+
     def _on_joint_state(self, msg: JointState) -> None:
         with self._lock:
             ok = self._core.on_joint_state(list(msg.name), list(msg.position), stamp_to_sec(msg.header.stamp, self._epoch_ns))

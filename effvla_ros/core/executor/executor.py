@@ -174,6 +174,13 @@ class ChunkExecutorCore:
         self._seen: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._advertised: collections.OrderedDict[int, float] = collections.OrderedDict()
 
+    def reset(self) -> None:
+        """Forget every chunk and the command stream (new episode, robot re-homed, clock reset):
+        wait for a fresh JointState and start again from the measured position. Counters persist."""
+        stats = self.stats
+        self.__init__(self.cfg, self.limits)  # type: ignore[misc]
+        self.stats = stats
+
     # -- configuration ---------------------------------------------------------------------------
     def set_config(self, cfg: ExecutorConfig) -> None:
         """Apply a new config. Only live fields take effect; read-only ones need a restart."""
