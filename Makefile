@@ -12,7 +12,7 @@ demo: setup
 	@$(ENV) python -m effvla_ros.cli demo
 
 lint: setup
-	@$(ENV) ruff check effvla_ros test benchmarks launch
+	@$(ENV) ruff check effvla_ros test benchmarks launch scripts
 
 typecheck: setup
 	@$(ENV) mypy effvla_ros/core
@@ -21,7 +21,7 @@ pytest: setup
 	@$(ENV) python -m pytest -q test
 
 test: setup
-	@$(ENV) ruff check effvla_ros test benchmarks launch && echo "ruff: ok"
+	@$(ENV) ruff check effvla_ros test benchmarks launch scripts && echo "ruff: ok"
 	@$(ENV) mypy effvla_ros/core && echo "mypy: ok"
 	@$(ENV) python -m pytest -q test
 

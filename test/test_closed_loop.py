@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from effvla_ros.graph import describe_graph
+
 from model_fixtures import write_tiny_checkpoint
 from ros_helpers import spinner, wait_for
 

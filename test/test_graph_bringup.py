@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from effvla_ros.graph import TARGETS, describe_graph
+
 from model_fixtures import write_tiny_checkpoint
 from ros_helpers import node_process, spinner, wait_for
 
@@ -237,8 +238,9 @@ def test_single_process_bringup_runs_pipeline_and_live_tuning(ckpt: Path) -> Non
 @pytest.mark.skipif(importlib.util.find_spec("launch") is None or importlib.util.find_spec("launch_ros") is None,
                     reason="ROS 2 launch / launch_ros are not installed here (not on PyPI)")
 def test_launch_description() -> None:  # pragma: no cover - runs only on a ROS 2 install
-    from launch import LaunchContext
     from launch.actions import DeclareLaunchArgument
+
+    from launch import LaunchContext
 
     spec = importlib.util.spec_from_file_location("manip", REPO / "launch" / "manipulation.launch.py")
     mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
