@@ -102,6 +102,46 @@ def shared_policy(checkpoint: str, vlm_dir: str | None, runtime: Any) -> Any:
         return _models[key]
 
 
+# ------------------------------------------------------------------------------------- worker thread
+class NodeWorker:
+    """The heavy-compute thread of a node (encoder, inference): subscriptions only store the newest
+    message and notify ``cond``; this thread runs ``step()`` (one iteration, which may wait on
+    ``cond``) until the node is destroyed. An exception in a step is logged (throttled) and counted;
+    the node keeps running."""
+
+    def __init__(self, node: Any, name: str, step: Any, cond: threading.Condition, what: str) -> None:
+        self._node, self._step, self._cond, self._what = node, step, cond, what
+        self.errors = 0
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        import time
+
+        import rclpy
+
+        while self._running and rclpy.ok(context=self._node.context):
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - the node keeps running
+                if not self._running or not rclpy.ok(context=self._node.context):
+                    break  # shutting down
+                self.errors += 1
+                self._node.get_logger().error(f"{self._what} failed: {type(e).__name__}: {e}",
+                                              throttle_duration_sec=2.0)
+                time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._running = False
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=timeout)
+
+
 # ------------------------------------------------------------------------------------- entry points
 def run_node(node_cls: Any, name: str, args: list[str] | None = None, threads: int = 2) -> None:
     """``main()`` of a node: init, spin a MultiThreadedExecutor, shut down cleanly on Ctrl-C.

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import rclpy
 import torch
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -47,6 +45,7 @@ from effvla_ros.nodes.common import (
     PIPELINE_QOS,
     SENSOR_QOS,
     ImageError,
+    NodeWorker,
     image_to_rgb,
     run_node,
     shared_policy,
@@ -184,8 +183,7 @@ class PolicyNode(Node):
         self.create_subscription(ExecutionFeedback, "~/execution_feedback", self._on_feedback, PIPELINE_QOS)
         self.create_subscription(Empty, "reset", self._on_reset, 10)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
-        self._running = True
-        self._worker = threading.Thread(target=self._work, name="policy_inference", daemon=True)
+        self._worker = NodeWorker(self, "policy_inference", self._step, self._cv, "inference")
         self._worker.start()
         self.get_logger().info(
             f"policy ready: {cfg.input_mode} in, cameras {cfg.cameras}, chunk {arch.chunk_size} x {arch.action_dim} "
@@ -241,17 +239,6 @@ class PolicyNode(Node):
         self.delay.reconfigure(self.rtc_params.config)
         if self.compressor is not None:
             self.compressor.configure(self.pruning_params.config, self.reuse_params.config)
-
-    def _work(self) -> None:
-        while self._running and rclpy.ok(context=self.context):
-            try:
-                self._step()
-            except Exception as e:  # noqa: BLE001 - the node keeps running
-                if not rclpy.ok(context=self.context):
-                    break  # shutting down
-                self.counts["errors"] += 1
-                self.get_logger().error(f"inference failed: {type(e).__name__}: {e}", throttle_duration_sec=2.0)
-                time.sleep(0.05)
 
     def _step(self) -> None:
         cfg = self.node_params.config
@@ -472,6 +459,7 @@ class PolicyNode(Node):
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
         st = DiagnosticStatus(name="effvla/policy", hardware_id="policy")
+        self.counts["errors"] = self._worker.errors
         bad = self.counts["nonfinite_output"] + self.counts["errors"]
         st.level = DiagnosticStatus.WARN if bad else DiagnosticStatus.OK
         st.message = "non-finite outputs or errors" if bad else "ok"
@@ -485,13 +473,9 @@ class PolicyNode(Node):
         self.diag_pub.publish(arr)
 
     def destroy_node(self) -> None:
-        self._running = False
         worker = getattr(self, "_worker", None)  # absent when the constructor failed
         if worker is not None:
-            with self._cv:
-                self._cv.notify_all()
-            if worker.is_alive() and threading.current_thread() is not worker:
-                worker.join(timeout=10.0)
+            worker.stop()
         super().destroy_node()
 
 

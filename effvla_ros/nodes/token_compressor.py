@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -36,6 +35,7 @@ from effvla_ros.nodes.common import (
     PIPELINE_QOS,
     SENSOR_QOS,
     ImageError,
+    NodeWorker,
     image_to_rgb,
     run_node,
     shared_policy,
@@ -121,8 +121,7 @@ class TokenCompressorNode(Node):
             self.create_subscription(String, cfg.instruction_topic, self._on_instruction, qos)
         self.create_subscription(Empty, "reset", self._on_reset, 10)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
-        self._running = True
-        self._worker = threading.Thread(target=self._work, name="token_compressor_worker", daemon=True)
+        self._worker = NodeWorker(self, "token_compressor_worker", self._step, self._lock, "encoding")
         self._worker.start()
         self.get_logger().info(
             f"token compressor ready: cameras {cfg.cameras}, {policy.arch.tokens_per_camera} tokens/camera, "
@@ -159,38 +158,37 @@ class TokenCompressorNode(Node):
                 self._lock.notify()
 
     # ------------------------------------------------------------------ worker
-    def _work(self) -> None:
-        while self._running and rclpy.ok(context=self.context):
-            with self._lock:
+    def _step(self) -> None:
+        with self._lock:
+            pending = [c for c, s in self._slots.items() if s.msg is not None]
+            if not pending:
+                self._lock.wait(timeout=0.05)
                 pending = [c for c, s in self._slots.items() if s.msg is not None]
-                if not pending:
-                    self._lock.wait(timeout=0.05)
-                    pending = [c for c, s in self._slots.items() if s.msg is not None]
-                jobs = [(c, self._slots[c].msg) for c in pending]
-                for c in pending:
-                    self._slots[c].msg = None
-                instruction = self._instruction if self._instruction_dirty else None
-                self._instruction_dirty = False
-                settings = self._settings_dirty
-                self._settings_dirty = False
-                reset, self._reset_pending = self._reset_pending, False
-            if reset:
-                self.compressor.reset()
-            if settings:
-                self.compressor.configure(self.pruning_params.config, self.reuse_params.config)
-            if instruction is not None:
-                try:
-                    self.compressor.set_instruction(instruction)
-                    self.get_logger().info(f"instruction: {instruction!r}")
-                except Exception as e:  # noqa: BLE001 - keep running
-                    self.get_logger().error(f"cannot tokenize instruction: {e}")
-            for cam, msg in jobs:
-                try:
-                    self._process(cam, msg)
-                except Exception as e:  # noqa: BLE001 - a bad frame must not stop the node
-                    self._slots[cam].counts["dropped_invalid"] += 1
-                    self.get_logger().error(f"camera {cam}: frame dropped: {e}", throttle_duration_sec=2.0)
-            self._check_missing()
+            jobs = [(c, self._slots[c].msg) for c in pending]
+            for c in pending:
+                self._slots[c].msg = None
+            instruction = self._instruction if self._instruction_dirty else None
+            self._instruction_dirty = False
+            settings = self._settings_dirty
+            self._settings_dirty = False
+            reset, self._reset_pending = self._reset_pending, False
+        if reset:
+            self.compressor.reset()
+        if settings:
+            self.compressor.configure(self.pruning_params.config, self.reuse_params.config)
+        if instruction is not None:
+            try:
+                self.compressor.set_instruction(instruction)
+                self.get_logger().info(f"instruction: {instruction!r}")
+            except Exception as e:  # noqa: BLE001 - keep running
+                self.get_logger().error(f"cannot tokenize instruction: {e}")
+        for cam, msg in jobs:
+            try:
+                self._process(cam, msg)
+            except Exception as e:  # noqa: BLE001 - a bad frame must not stop the node
+                self._slots[cam].counts["dropped_invalid"] += 1
+                self.get_logger().error(f"camera {cam}: frame dropped: {e}", throttle_duration_sec=2.0)
+        self._check_missing()
 
     def _process(self, cam: str, msg: Image) -> None:
         cfg = self.node_params.config
@@ -289,13 +287,9 @@ class TokenCompressorNode(Node):
         self.diag_pub.publish(arr)
 
     def destroy_node(self) -> None:
-        self._running = False
         worker = getattr(self, "_worker", None)  # absent when the constructor failed
         if worker is not None:
-            with self._lock:
-                self._lock.notify_all()
-            if worker.is_alive() and threading.current_thread() is not worker:
-                worker.join(timeout=5.0)
+            worker.stop()
         super().destroy_node()
 
 
