@@ -116,8 +116,11 @@ class ConfigParameters(Generic[C]):
                 raise ValueError(f"invalid parameter {pname}: {e}") from None
             p = node.get_parameter_or(pname, Parameter(pname, Parameter.Type.NOT_SET, None))
             if is_list and p.type_ == Parameter.Type.NOT_SET:  # no override: an empty, typed list
-                node.set_parameters([Parameter(pname, Parameter.Type(ptype), [])])
-                p = node.get_parameter(pname)
+                p = Parameter(pname, Parameter.Type(ptype), [])
+                if f.metadata.get("read_only"):  # set_parameters refuses read-only ones: initialize directly
+                    node._parameters[pname] = p
+                else:
+                    node.set_parameters([p])
             values[f.name] = self._from_ros(f.name, p.value)
         try:
             self.config: C = cfg.replace(**values)

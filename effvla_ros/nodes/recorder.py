@@ -95,6 +95,19 @@ class RecorderConfig(ConfigBase):
             raise ValueError("topics: at least one topic or pattern is needed")
 
 
+def message_class(msgtype: str) -> Any:
+    """``pkg/msg/Name`` -> the generated Python class (what rosidl_runtime_py's get_message does)."""
+    import importlib
+
+    parts = msgtype.split("/")
+    if len(parts) == 2:
+        parts = [parts[0], "msg", parts[1]]
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"{msgtype!r} is not a message type name (pkg/msg/Name)")
+    module = importlib.import_module(f"{parts[0]}.{parts[1]}")
+    return getattr(module, parts[2])
+
+
 def default_out() -> str:
     return datetime.now().strftime("effvla_%Y_%m_%d-%H_%M_%S")
 
@@ -177,9 +190,7 @@ class RecorderNode(Node):
                 self._subs[topic] = None
 
     def _subscribe(self, topic: str, msgtype: str) -> None:
-        from rosidl_runtime_py.utilities import get_message
-
-        cls = get_message(msgtype)
+        cls = message_class(msgtype)
         qos, offered = self._qos_for(topic)
         typ = msgtype if msgtype.count("/") == 2 else msgtype.replace("/", "/msg/", 1)
         hashes = {str(i.topic_type_hash) for i in self.get_publishers_info_by_topic(topic)}
