@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--ros-args" in argv:  # started by launch_ros / ros2 run: ROS arguments are not ours
+        argv = argv[: argv.index("--ros-args")]
     parser = argparse.ArgumentParser(prog="effvla", description="effvla_ros command-line tools")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():

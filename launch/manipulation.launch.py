@@ -53,7 +53,8 @@ def _setup(context, *_, **__):  # type: ignore[no-untyped-def]
                 argv += [flag, a[key]]
         if sim:
             argv.append("--sim")
-        return [Node(package=PACKAGE, executable="effvla", name="effvla_bringup", arguments=argv, output="screen")]
+        # no name/parameters here: `effvla run` gives every node its own --ros-args from the graph
+        return [Node(package=PACKAGE, executable="effvla", arguments=argv, output="screen")]
     return [
         Node(
             package=PACKAGE,
