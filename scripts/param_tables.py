@@ -1,6 +1,7 @@
-"""Print the README's parameter tables from the config dataclasses (the single source of truth).
+"""The README's parameter tables, generated from the config dataclasses (the single source of truth).
 
-    python scripts/param_tables.py > docs/parameters.md
+    python scripts/param_tables.py            # print them
+    python scripts/param_tables.py --readme   # rewrite the block between the markers in README.md
 """
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ def table(title: str, cls: type, prefix: str = "") -> str:
     return "\n".join(rows) + "\n"
 
 
-def main() -> None:
+BEGIN, END = "<!-- parameters:begin -->", "<!-- parameters:end -->"
+
+
+def generate() -> str:
     from effvla_ros.core.compression.compressor import ReuseConfig
     from effvla_ros.core.compression.pruning import PruningConfig
     from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuseConfig
@@ -56,7 +60,21 @@ def main() -> None:
         out += ["### sim_bridge", "", table("node", SimBridgeConfig)]
     except ImportError:
         pass
-    print("\n".join(out))
+    return "\n".join(out)
+
+
+def main() -> None:
+    import sys
+    from pathlib import Path
+
+    text = generate()
+    if "--readme" in sys.argv:
+        readme = Path(__file__).resolve().parents[1] / "README.md"
+        src = readme.read_text()
+        i, j = src.index(BEGIN) + len(BEGIN), src.index(END)
+        readme.write_text(src[:i] + "\n" + text + "\n" + src[j:])
+    else:
+        print(text)
 
 
 if __name__ == "__main__":
