@@ -28,6 +28,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -76,8 +77,9 @@ class RecorderConfig(ConfigBase):
     flush_period_s: float = param(1.0, min=0.05, max=60.0, read_only=True,
                                   description="close + flush the MCAP chunk and update metadata.yaml this often: "
                                               "what a SIGKILL can lose")
-    max_chunk_bytes: int = param(4 << 20, min=1024, max=1 << 30, read_only=True,
-                                 description="close the MCAP chunk earlier when it reaches this size")
+    max_chunk_bytes: int = param(1 << 20, min=1024, max=1 << 30, read_only=True,
+                                 description="close + flush the MCAP chunk earlier when it reaches this size "
+                                             "(rosbags' writer closes chunks at 1 MiB by itself)")
     queue_messages: int = param(2000, min=1, max=10_000_000, read_only=True,
                                 description="messages waiting for the disk; beyond, new ones are dropped (counted)")
     queue_bytes: int = param(256 << 20, min=1024, max=1 << 40, read_only=True,
@@ -296,8 +298,9 @@ class RecorderNode(Node):
             self._error = self._error or f"closing the bag failed: {e}"
         st = self.stats()
         dropped = sum(self.dropped.values())
-        self.get_logger().info(f"bag {self.out}: {sum(self.counts.values())} messages on {len(self.counts)} topics"
-                               + (f", {dropped} dropped" if dropped else ""))
+        # not a ROS logger: the context may already be shut down (its /rosout publisher is gone)
+        print(f"[recorder] bag {self.out}: {sum(self.counts.values())} messages on {len(self.counts)} topics"
+              + (f", {dropped} dropped" if dropped else ""), file=sys.stderr, flush=True)
         return st
 
     def destroy_node(self) -> None:

@@ -1,0 +1,395 @@
+"""Observations from a bag: camera images matched by stamp, joint state, instruction, recorded chunks.
+
+Rules (the policy node's, applied offline):
+
+* every stream is sorted by its stamp (``header.stamp``; the receive/log time when the header stamp
+  is zero); messages whose stamp goes back relative to the one before (in recording order) are
+  counted as ``out_of_order`` per topic, and duplicate stamps of one camera keep the first frame;
+* observation times: with ``mode="chunks"`` (default ``auto`` when the bag has ActionChunks) the
+  recorded chunks' stamps, i.e. exactly the observations the live policy used; with ``"frames"``
+  every frame of the anchor camera (the camera with the fewest frames, or ``anchor``);
+* at each time, every mapped camera contributes its frame nearest in stamp within
+  ``stamp_tolerance_s`` (else the observation is skipped: ``unmatched``); the observation stamp is
+  the newest of those frame stamps (as in the node); an observation using exactly the frames of the
+  previous one is skipped (``duplicate``);
+* state: the newest JointState with stamp at or before the observation (``state_joint_names`` picks
+  and orders joints; default: the first ``state_dim`` positions); none yet: skipped
+  (``before_first_state``), unless a fixed ``--state`` is given;
+* instruction: the newest ``std_msgs/String`` on the instruction topic received (log time) at or
+  before the observation's newest frame was received; observations before the first instruction
+  use the first one (counted as ``instruction_backfilled``); ``--instruction`` overrides the bag.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from effvla_ros.replay.bagio import Bag, BagError, cdr_header_stamp_ns
+
+IMAGE_TYPES = ("sensor_msgs/msg/Image",)
+JOINT_STATE_TYPE = "sensor_msgs/msg/JointState"
+STRING_TYPE = "std_msgs/msg/String"
+CHUNK_TYPE = "effvla_ros/msg/ActionChunk"
+
+
+@dataclass
+class Frame:
+    topic: str
+    seq: int  # index of the message among this topic's messages in recording order
+    log_ns: int
+    stamp_ns: int
+
+
+@dataclass
+class RecordedChunk:
+    stamp_ns: int
+    chunk_id: int
+    step_period_s: float
+    joint_names: list[str]
+    actions: np.ndarray  # (H, A)
+    latency_ms: float
+    exit_layers: list[int]
+    denoising_steps: int
+    rtc_delay_steps: int
+
+
+@dataclass
+class Observation:
+    index: int
+    stamp_ns: int
+    frames: dict[str, Frame]  # checkpoint camera -> frame
+    state: np.ndarray  # (state_dim,) float32
+    instruction: str
+    recorded: RecordedChunk | None = None
+
+    @property
+    def stamp(self) -> float:
+        return self.stamp_ns * 1e-9
+
+
+@dataclass
+class Episode:
+    observations: list[Observation]
+    camera_topics: dict[str, str]  # checkpoint camera -> topic
+    missing_cameras: list[str]
+    state_topic: str | None
+    instruction_topic: str | None
+    chunk_topic: str | None
+    chunks: list[RecordedChunk]
+    instructions: list[str]
+    stats: dict[str, Any] = field(default_factory=dict)
+    images: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # (topic, seq) -> (H, W, 3) uint8
+
+    def image(self, frame: Frame) -> np.ndarray:
+        return self.images[(frame.topic, frame.seq)]
+
+
+@dataclass
+class ObservationOptions:
+    cameras: dict[str, str] = field(default_factory=dict)  # checkpoint camera -> topic (explicit)
+    joint_states_topic: str | None = None
+    instruction_topic: str | None = None
+    action_chunk_topic: str | None = None
+    instruction: str | None = None
+    state: list[float] | None = None
+    state_joint_names: list[str] = field(default_factory=list)
+    state_joint_names_strict: bool = True  # False: fall back to the first state_dim positions when absent
+    stamp_tolerance_s: float = 0.05
+    mode: str = "auto"  # auto | chunks | frames
+    anchor: str | None = None
+    max_steps: int = 0
+
+
+# ------------------------------------------------------------------------------------------ images
+_BPP = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "8UC3": 3, "8UC1": 1, "8UC4": 4}
+
+
+def image_to_rgb(msg: Any) -> np.ndarray:
+    """A rosbags ``sensor_msgs/msg/Image`` -> (H, W, 3) uint8 RGB (row padding removed)."""
+    enc = str(msg.encoding)
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if enc not in _BPP:
+        raise BagError(f"image encoding {enc!r} is not supported (supported: {', '.join(_BPP)})")
+    bpp = _BPP[enc]
+    data = np.asarray(msg.data, dtype=np.uint8).reshape(-1)
+    if h <= 0 or w <= 0 or step < w * bpp or data.size < step * h:
+        raise BagError(f"malformed image {w}x{h} {enc} step {step} with {data.size} bytes")
+    arr = data[: step * h].reshape(h, step)[:, : w * bpp].reshape(h, w, bpp)
+    if bpp == 1:
+        return np.repeat(arr, 3, axis=2).copy()
+    if enc.startswith("bgr"):
+        return np.ascontiguousarray(arr[..., 2::-1])
+    return np.ascontiguousarray(arr[..., :3])
+
+
+# ------------------------------------------------------------------------------------------ topics
+def _pick(bag: Bag, explicit: str | None, msgtype: str, preferred: tuple[str, ...], what: str, hint: str) -> str | None:
+    if explicit:
+        if explicit not in bag.topics:
+            raise BagError(f"{what} topic {explicit} is not in the bag (topics: {sorted(bag.topics)}); {hint}")
+        return explicit
+    cands = bag.topics_of_type(msgtype)
+    cands = [c for c in cands if bag.topics[c].count > 0] or cands
+    for p in preferred:
+        for c in cands:
+            if c.rstrip("/").endswith(p):
+                return c
+    return cands[0] if cands else None
+
+
+def map_cameras(bag: Bag, cameras: list[str], explicit: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """checkpoint camera -> image topic (explicit mapping, else a topic with the camera's name as a
+    path segment, e.g. /camera/<cam>/image_raw); cameras without a topic are replayed as missing."""
+    image_topics = [t for t in bag.topics_of_type(*IMAGE_TYPES) if bag.topics[t].count > 0]
+    if not image_topics:
+        others = ", ".join(f"{t} [{i.msgtype}]" for t, i in sorted(bag.topics.items())) or "none"
+        raise BagError(f"the bag has no sensor_msgs/msg/Image messages: nothing to replay (topics: {others})")
+    unknown = [c for c in explicit if c not in cameras]
+    if unknown:
+        raise BagError(f"--camera {unknown[0]}=...: not a camera of the checkpoint {cameras}")
+    mapping: dict[str, str] = {}
+    for cam in cameras:
+        if cam in explicit:
+            t = explicit[cam]
+            if t not in bag.topics:
+                raise BagError(f"--camera {cam}={t}: topic not in the bag (image topics: {image_topics})")
+            mapping[cam] = t
+            continue
+        hits = [t for t in image_topics if cam in t.strip("/").split("/")]
+        if len(hits) == 1:
+            mapping[cam] = hits[0]
+        elif len(hits) > 1:
+            exact = [t for t in hits if t.rstrip("/").endswith(f"/{cam}/image_raw")]
+            mapping[cam] = exact[0] if exact else hits[0]
+    if not mapping:
+        raise BagError(f"no image topic matches the checkpoint's cameras {cameras} (image topics in the bag: "
+                       f"{image_topics}); map them with --camera CAMERA=TOPIC, e.g. "
+                       f"--camera {cameras[0]}={image_topics[0]}")
+    return mapping, [c for c in cameras if c not in mapping]
+
+
+def _sorted_stream(items: list[tuple[int, Any]]) -> tuple[list[tuple[int, Any]], int]:
+    """Sort (stamp, payload) by stamp (stable); count stamps that went back in recording order."""
+    back = 0
+    hi = -(2**63)
+    for s, _ in items:
+        if s < hi:
+            back += 1
+        hi = max(hi, s)
+    return sorted(items, key=lambda x: x[0]), back
+
+
+def _stamp(raw: bytes, log_ns: int) -> int:
+    s = cdr_header_stamp_ns(raw)
+    return log_ns if not s else s
+
+
+def build_episode(bag: Bag, cameras: list[str], state_dim: int, opts: ObservationOptions) -> Episode:
+    """Observations of a bag for a checkpoint with ``cameras`` and ``state_dim`` (see the module docstring)."""
+    cam_topics, missing = map_cameras(bag, cameras, opts.cameras)
+    state_topic = _pick(bag, opts.joint_states_topic, JOINT_STATE_TYPE, ("joint_states",), "joint state",
+                        "pass --joint-states-topic TOPIC or a fixed --state")
+    instr_topic = _pick(bag, opts.instruction_topic, STRING_TYPE, ("instruction",), "instruction",
+                        "pass --instruction-topic TOPIC or --instruction TEXT")
+    chunk_topic = _pick(bag, opts.action_chunk_topic, CHUNK_TYPE, ("action_chunk",), "action chunk",
+                        "pass --action-chunk-topic TOPIC")
+    if state_topic is None and opts.state is None:
+        raise BagError(f"the bag has no sensor_msgs/msg/JointState topic (topics: {sorted(bag.topics)}): the "
+                       f"policy needs the robot state; pass a fixed state with --state v1,v2,... ({state_dim} "
+                       "values) or the topic with --joint-states-topic")
+    if opts.state is not None and len(opts.state) != state_dim:
+        raise BagError(f"--state: {len(opts.state)} values, the checkpoint's state has {state_dim}")
+    if opts.instruction is None and instr_topic is None:
+        raise BagError(f"the bag has no std_msgs/msg/String instruction topic (topics: {sorted(bag.topics)}): "
+                       "pass the task with --instruction TEXT (or its topic with --instruction-topic)")
+
+    # ---- pass 1: stamps of images, decoded small messages
+    frames: dict[str, list[tuple[int, Frame]]] = {t: [] for t in set(cam_topics.values())}
+    seqs: dict[str, int] = {t: 0 for t in frames}
+    states: list[tuple[int, np.ndarray]] = []
+    instr: list[tuple[int, str]] = []
+    chunks: list[tuple[int, RecordedChunk]] = []
+    rejected_states = 0
+    state_names_fallback = 0
+    wanted = set(frames) | {t for t in (state_topic, instr_topic, chunk_topic) if t}
+    for topic, log_ns, raw in bag.messages(wanted):
+        if topic in frames:
+            s = _stamp(raw, log_ns)
+            frames[topic].append((s, Frame(topic, seqs[topic], log_ns, s)))
+            seqs[topic] += 1
+        elif topic == state_topic:
+            msg = bag.decode(topic, raw)
+            vec = _state_vector(msg, state_dim, opts.state_joint_names)
+            if vec is None and opts.state_joint_names and not opts.state_joint_names_strict:
+                vec = _state_vector(msg, state_dim, [])
+                state_names_fallback += 1
+            if vec is None:
+                rejected_states += 1
+                continue
+            states.append((_stamp(raw, log_ns), vec))
+        elif topic == instr_topic:
+            instr.append((log_ns, str(bag.decode(topic, raw).data).strip()))
+        elif topic == chunk_topic:
+            m = bag.decode(topic, raw)
+            n, a = int(m.num_actions), int(m.action_dim)
+            acts = np.asarray(m.actions, dtype=np.float64)
+            if n <= 0 or a <= 0 or acts.size != n * a:
+                continue
+            dt = float(m.step_period.sec) + 1e-9 * float(m.step_period.nanosec)
+            rc = RecordedChunk(_stamp(raw, log_ns), int(m.chunk_id), dt, list(m.joint_names), acts.reshape(n, a),
+                               float(m.inference_latency_ms), [int(x) for x in m.exit_layers],
+                               int(m.denoising_steps), int(m.rtc_delay_steps))
+            chunks.append((rc.stamp_ns, rc))
+
+    out_of_order: dict[str, int] = {}
+    sorted_frames: dict[str, list[Frame]] = {}
+    duplicates = 0
+    for t, items in frames.items():
+        srt, back = _sorted_stream(items)
+        out_of_order[t] = back
+        uniq: list[Frame] = []
+        for s, fr in srt:
+            if uniq and uniq[-1].stamp_ns == s:
+                duplicates += 1
+                continue
+            uniq.append(fr)
+        sorted_frames[t] = uniq
+    if state_topic:
+        states, out_of_order[state_topic] = _sorted_stream(states)
+    if chunk_topic:
+        chunks, out_of_order[chunk_topic] = _sorted_stream(chunks)
+    instr.sort(key=lambda x: x[0])
+    if opts.instruction is None and not instr:
+        raise BagError(f"the instruction topic {instr_topic} has no messages: pass the task with --instruction TEXT")
+    if state_topic and not states and opts.state is None:
+        raise BagError(f"the joint state topic {state_topic} has no usable messages "
+                       f"({rejected_states} rejected: fewer than {state_dim} positions or missing joints); "
+                       "pass --state v1,v2,... or --state-joint-names")
+    for cam, t in cam_topics.items():
+        if not sorted_frames[t]:
+            raise BagError(f"camera {cam}: topic {t} has no messages")
+
+    # ---- observation times
+    mode = opts.mode
+    if mode == "auto":
+        mode = "chunks" if chunks else "frames"
+    if mode == "chunks" and not chunks:
+        raise BagError("--observations chunks: the bag has no ActionChunk messages (use --observations frames)")
+    if mode not in ("chunks", "frames"):
+        raise BagError(f"--observations: {mode!r} is not one of auto, chunks, frames")
+    anchor = opts.anchor
+    if anchor is not None and anchor not in cam_topics:
+        raise BagError(f"--anchor-camera {anchor}: not a mapped camera {sorted(cam_topics)}")
+    if anchor is None:
+        anchor = min(cam_topics, key=lambda c: (len(sorted_frames[cam_topics[c]]), cameras.index(c)))
+    times: list[tuple[int, RecordedChunk | None]]
+    if mode == "chunks":
+        times = [(s, c) for s, c in chunks]
+    else:
+        times = [(f.stamp_ns, None) for f in sorted_frames[cam_topics[anchor]]]
+
+    tol = int(round(opts.stamp_tolerance_s * 1e9))
+    stamp_lists = {t: [f.stamp_ns for f in fl] for t, fl in sorted_frames.items()}
+    state_stamps = [s for s, _ in states]
+    instr_logs = [t for t, _ in instr]
+    chunk_by_stamp = {s: c for s, c in chunks} if mode == "frames" else {}
+    chunk_stamps = sorted(chunk_by_stamp)
+    skipped = {"unmatched": 0, "duplicate": 0, "before_first_state": 0}
+    backfilled = 0
+    obs: list[Observation] = []
+    last_key: tuple[int, ...] | None = None
+    for t_ns, rec in times:
+        chosen: dict[str, Frame] = {}
+        for cam, topic in cam_topics.items():
+            sl = stamp_lists[topic]
+            i = bisect.bisect_left(sl, t_ns)
+            best = None
+            for j in (i - 1, i):
+                if 0 <= j < len(sl) and abs(sl[j] - t_ns) <= tol and (best is None or abs(sl[j] - t_ns) < abs(sl[best] - t_ns)):
+                    best = j
+            if best is None:
+                break
+            chosen[cam] = sorted_frames[topic][best]
+        if len(chosen) != len(cam_topics):
+            skipped["unmatched"] += 1
+            continue
+        key = tuple(chosen[c].seq for c in sorted(chosen))
+        if key == last_key:
+            skipped["duplicate"] += 1
+            continue
+        stamp = max(f.stamp_ns for f in chosen.values())
+        if opts.state is not None:
+            state = np.asarray(opts.state, dtype=np.float32)
+        else:
+            k = bisect.bisect_right(state_stamps, stamp) - 1
+            if k < 0:
+                skipped["before_first_state"] += 1
+                continue
+            state = states[k][1]
+        if opts.instruction is not None:
+            text = opts.instruction
+        else:
+            log = max(f.log_ns for f in chosen.values())
+            k = bisect.bisect_right(instr_logs, log) - 1
+            if k < 0:
+                backfilled += 1
+                k = 0
+            text = instr[k][1]
+        last_key = key
+        if rec is None and chunk_by_stamp:  # frames mode: a recorded chunk of this very observation
+            k = bisect.bisect_left(chunk_stamps, stamp - 1_000_000)
+            if k < len(chunk_stamps) and abs(chunk_stamps[k] - stamp) <= 1_000_000:
+                rec = chunk_by_stamp[chunk_stamps[k]]
+        obs.append(Observation(len(obs), stamp, chosen, state, text, rec))
+        if opts.max_steps and len(obs) >= opts.max_steps:
+            break
+    if not obs:
+        raise BagError(f"no observation could be built: {skipped} (cameras {cam_topics}, stamp tolerance "
+                       f"{opts.stamp_tolerance_s} s; try --stamp-tolerance or --observations frames)")
+
+    # ---- pass 2: the images the observations use
+    need = {(f.topic, f.seq) for o in obs for f in o.frames.values()}
+    images: dict[tuple[str, int], np.ndarray] = {}
+    counters = {t: 0 for t in frames}
+    for topic, _log, raw in bag.messages(set(frames)):
+        seq = counters[topic]
+        counters[topic] += 1
+        if (topic, seq) in need:
+            images[(topic, seq)] = image_to_rgb(bag.decode(topic, raw))
+
+    stats = {
+        "mode": mode,
+        "anchor_camera": anchor if mode == "frames" else None,
+        "observations": len(obs),
+        "skipped": skipped,
+        "duplicate_frames": duplicates,
+        "out_of_order": out_of_order,
+        "instruction_backfilled": backfilled,
+        "rejected_joint_states": rejected_states,
+        "state_names_fallback": state_names_fallback,
+        "frames": {t: len(v) for t, v in sorted_frames.items()},
+        "joint_states": len(states),
+        "recorded_chunks": len(chunks),
+        "stamp_tolerance_s": opts.stamp_tolerance_s,
+        "truncated_by_max_steps": bool(opts.max_steps and len(obs) >= opts.max_steps),
+    }
+    return Episode(obs, cam_topics, missing, state_topic, instr_topic, chunk_topic, [c for _, c in chunks],
+                   sorted({o.instruction for o in obs}), stats, images)
+
+
+def _state_vector(msg: Any, dim: int, names: list[str]) -> np.ndarray | None:
+    pos = list(np.asarray(msg.position, dtype=np.float64))
+    if names:
+        index = {n: i for i, n in enumerate(msg.name)}
+        if any(n not in index for n in names) or len(pos) != len(msg.name):
+            return None
+        vals = [pos[index[n]] for n in names]
+    else:
+        if len(pos) < dim:
+            return None
+        vals = pos[:dim]
+    v = np.asarray(vals, dtype=np.float32)
+    return v if np.all(np.isfinite(v)) else None
