@@ -81,3 +81,22 @@ def test_bad_images_rejected(policy) -> None:  # type: ignore[no-untyped-def]
         comp.process("camera1", torch.full((3, 48, 64), float("nan")))
     with pytest.raises(ValueError, match="image"):
         comp.process("camera1", torch.rand(48, 64))
+
+
+def test_analytic_flops_when_counting_is_off(policy) -> None:  # type: ignore[no-untyped-def]
+    counted = TokenCompressor(policy, PruningConfig(method="none"),
+                              ReuseConfig(max_age=100, keyframe_interval=100, dilation=0), count_flops=True)
+    fast = TokenCompressor(policy, PruningConfig(method="none"),
+                           ReuseConfig(max_age=100, keyframe_interval=100, dilation=0), count_flops=False)
+    img = _scene(4)
+    moved = img.clone()
+    moved[:, 30:40, 40:50] = 0.0
+    a = [counted.process("camera1", x) for x in (img, img, moved)]
+    b = [fast.process("camera1", x) for x in (img, img, moved)]
+    assert [o.kind for o in a] == [o.kind for o in b] == ["full", "reuse", "partial"]
+    assert b[0].encoder_flops == a[0].encoder_flops == b[0].encoder_flops_full  # first full pass is counted
+    assert b[1].encoder_flops == 0
+    # partial: the fraction of recomputed patches of a full pass, within 2x of the exact count
+    assert 0 < b[2].encoder_flops < b[2].encoder_flops_full
+    assert 0.5 < b[2].encoder_flops / a[2].encoder_flops < 2.0
+    torch.testing.assert_close(b[2].all_tokens, a[2].all_tokens)

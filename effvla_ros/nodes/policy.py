@@ -150,7 +150,8 @@ class PolicyNode(Node):
         if cfg.input_mode == "images":
             self.pruning_params = ConfigParameters(self, PruningConfig(), prefix="pruning.", on_change=self._on_change)
             self.reuse_params = ConfigParameters(self, ReuseConfig(), prefix="reuse.", on_change=self._on_change)
-            self.compressor = TokenCompressor(self.policy, self.pruning_params.config, self.reuse_params.config)
+            self.compressor = TokenCompressor(self.policy, self.pruning_params.config, self.reuse_params.config,
+                                              count_flops=False)
 
         self._cv = threading.Condition()
         self._tokens: dict[str, VisualTokens] = {}

@@ -63,6 +63,9 @@ class CompressorNodeConfig(ConfigBase):
     wire_dtype: str = param("float16", choices=tuple(_WIRE_DTYPES), read_only=True,
                             description="element type of the published token payload")
     num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")
+    count_flops: bool = param(False, read_only=True,
+                              description="count every encode's FLOPs with torch.utils.flop_counter (exact, slower); "
+                                          "off: first full pass counted, later passes accounted analytically")
     camera_timeout_s: float = param(1.0, min=0.05, max=60.0,
                                     description="a camera without a valid frame for this long is published as missing")
     max_stamp_skew_s: float = param(0.5, min=0.0, max=60.0,
@@ -104,7 +107,8 @@ class TokenCompressorNode(Node):
         unknown = [c for c in cfg.cameras if c not in policy.cameras]
         if unknown:
             raise ValueError(f"cameras: {unknown} not in the checkpoint's cameras {policy.cameras}")
-        self.compressor = TokenCompressor(policy, self.pruning_params.config, self.reuse_params.config)
+        self.compressor = TokenCompressor(policy, self.pruning_params.config, self.reuse_params.config,
+                                          count_flops=cfg.count_flops)
         self._lock = threading.Condition()
         self._slots = {c: _Slot() for c in cfg.cameras}
         self._instruction: str | None = None
