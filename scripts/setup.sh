@@ -52,11 +52,8 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 VPY="$VENV/bin/python"
 SITE=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-# The wheels' .pth bootstrapper re-executes Python to set LD_LIBRARY_PATH unless we do it ourselves.
-ROS_LIBS=$(ls -d "$SITE"/ros_*.libs 2>/dev/null | tr '\n' ':' || true)
-export LD_LIBRARY_PATH="$IFACE_PREFIX/lib:$VENV/lib:${ROS_LIBS}${LD_LIBRARY_PATH:-}"
-export _ROS_WHEELS_BOOTSTRAP_COMPLETE=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+ORIG_LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
 
 # ---------------------------------------------------------------- 2. Python packages
 # torch first, pinned to the CPU build; the constraint keeps any later requirement from pulling a
@@ -69,6 +66,13 @@ say "installing torch 2.13.0 (CPU)"
 say "installing ROS 2 Kilted wheels and Python dependencies (requirements.txt)"
 "$VPY" -m pip install -q -r "$ROOT/requirements.txt" -c "$CONSTRAINTS" \
   || die "pip could not install requirements.txt: see pip's message above."
+
+# The wheels' .pth bootstrapper re-executes Python to set LD_LIBRARY_PATH unless we do it ourselves
+# (computed after the wheels are installed: their ros_*.libs folders hold vendored libraries).
+ROS_LIBS=$(ls -d "$SITE"/ros_*.libs 2>/dev/null | tr '\n' ':' || true)
+[[ -n "$ROS_LIBS" ]] || die "no ros_*.libs folders in $SITE: the ROS 2 wheels did not install"
+export LD_LIBRARY_PATH="$IFACE_PREFIX/lib:$VENV/lib:${ROS_LIBS}${ORIG_LD_LIBRARY_PATH}"
+export _ROS_WHEELS_BOOTSTRAP_COMPLETE=1
 
 # ---------------------------------------------------------------- 3. make the wheels' cmake exports resolve
 # The ROS wheels' exported cmake targets name the manylinux build root of their CI
