@@ -71,9 +71,11 @@ def main() -> None:
         ("full (reuse off, no pruning)", PruningConfig(method="none"), ReuseConfig(enabled=False)),
         ("frame-level reuse", PruningConfig(method="none"), ReuseConfig(patch_level=False)),
         ("patch-level reuse (default)", PruningConfig(method="none"), ReuseConfig()),
+        ("patch reuse, dilation 0, keyframe 16", PruningConfig(method="none"),
+         ReuseConfig(dilation=0, keyframe_interval=16)),
         ("default: patch reuse + task 0.5", PruningConfig(keep_ratio=0.5), ReuseConfig()),
     ]
-    if args.quick:
+    if args.quick:  # pruning does not change the encoder; frame-level reuse needs static frames
         settings = [settings[0], settings[2], settings[3]]
     full_tokens: list[dict[str, torch.Tensor]] = []
     rows = []

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from effvla_ros.core import flops as _flops  # noqa: F401  (counts CPU SDPA attention too)
 from effvla_ros.core.compression.change import ChangeDecision, ChangeDetector
 from effvla_ros.core.compression.eventful import EventfulState, EventfulVisionEncoder, dilate
 from effvla_ros.core.compression.pruning import PruningConfig, select_tokens

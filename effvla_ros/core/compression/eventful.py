@@ -100,9 +100,9 @@ class EventfulVisionEncoder:
             k[:, idx], v[:, idx] = k_new, v_new
             x_in = cache.x_in.clone()
             x_in[idx] = x
-        scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale  # (H, n, N)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        o = torch.matmul(probs, v).transpose(0, 1).reshape(x.shape[0], -1)  # (n, d)
+        # the changed tokens' queries attend to every token (as the vision model's own sdpa path)
+        o = nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], scale=attn.scale)[0]  # (H, n, hd)
+        o = o.transpose(0, 1).reshape(x.shape[0], -1)  # (n, d)
         y = x + attn.out_proj(o)
         y = y + layer.mlp(layer.layer_norm2(y))
         return y, _LayerCache(x_in, k, v)

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from effvla_ros.core import flops as _flops  # noqa: F401  (counts CPU SDPA attention too)
+
 from .config import RuntimeConfig, SmolVLAArch, to_dtype
 from .functional import (
     apply_rope,
