@@ -1,0 +1,92 @@
+"""``effvla eval-sim``: closed-loop success rate of a checkpoint in simulation, under several settings.
+
+Runs ``--episodes`` episodes (seeds ``--seed``, ``--seed`` + 1, ...) of the two-cube task with the
+policy driven through the same core path as the ROS nodes (TokenCompressor -> PolicyRunner) and
+reports per setting the success rate, the episode length, and per inference the encoder FLOPs, the
+kept / reused visual tokens, the stage times (and FLOPs with ``--count-flops``). The first setting is
+the baseline with every optimization off; each ``--sweep name=v1,v2`` adds one setting per value on
+top of it (``section.field``: pruning.*, reuse.*, early_exit.*, expert_reuse.*, rtc.*, num_steps,
+horizon, delay_steps; join several changes of one setting with ``+``). Prints a table; ``--out``
+writes the full report (incl. every episode) as JSON. See :mod:`effvla_ros.train.evaluate`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="LeRobot-layout checkpoint directory")
+    parser.add_argument("--episodes", type=int, default=20, help="episodes per setting (default 20)")
+    parser.add_argument("--seed", type=int, default=100_000,
+                        help="seed of the first episode (default 100000, disjoint from gen-demos' default seeds)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
+                        help="add one setting per value on top of the baseline (repeatable)")
+    parser.add_argument("--delay-steps", type=int, default=0,
+                        help="emulated inference delay in control steps, for every setting (default 0)")
+    parser.add_argument("--horizon", type=int, default=0,
+                        help="actions executed per chunk (default: the checkpoint's n_action_steps)")
+    parser.add_argument("--num-steps", type=int, default=0, help="denoising steps (default: the checkpoint's)")
+    parser.add_argument("--max-steps", type=int, default=150, help="control steps per episode at most (10 Hz)")
+    parser.add_argument("--count-flops", action="store_true", help="also count prefill/denoise FLOPs (slower)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; per worker)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="episode worker processes (default 1; the episodes and results are the same)")
+    parser.add_argument("--out", default=None, help="write the JSON report here")
+    parser.add_argument("--quiet", action="store_true", help="no per-episode lines")
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    import torch
+
+    from effvla_ros.core.smolvla import CheckpointError, load_policy
+    from effvla_ros.train.evaluate import (
+        EvalSetting,
+        evaluate,
+        evaluate_parallel,
+        format_table,
+        parse_sweep,
+        write_report,
+    )
+
+    if args.episodes < 1:
+        print("effvla eval-sim: --episodes must be at least 1", file=sys.stderr)
+        return 2
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        policy = load_policy(args.checkpoint)
+    except CheckpointError as e:
+        print(f"effvla eval-sim: {e}", file=sys.stderr)
+        return 2
+    base = EvalSetting("baseline", num_steps=args.num_steps, horizon=args.horizon, delay_steps=args.delay_steps,
+                       count_flops=args.count_flops)
+    try:
+        settings = parse_sweep(args.sweep, base=base)
+    except ValueError as e:
+        print(f"effvla eval-sim: {e}", file=sys.stderr)
+        return 2
+    seeds = list(range(args.seed, args.seed + args.episodes))
+
+    def progress(name: str, i: int, n: int, r) -> None:  # type: ignore[no-untyped-def]
+        if not args.quiet:
+            print(f"[{name}] episode {i + 1}/{n} seed {r.seed}: {'success' if r.success else 'failure'} "
+                  f"after {r.steps} steps ({r.instruction!r})", flush=True)
+
+    try:
+        if args.workers > 1:
+            report = evaluate_parallel(args.checkpoint, settings, seeds, workers=args.workers,
+                                       max_steps=args.max_steps, threads=max(1, args.threads), progress=progress)
+        else:
+            report = evaluate(policy, settings, seeds, max_steps=args.max_steps, progress=progress)
+    except ValueError as e:
+        print(f"effvla eval-sim: {e}", file=sys.stderr)
+        return 2
+    report["checkpoint"] = str(args.checkpoint)
+    print(format_table(report))
+    if args.out:
+        write_report(report, args.out)
+        print(f"report written to {args.out}")
+    return 0

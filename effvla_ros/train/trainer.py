@@ -1,0 +1,263 @@
+"""Training of a small SmolVLA-architecture policy from scratch on simulated demonstrations (ROS-free).
+
+Everything is trained (vision tower, connector, VLM layers, action expert, projections): with random
+VLM weights there is nothing to freeze. The objective is LeRobot's flow-matching loss
+(:meth:`SmolVLAPolicy.flow_matching_loss`), masked on padded chunk steps and restricted to the real
+action dimensions; AdamW with linear warmup and cosine decay; an exponential moving average (EMA) of
+the weights is what gets saved (the usual practice for diffusion / flow policies).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from effvla_ros.core.smolvla import SmolVLAArch, SmolVLAPolicy, build_random_policy, build_tiny_tokenizer, save_policy
+from effvla_ros.core.smolvla.config import tiny_arch
+from effvla_ros.train.data import ChunkDataset, compute_stats, load_demos
+
+VLM_NAME = "effvla/so101_pickplace_vlm"
+
+
+def policy_tokenizer(extra: list[str] | None = None) -> Any:
+    """BPE tokenizer whose vocabulary holds every word of every task instruction as one token."""
+    from effvla_ros.sim.task import all_instructions
+
+    return build_tiny_tokenizer(corpus=list(all_instructions()) + list(extra or []), vocab_size=500)
+
+
+def small_arch(*, image_size: int = 64, cameras: tuple[str, ...] = ("scene", "wrist"), vocab_size: int = 338,
+               image_token_id: int = 336, **changes: Any) -> SmolVLAArch:
+    """The architecture trained here (2-CPU-core budget), built from :func:`tiny_arch`.
+
+    Vision: 32-d x 2 layers, patch 8 (64 px -> 8x8 patches), pixel shuffle 2 -> 16 tokens per camera.
+    VLM: 64-d (4 heads / 2 KV heads, head_dim 16) x 4 layers. Expert: 48-d x 4 layers (cross-attention
+    every other layer, as SmolVLA). Chunk 10 actions (1 s at 10 Hz), 5 executed per inference.
+    (Measured on the shared 2-core machine: a 96-d VLM / 64-d vision variant costs ~3x more per step.)
+    """
+    arch = tiny_arch(
+        vision_hidden_size=32, vision_intermediate_size=64, vision_num_layers=2, vision_num_heads=2,
+        image_size=image_size, patch_size=8, scale_factor=2,
+        text_hidden_size=64, text_intermediate_size=128, text_total_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=vocab_size, image_token_id=image_token_id,
+        num_vlm_layers=4, chunk_size=10, n_action_steps=5, num_steps=10,
+        resize_imgs_with_padding=(image_size, image_size), tokenizer_max_length=16, pad_language_to="max_length",
+        cameras=tuple(cameras), camera_shape=(3, image_size, image_size), vlm_model_name=VLM_NAME,
+        state_dim=6, action_dim=6,
+    )
+    return arch.replace(**changes) if changes else arch
+
+
+@dataclass
+class TrainConfig:
+    data: str  # demo directory (several: comma-separated)
+    out: str
+    steps: int = 6000
+    batch: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    warmup: int = 300
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    image_size: int = 64
+    seed: int = 0
+    shift: int = 4  # random-shift augmentation in pixels (0: off)
+    state_dropout: float = 0.0  # probability that a sample's state is replaced by the data mean (anti-shortcut)
+    ema: float = 0.999  # EMA decay of the saved weights (0: off)
+    save_every: int = 1000
+    log_every: int = 50
+    max_episodes: int | None = None
+    threads: int = 0  # torch CPU threads (0: leave as is)
+    max_minutes: float = 0.0  # stop (and save) after this wall time (0: no limit)
+    save_dtype: str = "float32"
+    init: str | None = None  # start from this checkpoint's weights and statistics (continued training)
+    arch_changes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    policy: SmolVLAPolicy
+    out: Path
+    steps: int
+    wall_s: float
+    final_loss: float
+    history: list[dict[str, float]]
+    num_params: int
+
+
+def lr_at(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
+    """Linear warmup to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at ``steps``.
+
+    ``time_fraction`` (elapsed / ``max_minutes``) advances the decay when the wall-time budget would
+    end training before ``steps``, so that a time-limited run still ends annealed.
+    """
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = min(1.0, max((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), time_fraction))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def masked_loss(policy: SmolVLAPolicy, batch: dict, *, noise: torch.Tensor | None = None,
+                t: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean flow-matching loss over the real action dimensions of the non-padded chunk steps."""
+    obs = {k: v for k, v in batch.items() if k.startswith("observation.") or k == "task"}
+    per = policy.flow_matching_loss(obs, batch["action"], noise=noise, t=t, train_vision=True)
+    per = per[:, :, : policy.arch.action_dim]
+    valid = (~batch["action_is_pad"]).to(per.dtype)[:, :, None]
+    return (per * valid).sum() / (valid.sum() * per.shape[-1]).clamp_min(1.0)
+
+
+def build_policy(dataset: ChunkDataset, image_size: int, seed: int, **arch_changes: Any) -> SmolVLAPolicy:
+    tok = policy_tokenizer()
+    arch = small_arch(image_size=image_size, cameras=tuple(dataset.cameras), vocab_size=len(tok),
+                      image_token_id=int(tok.convert_tokens_to_ids("<image>")), **arch_changes)
+    if arch.chunk_size != dataset.chunk_size:
+        raise ValueError("dataset chunk size differs from the architecture's")
+    stats = compute_stats(dataset.episodes)
+    policy = build_random_policy(arch, tokenizer=tok, stats=stats, seed=seed, init="transformers")
+    for p in policy.weights.parameters():
+        p.requires_grad_(True)
+    return policy
+
+
+def _save(policy: SmolVLAPolicy, ema: torch.nn.Module | None, out: Path, dtype: str) -> None:
+    if ema is None:
+        save_policy(policy, out, dtype=getattr(torch, dtype))
+        return
+    live = policy.weights
+    policy.weights = ema  # type: ignore[assignment]
+    try:
+        save_policy(policy, out, dtype=getattr(torch, dtype))
+    finally:
+        policy.weights = live
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
+    """Train on ``cfg.data`` and write the checkpoint (LeRobot layout) + ``train_log.json`` to ``cfg.out``."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    episodes = []
+    for root in [r for r in cfg.data.split(",") if r]:  # several demo directories: comma-separated
+        eps, index = load_demos(root)
+        if int(index["image_size"]) != cfg.image_size:
+            raise ValueError(f"{root}: images are {index['image_size']} px, --image-size is {cfg.image_size}")
+        episodes += eps
+    episodes = episodes[: cfg.max_episodes] if cfg.max_episodes else episodes
+    probe = small_arch(**cfg.arch_changes)
+    dataset = ChunkDataset(episodes, probe.chunk_size)
+    if cfg.init:
+        from effvla_ros.core.smolvla import RuntimeConfig, load_policy
+
+        policy = load_policy(cfg.init, runtime=RuntimeConfig())
+        if policy.arch.chunk_size != dataset.chunk_size or tuple(policy.arch.cameras) != tuple(dataset.cameras):
+            raise ValueError(f"--init {cfg.init}: chunk size / cameras differ from the data's")
+        for p in policy.weights.parameters():
+            p.requires_grad_(True)
+    else:
+        policy = build_policy(dataset, cfg.image_size, cfg.seed, **cfg.arch_changes)
+    params = [p for p in policy.weights.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    ema = copy.deepcopy(policy.weights) if cfg.ema > 0 else None
+    if ema is not None:
+        for p in ema.parameters():
+            p.requires_grad_(False)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"train: {len(episodes)} episodes, {len(dataset)} samples, {len(dataset.tasks)} instructions; "
+        f"{n_params / 1e6:.2f} M parameters; {cfg.steps} steps of batch {cfg.batch}")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, unit="step", desc="train", mininterval=2.0)
+    history: list[dict[str, float]] = []
+    window: list[float] = []
+    t0 = time.perf_counter()
+    perm = rng.permutation(len(dataset))
+    pos = 0
+    step = 0
+    lr = 0.0
+    policy.weights.train()
+    try:
+        for step in range(cfg.steps):
+            if pos + cfg.batch > len(perm):
+                perm, pos = rng.permutation(len(dataset)), 0
+            idx = perm[pos: pos + cfg.batch]
+            pos += cfg.batch
+            batch = dataset.batch(idx, shift=cfg.shift, rng=rng)
+            if cfg.state_dropout > 0:
+                drop = torch.from_numpy(rng.random(len(idx)) < cfg.state_dropout)
+                mean = policy.normalizer.stats["observation.state"]["mean"]
+                batch["observation.state"][drop] = mean.to(batch["observation.state"].dtype)
+            tf = (time.perf_counter() - t0) / (60 * cfg.max_minutes) if cfg.max_minutes > 0 else 0.0
+            lr = lr_at(step, cfg, tf)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = masked_loss(policy, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                d = min(cfg.ema, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for pe, p in zip(ema.parameters(), policy.weights.parameters(), strict=True):
+                        pe.lerp_(p.detach(), 1 - d)
+            window.append(loss.detach().item())
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                rec = {"step": step + 1, "loss": float(np.mean(window)), "lr": lr,
+                       "grad_norm": float(gnorm), "wall_s": time.perf_counter() - t0}
+                history.append(rec)
+                window = []
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.1e}")
+            if bar is not None:
+                bar.update(1)
+            if cfg.save_every > 0 and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                _save(policy, ema, out, cfg.save_dtype)
+                _write_log(out, cfg, policy, history, n_params, len(episodes), len(dataset), step + 1,
+                           time.perf_counter() - t0, final=False)
+            if cfg.max_minutes > 0 and time.perf_counter() - t0 > 60 * cfg.max_minutes:
+                log(f"train: time limit of {cfg.max_minutes} min reached after {step + 1} steps")
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    steps_done = step + 1
+    if window:
+        history.append({"step": steps_done, "loss": float(np.mean(window)), "lr": lr,
+                        "grad_norm": float("nan"), "wall_s": time.perf_counter() - t0})
+    policy.weights.eval()
+    if ema is not None:
+        ema.eval()
+        policy.weights = ema  # the saved / returned weights are the EMA
+    wall = time.perf_counter() - t0
+    save_policy(policy, out, dtype=getattr(torch, cfg.save_dtype))
+    _write_log(out, cfg, policy, history, n_params, len(episodes), len(dataset), steps_done, wall, final=True)
+    final = history[-1]["loss"] if history else float("nan")
+    log(f"train: {steps_done} steps in {wall / 60:.1f} min, final loss {final:.4f}; checkpoint in {out}")
+    return TrainResult(policy, out, steps_done, wall, final, history, n_params)
+
+
+def _write_log(out: Path, cfg: TrainConfig, policy: SmolVLAPolicy, history: list[dict[str, float]], n_params: int,
+               n_episodes: int, n_samples: int, steps: int, wall: float, *, final: bool) -> None:
+    arch = dataclasses.asdict(policy.arch)
+    rec = {"config": dataclasses.asdict(cfg), "arch": arch, "num_params": n_params, "episodes": n_episodes,
+           "samples": n_samples, "steps": steps, "wall_s": wall, "final": final,
+           "torch_threads": torch.get_num_threads(), "history": history}
+    (out / "train_log.json").write_text(json.dumps(rec, indent=1, default=str))

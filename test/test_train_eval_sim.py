@@ -1,0 +1,70 @@
+"""`effvla eval-sim` / effvla_ros.train.evaluate with the committed checkpoint (structure, not success)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from effvla_ros.train.evaluate import BASELINE, EvalSetting, parse_sweep
+
+CKPT = Path(__file__).resolve().parents[1] / "effvla_ros" / "assets" / "so101_pickplace"
+
+
+def test_sweep_parsing_types_and_baseline():
+    settings = parse_sweep(["pruning.keep_ratio=0.5,0.25", "rtc.enabled=true+delay_steps=2", "num_steps=5"])
+    assert [s.name for s in settings] == ["baseline", "pruning.keep_ratio=0.5", "pruning.keep_ratio=0.25",
+                                          "rtc.enabled=true+delay_steps=2", "inference.num_steps=5"]
+    base = settings[0].configs()
+    assert base["pruning"].method == "none" and base["reuse"].enabled is False
+    assert base["early_exit"].enabled is False and base["expert_reuse"].enabled is False and not base["rtc"].enabled
+    assert settings[2].configs()["pruning"].keep_ratio == 0.25
+    assert settings[3].configs()["rtc"].enabled is True and settings[3].exec_params() == (0, 2)
+    assert settings[4].configs()["inference"].num_steps == 5
+    assert settings[1].configs()["pruning"].method == "task"  # changing a pruning field switches pruning on
+    assert set(BASELINE) <= set(settings[1].effective_changes())
+    off = parse_sweep(["reuse.threshold=0.1+reuse.enabled=false"])[1].configs()["reuse"]
+    assert off.enabled is False and off.threshold == 0.1
+    with pytest.raises(ValueError, match="keep_ratio"):
+        parse_sweep(["pruning.keep_ratio=2"])
+    with pytest.raises(ValueError):
+        parse_sweep(["bogus.field=1"])
+    with pytest.raises(ValueError, match="boolean"):
+        parse_sweep(["rtc.enabled=maybe"])
+    assert EvalSetting("x", {"exec.horizon": 3}).exec_params() == (3, 0)
+
+
+def test_eval_sim_one_short_episode_reports_and_moves_the_arm(tmp_path):
+    from effvla_ros.commands import eval_sim
+
+    p = argparse.ArgumentParser()
+    eval_sim.add_arguments(p)
+    out = tmp_path / "report.json"
+    args = p.parse_args(["--checkpoint", str(CKPT), "--episodes", "1", "--max-steps", "8", "--quiet",
+                         "--sweep", "pruning.method=task", "--sweep", "rtc.enabled=true+delay_steps=2",
+                         "--threads", "1", "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        assert eval_sim.run(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rep = json.loads(out.read_text())
+    names = [s["name"] for s in rep["settings"]]
+    assert names == ["baseline", "pruning.method=task", "rtc.enabled=true+delay_steps=2"]
+    assert rep["seeds"] == [100000]
+    for s in rep["settings"]:
+        assert s["episodes"] == 1 and 0 <= s["successes"] <= 1 and s["horizon"] == 5
+        ep = s["episode_results"][0]
+        assert 1 <= ep["steps"] <= 8
+        assert ep["arm_motion"] > 0.01  # the policy's joint targets moved the arm
+        assert ep["inferences"] == (ep["steps"] + 4) // 5  # one inference per 5 executed actions
+        per = s["per_inference"]
+        assert per["total_tokens"] == 32 and per["encoder_flops"] > 0 and per["policy_s"] > 0
+    base, pruned, rtc = rep["settings"]
+    assert base["per_inference"]["kept_tokens"] == 32
+    assert pruned["per_inference"]["kept_tokens"] < 32
+    assert base["per_inference"]["guided"] == 0
+    if rtc["episode_results"][0]["inferences"] > 1:
+        assert rtc["per_inference"]["guided"] > 0  # every inference after the first is guided
