@@ -51,23 +51,34 @@ def test_closed_loop_episode_moves_the_simulated_arm(ckpt: Path, tmp_path: Path)
             node.create_publisher(Int64, "/sim/reset", 10).publish(Int64(data=3))
             time.sleep(0.5)
             node.create_publisher(Empty, "/reset", 10).publish(Empty())
+            n_reset = len(states)
             wait_for(lambda: len(chunks) >= 2 and len(trajs) >= 10, timeout=180, period=0.1)
-            n0 = len(states)
-            q_start = np.array(states[n0 - 1].position)
             time.sleep(3.0)
-            last_traj = trajs[-1]
     finally:
         b.shutdown()
-    names = list(last_traj.joint_names)
+    t_js = np.array([s.header.stamp.sec + 1e-9 * s.header.stamp.nanosec for s in states])
+    q = np.array([s.position for s in states])
+    names = list(trajs[-1].joint_names)
     assert names == list(states[-1].name)
-    cmd = np.array(last_traj.points[0].positions)
-    q_end = np.array(states[-1].position)
-    assert np.isfinite(cmd).all() and np.isfinite(q_end).all()
-    # the arm moved, and toward what the executor commanded
-    assert np.abs(q_end - q_start).max() > 1e-3
-    assert np.linalg.norm(q_end - cmd) < np.linalg.norm(q_start - cmd) + 1e-6
-    # every published trajectory is well formed for a joint_trajectory_controller
-    for t in trajs[-20:]:
-        tfs = [p.time_from_start.sec + 1e-9 * p.time_from_start.nanosec for p in t.points]
-        assert all(b > a for a, b in zip(tfs, tfs[1:]))
-        assert t.header.stamp.sec > 0 or t.header.stamp.nanosec > 0
+    # the commanded position at any time: the newest trajectory's point in effect (as the controller does)
+    cmd_t, cmd_q = [], []
+    for tr in trajs:
+        t0 = tr.header.stamp.sec + 1e-9 * tr.header.stamp.nanosec
+        tfs = [p.time_from_start.sec + 1e-9 * p.time_from_start.nanosec for p in tr.points]
+        assert all(b > a for a, b in zip(tfs, tfs[1:]))  # well formed for a joint_trajectory_controller
+        assert t0 > 0 and all(np.isfinite(p.positions).all() for p in tr.points)
+        cmd_t += [t0 + x for x in tfs]
+        cmd_q += [list(p.positions) for p in tr.points]
+    order = np.argsort(cmd_t, kind="stable")
+    cmd_t, cmd_q = np.array(cmd_t)[order], np.array(cmd_q)[order]
+    window = (t_js > t_js[n_reset - 1]) & (t_js >= cmd_t[0])
+    assert window.sum() >= 10
+    idx = np.searchsorted(cmd_t, t_js[window], side="right") - 1
+    target = cmd_q[idx]
+    q_start = q[n_reset - 1]  # the arm after the reset, before any command of this episode
+    tracking = np.linalg.norm(q[window] - target, axis=1).mean()
+    standing_still = np.linalg.norm(q_start - target, axis=1).mean()
+    # the arm moved, and it is closer to what the executor commands than standing still would be (a
+    # random policy jumps its targets around; the arm lags them within its actuator limits)
+    assert np.abs(q[-1] - q_start).max() > 1e-3
+    assert tracking < 0.8 * standing_still, (tracking, standing_still)

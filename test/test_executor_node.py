@@ -285,6 +285,8 @@ def test_watchdog_decelerates_to_hold_within_limits(tmp_path: Path) -> None:
         d = h.wait_diag(lambda d: d["watchdog.state"] == "holding", 10)
         assert int(d["watchdog.trips"]) == 1
         wait_for(lambda: any(f.state == ExecutionFeedback.STATE_HOLDING for f in h.snapshot(h.fb)), 5)
+        # the hold is reached once the published stream stops moving (the state flips when braking starts)
+        wait_for(lambda: not np.any(np.abs(points(h.snapshot(h.traj))[2][-1]) > 0), 10)
         t, p, v = points(h.snapshot(h.traj))
         check_limits(t, p, v)
         t_stop -= EPOCH_NS * 1e-9

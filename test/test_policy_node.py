@@ -96,16 +96,19 @@ def test_policy_node_end_to_end(tmp_path: Path, ckpt: Path) -> None:
         fb = ExecutionFeedback(state=ExecutionFeedback.STATE_EXECUTING, chunk_id=last.chunk_id,
                                chunk_stamp=last.header.stamp, step_period=last.step_period,
                                next_action_index=1, committed_index=2, remaining_actions=8)
-        fb.committed_until.sec = last.header.stamp.sec
-        fb.committed_until.nanosec = last.header.stamp.nanosec + 100_000_000 if last.header.stamp.nanosec < 900_000_000 \
-            else last.header.stamp.nanosec
+        # the executor reports 8 actions (0.4 s) of that chunk as committed: they are frozen (d >= 1)
+        committed_ns = last.header.stamp.sec * 1_000_000_000 + last.header.stamp.nanosec + 400_000_000
+        fb.committed_until.sec, fb.committed_until.nanosec = divmod(committed_ns, 1_000_000_000)
         def guided() -> bool:  # type: ignore[no-untyped-def]
             fb_pub.publish(fb)
             send()
-            return any(x.rtc_prefix_chunk_id != 0 for x in chunks if x.chunk_id > last.chunk_id)
+            # guided toward the executed chunk, with d covering at least the committed actions
+            return any(x.rtc_prefix_chunk_id != 0 and x.rtc_delay_steps >= 1 for x in chunks
+                       if x.chunk_id > last.chunk_id)
         wait_for(guided, timeout=60, period=0.1)
-        g = next(x for x in chunks if x.chunk_id > last.chunk_id and x.rtc_prefix_chunk_id != 0)
-        assert g.rtc_prefix_chunk_id <= g.chunk_id - 1 and g.rtc_delay_steps >= 1
+        g = next(x for x in chunks if x.chunk_id > last.chunk_id and x.rtc_prefix_chunk_id != 0
+                 and x.rtc_delay_steps >= 1)
+        assert g.rtc_prefix_chunk_id <= g.chunk_id - 1 and g.rtc_delay_steps <= g.num_actions
 
         # live tuning through the real parameter service
         res = _set(node, "num_steps", type=ParameterType.PARAMETER_INTEGER, integer_value=3)
@@ -118,9 +121,8 @@ def test_policy_node_end_to_end(tmp_path: Path, ckpt: Path) -> None:
 
         # tokens of the wrong dimension: rejected with a log, nothing published for them
         n_before = len(chunks)
-        for _ in range(5):
-            send(dim=32)
-        wait_for(lambda: "do not match the checkpoint" in proc.log(), timeout=30)
+        wait_for(lambda: (send(dim=32) or True) and "do not match the checkpoint" in proc.log(), timeout=60,
+                 period=0.1)
         # wrong state dimension
         def bad_state() -> bool:
             send()
