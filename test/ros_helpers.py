@@ -136,3 +136,16 @@ def spinner() -> Iterator[Spinner]:
         yield s
     finally:
         s.shutdown()
+
+
+def set_parameter(client_node: Any, server: str, name: str, **value: Any) -> Any:
+    """Set one parameter of node ``server`` through its real SetParameters service (what
+    ``ros2 param set`` calls); returns the SetParametersResult. ``value``: ParameterValue fields."""
+    from rcl_interfaces.msg import Parameter, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    cli = client_node.create_client(SetParameters, f"{server}/set_parameters")
+    assert cli.wait_for_service(timeout_sec=20), f"{server}/set_parameters is not available"
+    fut = cli.call_async(SetParameters.Request(parameters=[Parameter(name=name, value=ParameterValue(**value))]))
+    wait_for(fut.done, 10)
+    return fut.result().results[0]

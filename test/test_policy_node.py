@@ -10,7 +10,7 @@ import pytest
 from effvla_ros.msg import ActionChunk, ExecutionFeedback, VisualTokens
 
 from model_fixtures import write_tiny_checkpoint
-from ros_helpers import node_process, spinner, wait_for
+from ros_helpers import node_process, set_parameter, spinner, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,7 @@ def _tokens(cam: str, stamp: float, keep: list[int], seed: int, dim: int = 64, d
 
 
 def _set(node, name: str, **value):  # type: ignore[no-untyped-def]
-    from rcl_interfaces.msg import Parameter, ParameterValue
-    from rcl_interfaces.srv import SetParameters
-
-    cli = node.create_client(SetParameters, "/policy/set_parameters")
-    assert cli.wait_for_service(timeout_sec=20)
-    fut = cli.call_async(SetParameters.Request(parameters=[Parameter(name=name, value=ParameterValue(**value))]))
-    wait_for(fut.done, 10)
-    return fut.result().results[0]
+    return set_parameter(node, "/policy", name, **value)
 
 
 def test_policy_node_end_to_end(tmp_path: Path, ckpt: Path) -> None:
