@@ -166,7 +166,9 @@ def test_single_process_bringup_runs_pipeline_and_live_tuning(ckpt: Path) -> Non
     from effvla_ros.nodes.common import LATCHED_QOS, SENSOR_QOS
 
     user = Path(ckpt).parent / "params.yaml"
-    user.write_text("/**/policy:\n  ros__parameters:\n    fps: 20.0\n    execution_horizon: 3\n"
+    # 2 Hz actions: a chunk of 10 covers 5 s, so even a starved CI machine delivers chunks in time
+    user.write_text("/**/policy:\n  ros__parameters:\n    fps: 2.0\n    execution_horizon: 3\n"
+                    "    max_observation_age_s: 30.0\n"
                     "/**/chunk_executor:\n  ros__parameters:\n    watchdog_timeout: 5.0\n")
     graph = describe_graph("x86_cpu", checkpoint=str(ckpt), cameras=["camera1", "camera2"], params_file=user,
                            controller="test_controller")

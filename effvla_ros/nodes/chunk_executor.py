@@ -187,7 +187,7 @@ class ChunkExecutorNode(Node):
     def _now(self) -> float:
         return (self.get_clock().now().nanoseconds - self._epoch_ns) * 1e-9
 
-    def _throttled(self, kind: str, msg: str, level: str = "warn") -> None:
+    def _throttled(self, kind: str, msg: str, level: str = "warning") -> None:
         t = time.monotonic()
         if t - self._last_log.get(kind, -math.inf) < self._node_params.config.log_throttle:
             self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
