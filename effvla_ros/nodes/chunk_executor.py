@@ -275,7 +275,7 @@ class ChunkExecutorNode(Node):
             err = make_thread_realtime(self._node_params.config.realtime_priority)
             if err and self._rt_error is None:
                 self._rt_error = err
-                self.get_logger().warn(f"realtime_priority: cannot use SCHED_FIFO ({err}); normal scheduling")
+                self.get_logger().warning(f"realtime_priority: cannot use SCHED_FIFO ({err}); normal scheduling")
         now = self._now()
         self._ticks += 1
         send_fb = self._ticks % self._fb_every == 0
