@@ -82,8 +82,8 @@ def stamp_to_sec(stamp: TimeMsg) -> float:
 
 
 def sec_to_stamp(t: float) -> TimeMsg:
-    sec = int(np.floor(t))
-    return TimeMsg(sec=sec, nanosec=int(round((t - sec) * 1e9)) % 1_000_000_000)
+    sec, nanosec = divmod(int(round(t * 1e9)), 1_000_000_000)
+    return TimeMsg(sec=sec, nanosec=nanosec)
 
 
 # ------------------------------------------------------------------------------------- model cache

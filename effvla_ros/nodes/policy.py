@@ -48,6 +48,7 @@ from effvla_ros.nodes.common import (
     NodeWorker,
     image_to_rgb,
     run_node,
+    sec_to_stamp,
     shared_policy,
     stamp_to_sec,
 )
@@ -431,8 +432,7 @@ class PolicyNode(Node):
             return
         self._chunk_id += 1
         msg = ActionChunk()
-        sec = math.floor(obs_stamp)
-        msg.header.stamp.sec, msg.header.stamp.nanosec = int(sec), int(round((obs_stamp - sec) * 1e9)) % 1_000_000_000
+        msg.header.stamp = sec_to_stamp(obs_stamp)
         msg.header.frame_id = "policy"
         msg.chunk_id = self._chunk_id
         msg.step_period = Duration(sec=int(dt), nanosec=int(round((dt - int(dt)) * 1e9)))

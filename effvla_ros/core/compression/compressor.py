@@ -178,10 +178,7 @@ class TokenCompressor:
         st.detector.commit(model_img, decision if decision is not None and kind != "full"
                            else ChangeDecision("full", torch.ones(patch_grid, dtype=torch.bool), float("inf")))
         st.tokens = tokens
-        full = st.full_flops.get(patch_grid)
-        if full is None:  # first frame of this size came through reuse paths: measure a full pass once
-            _, full = self._count(lambda: self.policy.encode_images({camera: image[None]}))
-            st.full_flops[patch_grid] = full
+        full = st.full_flops[patch_grid]  # set by the full pass every camera (and image size) starts with
         kept = select_tokens(tokens, self._task, grid, self.pruning)
         return CompressedCamera(
             camera=camera, tokens=tokens[kept.to(tokens.device)], kept=kept, reused=reused[kept], grid=grid,
