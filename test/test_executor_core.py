@@ -379,6 +379,55 @@ def test_stream_commands_continuous_within_limits_all_strategies() -> None:
         np.testing.assert_allclose(q[-50:], sine(t[-50:]), atol=0.03)
 
 
+def test_executor_stall_needs_no_clamp_when_chunks_keep_the_motion() -> None:
+    """The executor's process stalls 0.4 s while the policy keeps sending chunks (observed after the
+    commit time): once it resumes, the old plan fills the gap up to the new chunk's first target, so a
+    smooth policy needs no limit, for every strategy."""
+    for strategy in ("rtc", "temporal_ensemble", "crossfade", "latest"):
+        core = started(cfg(merge_strategy=strategy, crossfade_window=0.1), q0=float(sine(np.zeros(1))[0, 0]))
+        nid = iter(range(1, 10_000))
+
+        def send(core: ChunkExecutorCore, now: float, nid: Iterator[int] = nid) -> None:
+            t0 = now - 0.05
+            assert core.on_chunk(now, **raw(next(nid), t0, sine(t0 + 0.05 * np.arange(40)))).accepted
+
+        def policy(core: ChunkExecutorCore, now: float) -> None:
+            if round(now * 100) % 10 == 0:
+                send(core, now)
+
+        run(core, 0.0, 1.5, policy=policy)  # converged on the sine
+        before = int(core.stats.clamps_total().sum())
+        send(core, 1.85)  # a chunk observed 0.3 s after the commit time arrives, then the ticks resume
+        t, q, v = run(core, 1.9, 3.0, policy=policy)
+        assert_within_limits(core, t, q, v)
+        assert int(core.stats.clamps_total().sum()) == before, strategy
+        np.testing.assert_allclose(q, sine(t), atol=0.01)
+
+
+def test_burst_of_chunks_merged_at_every_tick_does_not_accumulate_error() -> None:
+    """After a stall, queued chunks (all samples of one smooth motion) merge one per control tick:
+    the merged plan must stay on the motion (no boundary correction fed back into the targets)."""
+    for strategy in ("rtc", "temporal_ensemble", "crossfade", "latest"):
+        core = started(cfg(merge_strategy=strategy, crossfade_window=0.1, blend_time=0.2),
+                       q0=float(sine(np.zeros(1))[0, 0]))
+        nid = iter(range(1, 10_000))
+        rng = np.random.default_rng(0)
+
+        def policy(core: ChunkExecutorCore, now: float, nid: Iterator[int] = nid,
+                   rng: np.random.Generator = rng) -> None:
+            if now > 1.0 or round(now * 100) % 10 == 0:  # 10 Hz, then a burst: one chunk per tick
+                t0 = now - float(rng.uniform(0.05, 0.4))  # observed at scattered times
+                assert core.on_chunk(now, **raw(next(nid), t0, sine(t0 + 0.05 * np.arange(60)))).verdict in (
+                    Verdict.ACCEPTED, Verdict.OUT_OF_ORDER)
+
+        run(core, 0.0, 1.0, policy=policy)
+        before = int(core.stats.clamps_total().sum())
+        t, q, v = run(core, 1.0, 2.0, policy=policy)
+        assert_within_limits(core, t, q, v)
+        assert int(core.stats.clamps_total().sum()) == before, strategy
+        assert float(np.abs(q - sine(t)).max()) < 2e-3, strategy
+
+
 def test_rolling_points_never_change_once_published() -> None:
     core = started(cfg(output_mode="rolling", rolling_rate=20.0, rolling_horizon=0.2, rolling_points=5))
     rng = np.random.default_rng(3)

@@ -195,7 +195,10 @@ class ChunkExecutorNode(Node):
         n = self._suppressed.pop(kind, 0)
         self._last_log[kind] = t
         suffix = f" ({n} similar suppressed)" if n else ""
-        getattr(self.get_logger(), level)(msg + suffix)
+        if level == "error":  # one call site per severity: rclpy refuses to mix them
+            self.get_logger().error(msg + suffix)
+        else:
+            self.get_logger().warning(msg + suffix)
 
     def _on_config(self, cfg: ExecutorConfig, changed: set[str]) -> None:
         with self._lock:
@@ -266,7 +269,10 @@ class ChunkExecutorNode(Node):
             ExecState.EXECUTING: "executing chunks",
             ExecState.HOLDING: "watchdog: no fresh chunk in time, decelerating to a hold",
         }.get(state, state.name)
-        (self.get_logger().warn if state is ExecState.HOLDING else self.get_logger().info)(msg)
+        if state is ExecState.HOLDING:  # one call site per severity: rclpy refuses to mix them
+            self.get_logger().warning(msg)
+        else:
+            self.get_logger().info(msg)
 
     def _on_timer(self) -> None:
         self._jitter.tick(time.perf_counter())

@@ -335,6 +335,14 @@ class ChunkExecutorCore:
         rtc_boundary = None
         if c.rtc_prefix_chunk_id and any(h.chunk_id == c.rtc_prefix_chunk_id for h in self._history):
             rtc_boundary = max(c.t0 + c.rtc_delay_steps * c.dt, self._advertised.get(c.rtc_prefix_chunk_id, -math.inf))
+        # the new plan continues the committed command; where the command is exactly on the old
+        # plan (no limit active) its velocity is the old plan's, not the limiter's secant (which lags
+        # by a*dt/2 and, fed into every merge of a burst of chunks, would add up to a drift)
+        v_c = self._v
+        if not self._hold:
+            r_p, r_v = self._ref.eval(self.committed_until)
+            if np.all(np.abs(r_p - self._q) <= 1e-9):
+                v_c = r_v
         res = merge(
             strategy=self.cfg.merge_strategy,
             new=c,
@@ -342,7 +350,7 @@ class ChunkExecutorCore:
             old=self._ref,
             t_c=self.committed_until,
             q_c=self._q,
-            v_c=self._v,
+            v_c=v_c,
             min_gap=max(0.25 * c.dt, 0.5 * self.dt),
             blend_time=self.cfg.blend_time,
             crossfade_window=self.cfg.crossfade_window,

@@ -199,10 +199,12 @@ def merge(
 
     Target knots per strategy: ``latest``: the new chunk; ``rtc``: the old reference's knots up to
     ``rtc_boundary`` (what the policy was told is committed), then the new chunk; ``crossfade``: the
-    new chunk's times with ``(1-a)*old(t) + a*new(t)``, ``a`` a minimum-jerk ramp over
+    new chunk's times with ``(1-a)*old(t) + a*new(t)`` (``old`` = the old knots' spline: its boundary
+    correction is not carried into new knots, the merge makes its own), ``a`` a minimum-jerk ramp over
     ``crossfade_window`` from ``t_c``; ``temporal_ensemble``: the new chunk's times with the ACT
     weighted average of every chunk of ``history`` (oldest first) + ``new`` predicting that time.
-    Then a boundary correction from the committed command ``(q_c, v_c)`` fading over ``blend_time``.
+    Where those targets start later than ``t_c``, the old reference's knots fill the gap. Then a
+    boundary correction from the committed command ``(q_c, v_c)`` fading over ``blend_time``.
     Knots closer than ``min_gap`` to the previous one are dropped (a very short Hermite segment would
     need a huge acceleration).
     """
@@ -228,10 +230,18 @@ def merge(
             kt.append(float(t))
             kp.append(np.asarray(p, dtype=np.float64))
     elif strategy == "crossfade":
+        # the old plan's own knots up to t_c (not resampled: a burst of merges must not smooth them
+        # over and over), then the new chunk's knots, blended with the old plan
+        for t, p in zip(old.times, old.pos):
+            if t <= t_c + 1e-9:
+                kt.append(float(t))
+                kp.append(np.asarray(p))
         for t, p in zip(times, new.actions):
+            if t <= t_c + 1e-9:
+                continue
             if crossfade_window > 0.0:
                 a = float(smoothstep5((t - t_c) / crossfade_window))
-                p = (1.0 - a) * old(float(t)) + a * p
+                p = (1.0 - a) * old.spline(float(t))[0] + a * p
             kt.append(float(t))
             kp.append(np.asarray(p, dtype=np.float64))
     elif strategy == "temporal_ensemble":
@@ -244,14 +254,23 @@ def merge(
     else:
         raise ValueError(f"merge_strategy: unknown strategy {strategy!r}")
 
+    if kt and kt[0] > t_c + min_gap:
+        # the new targets start after the commit time (a chunk observed after t_c, e.g. once the
+        # executor resumed from a stall): the old reference keeps going until they start, instead of
+        # a spline bridge from the committed command straight to the new chunk's first target
+        gap = [float(t) for t in old.times if t_c + 1e-9 < t < kt[0] - min_gap]
+        kt = [*gap, *kt]
+        kp = [*(old.spline(t)[0] for t in gap), *kp]
     ft: list[float] = []
     fp: list[FloatArray] = []
     for t, p in zip(kt, kp):
         if not ft or t - ft[-1] >= min_gap:
             ft.append(t)
             fp.append(p)
-    # keep one knot at or before t_c (the spline's shape at the boundary), drop older ones
+    # keep one knot at or before t_c (the spline's shape at the boundary), drop older ones; the
+    # tangents are computed before dropping them (centred at that knot, not a one-sided secant)
     first = max(0, int(np.searchsorted(np.array(ft), t_c, side="right")) - 1)
+    all_tangents = hermite_tangents(np.array(ft, dtype=np.float64), np.stack(fp)) if first > 0 else None
     ft, fp = ft[first:], fp[first:]
     q_c = np.asarray(q_c, dtype=np.float64)
     v_c = np.asarray(v_c, dtype=np.float64)
@@ -265,7 +284,8 @@ def merge(
         return MergeResult(Reference(tarr, parr, hermite_tangents(tarr, parr, v_c)), boundary, dropped)
     tarr = np.array(ft, dtype=np.float64)
     parr = np.stack(fp)
-    spline = Reference(tarr, parr, hermite_tangents(tarr, parr))
+    tangents = all_tangents[first:] if all_tangents is not None else hermite_tangents(tarr, parr)
+    spline = Reference(tarr, parr, tangents)
     s_p, s_v = spline.spline(t_c)
     if blend_time > 0.0:
         corr = Correction(t_c, blend_time, q_c - s_p, v_c - s_v)
