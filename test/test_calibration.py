@@ -35,3 +35,41 @@ def test_similarities_track_change_and_calibration_roundtrip(tmp_path: Path) -> 
     assert data["exit_layers"] == [1, 2]
     layers, thr = EarlyExitConfig(enabled=True, calibration_file=str(f)).resolved(policy.arch.num_vlm_layers)
     assert layers == [1, 2] and thr == data["thresholds"]
+
+
+def test_calibrate_exit_command_writes_vlm_and_expert_thresholds(tmp_path: Path) -> None:
+    import numpy as np
+    import yaml
+
+    from effvla_ros.cli import main
+    from effvla_ros.train.data import Episode, write_demos
+
+    from model_fixtures import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ckpt", cameras=("scene", "wrist"))
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (24, 24, 3))
+    eps = []
+    for s in range(2):
+        imgs = np.stack([np.clip(base + 4 * t, 0, 255) for t in range(6)]).astype(np.uint8)  # slow drift
+        eps.append(Episode(images={"scene": imgs, "wrist": imgs[:, ::-1].copy()}, state=np.zeros((6, 6), np.float32),
+                           action=np.zeros((6, 6), np.float32), task="pick up the red cube", seed=s))
+    write_demos(tmp_path / "demos", eps)
+    out = tmp_path / "cal.yaml"
+    try:
+        main(["calibrate-exit", "--checkpoint", str(ckpt), "--demos", str(tmp_path / "demos"), "--out", str(out),
+              "--episodes", "2", "--exit-layers", "1,2", "--expert-reuse-fraction", "0.5", "--num-steps", "4"])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    data = yaml.safe_load(out.read_text())
+    assert data["exit_layers"] == [1, 2] and len(data["thresholds"]) == 2
+    assert data["expert_num_steps"] == 4 and len(data["expert_thresholds"]) > 0
+    assert EarlyExitConfig(enabled=True, calibration_file=str(out)).resolved(4)[0] == [1, 2]
+    # no expert section when asked not to
+    main_args = ["calibrate-exit", "--checkpoint", str(ckpt), "--demos", str(tmp_path / "demos"),
+                 "--out", str(tmp_path / "vlm.yaml"), "--episodes", "1", "--expert-reuse-fraction", "-1"]
+    try:
+        main(main_args)
+    except SystemExit as e:
+        assert e.code in (0, None)
+    assert "expert_thresholds" not in yaml.safe_load((tmp_path / "vlm.yaml").read_text())

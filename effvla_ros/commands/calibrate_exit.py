@@ -16,6 +16,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-layers", help="comma-separated candidate exit layers (default: 1 .. L-2)")
     p.add_argument("--ratio", type=float, default=0.5, help="exit fractions p_k ~ ratio^k (DeeR)")
     p.add_argument("--exit-fraction", type=float, default=0.6, help="fraction of steps that should exit early")
+    p.add_argument("--expert-reuse-fraction", type=float, default=0.65,
+                   help="target fraction of action-expert layer evaluations to skip (negative: no expert thresholds)")
+    p.add_argument("--num-steps", type=int,
+                   help="denoising steps the node runs (default: the checkpoint's); expert thresholds depend on it")
 
 
 def _observations(demos: str, episodes: int, stride: int, cameras: list[str]) -> Iterator[tuple]:  # type: ignore[type-arg]
@@ -44,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     policy = load_policy(args.checkpoint, vlm_dir=args.vlm_dir)
     layers = [int(x) for x in args.exit_layers.split(",")] if args.exit_layers else None
     res = calibrate(policy, _observations(args.demos, args.episodes, args.stride, list(policy.cameras)), layers,
-                    ratio=args.ratio, exit_fraction=args.exit_fraction)
+                    ratio=args.ratio, exit_fraction=args.exit_fraction,
+                    expert_reuse_fraction=None if args.expert_reuse_fraction < 0 else args.expert_reuse_fraction,
+                    num_steps=args.num_steps)
     save_calibration(args.out, res.pop("exit_layers"), res.pop("thresholds"), checkpoint=str(args.checkpoint), **res)
     print(open(args.out).read())
     return 0

@@ -62,7 +62,8 @@ class PolicyRunner:
         self.inference = inference or InferenceConfig()
         self.rtc = rtc or RTCConfig()
         self.prefix_reuse = PrefixReuse(early_exit or EarlyExitConfig(), policy.arch.num_vlm_layers)
-        self.expert_reuse = ExpertReuse(expert_reuse or ExpertReuseConfig())
+        self.expert_layers = [i for i, e in enumerate(policy.expert_layer_map()) if e is not None]
+        self.expert_reuse = ExpertReuse(expert_reuse or ExpertReuseConfig(), self.expert_layers)
         self.instruction: str | None = None
         self._lang: tuple[Tensor, Tensor] | None = None
 
@@ -75,7 +76,7 @@ class PolicyRunner:
             self.prefix_reuse.configure(early_exit)
             self.prefix_reuse.reset()
         if expert_reuse is not None:
-            self.expert_reuse.cfg = expert_reuse
+            self.expert_reuse.configure(expert_reuse)
         if rtc is not None:
             self.rtc = rtc
 
@@ -130,7 +131,7 @@ class PolicyRunner:
         cache = pol.prefill(visual, lang, lmask, st, layer_callback=cb)
         exit_layer = (cache.exit_layer + 1) if cache.exit_layer is not None else pol.arch.num_vlm_layers
 
-        self.expert_reuse.reset()
+        self.expert_reuse.reset(self.inference.num_steps)
         step_cb = None
         delay = 0
         if guidance is not None and self.rtc.enabled and guidance.valid > 0:
@@ -156,7 +157,7 @@ class PolicyRunner:
         flops: dict[str, int] = {}
         if cache.stats.flops is not None and den.stats.flops is not None:
             flops = {"prefill": cache.stats.flops, "denoise": den.stats.flops}
-        n_layers = len([x for x in pol.expert_layer_map() if x is not None])
+        n_layers = len(self.expert_layers)
         computed = self.expert_reuse.computed if self.expert_reuse.cfg.enabled else n_layers * self.inference.num_steps
         return InferenceResult(
             actions=actions, x_final=den.x_final[0], exit_layer=exit_layer, steps=self.inference.num_steps,
