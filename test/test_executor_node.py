@@ -266,7 +266,11 @@ def test_waits_for_joint_state_starts_from_it_and_feedback(tmp_path: Path) -> No
             # actions after committed_until are not sent yet: the executed command is behind it
             assert sec(f.committed_until) > sec(f.header.stamp)
         d = h.wait_diag(lambda d: d["state"] in ("executing", "holding"))
-        assert int(d["chunks.accepted"]) >= 5 and int(d["chunks.rejected"]) == int(d["chunks.waiting"])
+        assert int(d["chunks.accepted"]) >= 5
+        # rejected only while waiting for the JointState (or, on a starved machine, delivered so late
+        # that every action is already past); never invalid, mismatched, duplicate or out of order
+        assert int(d["chunks.rejected"]) == int(d["chunks.waiting"]) + int(d["chunks.late"]), d
+        assert int(d["chunks.waiting"]) >= 3
         assert proc.alive(), proc.log()
 
 

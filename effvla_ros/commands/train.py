@@ -6,6 +6,11 @@ small SmolVLA (:func:`effvla_ros.train.small_arch`), then trains everything with
 flow-matching loss (AdamW, warmup + cosine). Writes a LeRobot-layout checkpoint (``save_policy``,
 incl. ``vlm/``) to ``--out`` every ``--save-every`` steps and at the end, plus ``train_log.json``
 (configuration, loss curve, wall time).
+
+``--recipe NAME`` (:mod:`effvla_ros.train.recipes`) takes the demonstrations and settings of a named
+recipe: ``effvla train --recipe so101 --out DIR`` generates the recipe's demos into ``--demos-root``
+(when not already there) and trains the bundled ``so101_pickplace`` checkpoint; options given
+explicitly override the recipe's values.
 """
 from __future__ import annotations
 
@@ -14,49 +19,91 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from effvla_ros.train.recipes import RECIPES
     from effvla_ros.train.trainer import TrainConfig
 
     d = TrainConfig(data="", out="")
-    parser.add_argument("--data", required=True, nargs="+",
-                        help="demo directory written by `effvla gen-demos` (several: all their episodes)")
+    # options that a recipe can set default to None here; resolved in run()
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                        help="named recipe: its demos (generated into --demos-root if missing) and settings")
+    parser.add_argument("--demos-root", default="/tmp/effvla_demos",
+                        help="where a recipe's demo sets are kept / generated (default /tmp/effvla_demos)")
+    parser.add_argument("--gen-workers", type=int, default=2, help="worker processes for a recipe's missing demos")
+    parser.add_argument("--data", nargs="+", default=None,
+                        help="demo directory written by `effvla gen-demos` (several: all their episodes); "
+                             "required unless --recipe")
     parser.add_argument("--out", required=True, help="checkpoint directory (created)")
-    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    parser.add_argument("--batch", type=int, default=d.batch, help=f"batch size (default {d.batch})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    parser.add_argument("--warmup", type=int, default=d.warmup, help=f"warmup steps (default {d.warmup})")
-    parser.add_argument("--image-size", type=int, default=d.image_size,
+    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {d.steps})")
+    parser.add_argument("--batch", type=int, default=None, help=f"batch size (default {d.batch})")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
+    parser.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
+    parser.add_argument("--warmup", type=int, default=None, help=f"warmup steps (default {d.warmup})")
+    parser.add_argument("--image-size", type=int, default=None,
                         help=f"image size of the demos and the model (default {d.image_size})")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation, batches, noise")
-    parser.add_argument("--shift", type=int, default=d.shift, help="random-shift augmentation in pixels (0: off)")
-    parser.add_argument("--state-dropout", type=float, default=d.state_dropout,
+    parser.add_argument("--seed", type=int, default=None, help="seed of initialisation, batches, noise")
+    parser.add_argument("--shift", type=int, default=None,
+                        help=f"random-shift augmentation in pixels (0: off; default {d.shift})")
+    parser.add_argument("--state-dropout", type=float, default=None,
                         help="probability of replacing a sample's state by the data mean (default 0)")
-    parser.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the saved weights (0: off)")
-    parser.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint period in steps")
+    parser.add_argument("--ema", type=float, default=None, help=f"EMA decay of the saved weights (0: off; default {d.ema})")
+    parser.add_argument("--save-every", type=int, default=None, help="checkpoint period in steps")
     parser.add_argument("--max-episodes", type=int, default=None, help="use only the first N episodes")
-    parser.add_argument("--max-minutes", type=float, default=0.0, help="stop and save after this wall time")
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop and save after this wall time")
+    parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (0: torch's default; 1 is faster on a loaded machine)")
-    parser.add_argument("--save-dtype", default=d.save_dtype, choices=("float32", "float16", "bfloat16"),
-                        help="dtype of the saved weights")
+    parser.add_argument("--save-dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                        help="dtype of the saved weights (default float32)")
     parser.add_argument("--init", default=None,
                         help="start from this checkpoint (weights + normalization statistics) instead of random")
+    parser.add_argument("--aux-weight", type=float, default=None,
+                        help="weight of the training-only grounding loss on simulator object positions "
+                             "(needs demos with env.cube_positions; 0: off, the default; the heads are not saved)")
+    parser.add_argument("--aux-pose", action="store_const", const=True, default=None,
+                        help="the grounding loss also regresses the grasp / release joint poses")
+    parser.add_argument("--aux-layer", type=int, default=None,
+                        help=f"VLM layer feeding the prefix grounding head (<0: from the end; default {d.aux_layer})")
+    parser.add_argument("--decision-weight", type=float, default=None,
+                        help="sampling weight of decision frames (episode start, grasp) vs the others (default 1)")
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help="vision patch size (default: small_arch's 8; with --init: the checkpoint's)")
+    parser.add_argument("--pixel-shuffle", type=int, default=None,
+                        help="connector pixel-shuffle factor (default: small_arch's 2); tokens per camera = "
+                             "(image_size / patch_size / pixel_shuffle)^2")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+_FIELDS = ("steps", "batch", "lr", "weight_decay", "warmup", "image_size", "seed", "shift", "state_dropout", "ema",
+           "save_every", "max_episodes", "max_minutes", "threads", "save_dtype", "init", "aux_weight", "aux_pose",
+           "aux_layer", "decision_weight")
+
+
 def run(args: argparse.Namespace) -> int:
+    from effvla_ros.train.recipes import RECIPES, ensure_demos
     from effvla_ros.train.trainer import TrainConfig, train
 
-    if args.steps < 1 or args.batch < 1:
+    recipe = RECIPES[args.recipe] if args.recipe else None
+    defaults = TrainConfig(data="", out="")
+    values = {f: getattr(defaults, f) for f in _FIELDS}
+    if recipe is not None:
+        values.update(recipe.train)
+    values.update({f: getattr(args, f) for f in _FIELDS if getattr(args, f) is not None})
+    if values["steps"] < 1 or values["batch"] < 1:
         print("effvla train: --steps and --batch must be positive", file=sys.stderr)
         return 2
-    cfg = TrainConfig(
-        data=",".join(str(d) for d in args.data), out=str(args.out), steps=args.steps, batch=args.batch, lr=args.lr,
-        weight_decay=args.weight_decay, warmup=max(1, min(args.warmup, args.steps // 10)),
-        image_size=args.image_size, seed=args.seed, shift=args.shift, ema=args.ema, save_every=args.save_every,
-        max_episodes=args.max_episodes, max_minutes=args.max_minutes, threads=args.threads,
-        save_dtype=args.save_dtype, init=args.init, state_dropout=args.state_dropout,
-    )
+    data = args.data
+    if data is None:
+        if recipe is None:
+            print("effvla train: --data (or --recipe) is required", file=sys.stderr)
+            return 2
+        data = ensure_demos(recipe, args.demos_root, workers=args.gen_workers, progress=not args.no_progress)
+    values["warmup"] = max(1, min(values["warmup"], values["steps"] // 10))
+    arch = dict(recipe.arch) if recipe is not None else {}
+    if args.patch_size is not None:
+        arch["patch_size"] = args.patch_size
+    if args.pixel_shuffle is not None:
+        arch["scale_factor"] = args.pixel_shuffle
+    values["arch_changes"] = arch
+    cfg = TrainConfig(data=",".join(str(d) for d in data), out=str(args.out), **values)
     try:
         train(cfg, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:

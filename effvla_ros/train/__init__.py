@@ -4,6 +4,9 @@
   :func:`compute_stats`, :func:`random_shift`, :func:`write_demos`;
 * :mod:`.trainer` - :func:`small_arch`, :func:`policy_tokenizer`, :class:`TrainConfig`, :func:`train`,
   :func:`masked_loss`;
+* :mod:`.grounding` - the training-only grounding loss (privileged simulator object positions; heads not
+  saved), :func:`~effvla_ros.train.grounding.grounding_targets`;
+* :mod:`.recipes` - named recipes (demo sets + settings) for ``effvla train --recipe``;
 * :mod:`.evaluate` - :class:`EvalSetting`, :func:`parse_sweep`, :func:`run_episode`, :func:`evaluate`,
   :func:`evaluate_parallel`, :func:`format_table` (closed loop through TokenCompressor -> PolicyRunner, as
   the ROS nodes); imported on demand (it pulls in the simulator).

@@ -29,6 +29,7 @@ class Episode:
     action: np.ndarray  # (T, action_dim) float32
     task: str
     seed: int = -1
+    cube_pos: np.ndarray | None = None  # (T, 2, 3) float32 cube centres [m] (``env.cube_positions``), if recorded
 
     @property
     def length(self) -> int:
@@ -53,6 +54,7 @@ def load_demos(root: str | Path, *, max_episodes: int | None = None,
                 action=z["action"].astype(np.float32),
                 task=str(z["task"]),
                 seed=int(e.get("seed", -1)),
+                cube_pos=z["env.cube_positions"].astype(np.float32) if "env.cube_positions" in z else None,
             ))
     if not episodes:
         raise ValueError(f"{root}: no episodes")
@@ -180,6 +182,8 @@ def write_demos(root: str | Path, episodes: Sequence[Episode], *, fps: float = 1
             "frame_index": np.arange(t, dtype=np.int64),
             "task": np.asarray(e.task),
         })
+        if e.cube_pos is not None:
+            arrays["env.cube_positions"] = np.asarray(e.cube_pos, dtype=np.float32)
         np.savez_compressed(root / rel, **arrays)  # type: ignore[arg-type]
         entries.append({"index": i, "file": rel, "seed": e.seed, "instruction": e.task, "success": True,
                         "length": t, "duration_s": t / fps})

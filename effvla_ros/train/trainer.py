@@ -5,6 +5,16 @@ VLM weights there is nothing to freeze. The objective is LeRobot's flow-matching
 (:meth:`SmolVLAPolicy.flow_matching_loss`), masked on padded chunk steps and restricted to the real
 action dimensions; AdamW with linear warmup and cosine decay; an exponential moving average (EMA) of
 the weights is what gets saved (the usual practice for diffusion / flow policies).
+
+Optional, training only (the saved checkpoint is the same model either way):
+
+* ``aux_weight > 0``: an auxiliary grounding loss from privileged simulator information
+  (:mod:`effvla_ros.train.grounding`: object positions regressed from the scene camera's visual
+  tokens and from the VLM's state-token hidden state), weighted by ``aux_weight`` and added to the
+  flow-matching loss; its heads are discarded at the end (not in ``model.safetensors``);
+* ``decision_weight > 1``: frames at the decision points (the first ``chunk_size`` frames of an
+  episode and the ``chunk_size`` frames after the gripper starts closing) are sampled that many
+  times more often than the others.
 """
 from __future__ import annotations
 
@@ -81,6 +91,10 @@ class TrainConfig:
     save_dtype: str = "float32"
     init: str | None = None  # start from this checkpoint's weights and statistics (continued training)
     arch_changes: dict[str, Any] = field(default_factory=dict)
+    aux_weight: float = 0.0  # weight of the training-only grounding loss (0: off), see module docstring
+    aux_pose: bool = False  # also regress the grasp / release joint poses (see effvla_ros.train.grounding)
+    aux_layer: int = -2  # VLM layer whose state-token output feeds the prefix grounding head (<0: from the end)
+    decision_weight: float = 1.0  # sampling weight of decision frames relative to the others
 
 
 @dataclass
@@ -114,6 +128,22 @@ def masked_loss(policy: SmolVLAPolicy, batch: dict, *, noise: torch.Tensor | Non
     per = per[:, :, : policy.arch.action_dim]
     valid = (~batch["action_is_pad"]).to(per.dtype)[:, :, None]
     return (per * valid).sum() / (valid.sum() * per.shape[-1]).clamp_min(1.0)
+
+
+def decision_frames(dataset: ChunkDataset) -> np.ndarray:
+    """(len(dataset),) bool: the first ``chunk_size`` frames of each episode and the ``chunk_size`` frames
+    from the step where the commanded gripper angle first drops (the grasp; the transport starts)."""
+    h = dataset.chunk_size
+    out = np.zeros(len(dataset), dtype=bool)
+    ei, t = dataset.index[:, 0], dataset.index[:, 1]
+    out |= t < h
+    for k, e in enumerate(dataset.episodes):
+        g = e.action[:, -1]
+        closing = np.nonzero(np.diff(g) < -1e-3)[0]
+        if closing.size:
+            c = int(closing[0])
+            out |= (ei == k) & (t >= c) & (t < c + h)
+    return out
 
 
 def build_policy(dataset: ChunkDataset, image_size: int, seed: int, **arch_changes: Any) -> SmolVLAPolicy:
@@ -168,10 +198,35 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         policy = build_policy(dataset, cfg.image_size, cfg.seed, **cfg.arch_changes)
     params = [p for p in policy.weights.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    heads = targets = None
+    aux_layer = aux_camera = None
+    if cfg.aux_weight > 0:
+        from effvla_ros.train.grounding import GroundingHeads, GroundingTargets
+
+        targets = GroundingTargets(dataset.episodes, pose=cfg.aux_pose)
+        if targets.num_with_targets == 0:
+            raise ValueError("--aux-weight needs demos with env.cube_positions and reproducible seeds")
+        aux_camera = "scene" if "scene" in policy.arch.cameras else policy.arch.cameras[0]
+        probe_batch = dataset.batch([0])
+        with torch.no_grad():
+            enc = policy.encode_images({c: probe_batch[f"observation.images.{c}"] for c in policy.arch.cameras})
+        n_tok, d_vlm = enc.tokens[aux_camera].shape[1:]
+        nl = policy.arch.num_vlm_layers
+        aux_layer = cfg.aux_layer % nl
+        heads = GroundingHeads(int(n_tok), int(d_vlm))
+        log(f"train: grounding loss x{cfg.aux_weight} ({targets.num_with_targets}/{len(dataset.episodes)} "
+            f"episodes with targets; heads on {aux_camera} tokens and VLM layer {aux_layer}, not saved)")
+    head_params = list(heads.parameters()) if heads is not None else []
+    decay = [p for p in params if p.ndim >= 2] + [p for p in head_params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2] + [p for p in head_params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    sample_p = None
+    if cfg.decision_weight != 1.0:
+        dec = decision_frames(dataset)
+        w = np.where(dec, cfg.decision_weight, 1.0)
+        sample_p = w / w.sum()
+        log(f"train: {int(dec.sum())} decision frames sampled x{cfg.decision_weight}")
     ema = copy.deepcopy(policy.weights) if cfg.ema > 0 else None
     if ema is not None:
         for p in ema.parameters():
@@ -187,6 +242,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         bar = tqdm(total=cfg.steps, unit="step", desc="train", mininterval=2.0)
     history: list[dict[str, float]] = []
     window: list[float] = []
+    aux_window: list[dict[str, float]] = []
     t0 = time.perf_counter()
     perm = rng.permutation(len(dataset))
     pos = 0
@@ -195,10 +251,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     policy.weights.train()
     try:
         for step in range(cfg.steps):
-            if pos + cfg.batch > len(perm):
-                perm, pos = rng.permutation(len(dataset)), 0
-            idx = perm[pos: pos + cfg.batch]
-            pos += cfg.batch
+            if sample_p is not None:
+                idx = rng.choice(len(dataset), size=cfg.batch, p=sample_p)
+            else:
+                if pos + cfg.batch > len(perm):
+                    perm, pos = rng.permutation(len(dataset)), 0
+                idx = perm[pos: pos + cfg.batch]
+                pos += cfg.batch
             batch = dataset.batch(idx, shift=cfg.shift, rng=rng)
             if cfg.state_dropout > 0:
                 drop = torch.from_numpy(rng.random(len(idx)) < cfg.state_dropout)
@@ -208,24 +267,41 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             lr = lr_at(step, cfg, tf)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = masked_loss(policy, batch)
+            if heads is not None and targets is not None:
+                from effvla_ros.train.grounding import flow_and_grounding_loss
+
+                tg, mk = targets.batch(dataset.index[np.asarray(idx)])
+                flow, aux, aux_stats = flow_and_grounding_loss(policy, batch, heads, tg, mk, layer=int(aux_layer),
+                                                               camera=str(aux_camera))
+                loss = flow + cfg.aux_weight * aux
+                aux_window.append(aux_stats)
+                loss_value = flow.detach().item()
+            else:
+                loss = masked_loss(policy, batch)
+                loss_value = loss.detach().item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            gnorm = torch.nn.utils.clip_grad_norm_(params + head_params, cfg.grad_clip)
             opt.step()
             if ema is not None:
                 d = min(cfg.ema, (1 + step) / (10 + step))
                 with torch.no_grad():
                     for pe, p in zip(ema.parameters(), policy.weights.parameters(), strict=True):
                         pe.lerp_(p.detach(), 1 - d)
-            window.append(loss.detach().item())
+            window.append(loss_value)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 rec = {"step": step + 1, "loss": float(np.mean(window)), "lr": lr,
                        "grad_norm": float(gnorm), "wall_s": time.perf_counter() - t0}
+                if aux_window:
+                    for k in sorted({k for a in aux_window for k in a}):
+                        rec[k] = float(np.mean([a[k] for a in aux_window if k in a]))
                 history.append(rec)
-                window = []
+                window, aux_window = [], []
                 if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.1e}")
+                    post = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr']:.1e}"}
+                    if "aux_target_goal" in rec:
+                        post["aux_tg"] = f"{rec['aux_target_goal']:.3f}"
+                    bar.set_postfix(**post)
             if bar is not None:
                 bar.update(1)
             if cfg.save_every > 0 and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:

@@ -1,0 +1,211 @@
+"""Training-only auxiliary grounding loss from privileged simulator information.
+
+A policy trained from scratch on a few hundred demonstrations learns the motions from the joint state
+long before it learns to *look*: at the decision points (first chunk: which cube, where; start of the
+transport: where is the plate / mat) it predicts the data mean. Regressing object positions from the
+model's own intermediate features gives the vision tower and the VLM a dense, direct grounding signal.
+
+Targets per frame (:func:`grounding_targets`, from the episode's seed via
+:func:`effvla_ros.sim.task.sample_task` and the recorded ``env.cube_positions``), table-plane (x, y)
+normalized as ``((x - 0.225) / 0.05, y / 0.05)``; :data:`TARGET_NAMES` lists them:
+
+* ``<colour>`` x/y for the four cube colours (masked where that colour is absent), ``plate``, ``mat``
+  (instruction-free: what the scene camera shows);
+* ``target`` (the instructed cube, current position) and ``goal`` (the instructed place);
+* with ``pose=True`` also the arm's 5 joint targets at the grasp (the action where the commanded gripper
+  angle first drops) and at the release (where it next rises), normalized with the action statistics:
+  the same targets for every frame of the episode, i.e. "where will the arm have to go".
+
+Heads (:class:`GroundingHeads`; small MLPs, trained alongside, **never saved with the checkpoint** — the
+inference model and its LeRobot layout are unchanged):
+
+* ``visual``: flattened connector tokens of the scene camera -> the instruction-free targets;
+* ``prefix``: hidden state of the state token (the last prefix token, which attends to every image and
+  language token) at the output of VLM layer ``layer`` -> all targets. That hidden state feeds the next
+  layer's keys / values, which the action expert reads.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effvla_ros.train.data import Episode
+
+XY_CENTER = (0.225, 0.0)
+XY_SCALE = 0.05
+_COLORS = ("red", "green", "blue", "yellow")
+TARGET_NAMES: tuple[str, ...] = (*_COLORS, "plate", "mat", "target", "goal")
+N_VISUAL = 6  # the first 6 names (x, y each) are instruction-free
+N_XY = 2 * len(TARGET_NAMES)
+N_POSE = 10  # grasp pose (5 joints), release pose (5 joints)
+N_TARGETS = N_XY + N_POSE
+
+
+def _norm_xy(xy: np.ndarray) -> np.ndarray:
+    xy = np.asarray(xy, dtype=np.float32)
+    return np.stack([(xy[..., 0] - XY_CENTER[0]) / XY_SCALE, (xy[..., 1] - XY_CENTER[1]) / XY_SCALE], axis=-1)
+
+
+def _pose_targets(ep: Episode, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    g = ep.action[:, -1]
+    out = np.zeros(N_POSE, np.float32)
+    mask = np.zeros(N_POSE, bool)
+    closing = np.nonzero(np.diff(g) < -1e-3)[0]
+    if closing.size:
+        c = int(closing[0]) + 1
+        out[:5] = (ep.action[c, :5] - mean[:5]) / std[:5]
+        mask[:5] = True
+        opening = np.nonzero(np.diff(g[c:]) > 1e-3)[0]
+        if opening.size:
+            r = c + int(opening[0])
+            out[5:] = (ep.action[r, :5] - mean[:5]) / std[:5]
+            mask[5:] = True
+    return out, mask
+
+
+def grounding_targets(ep: Episode, action_stats: tuple[np.ndarray, np.ndarray] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(targets (T, N_TARGETS) float32, mask (T, N_TARGETS) bool) of an episode, or None when the episode
+    has no recorded cube positions / seed or its seed does not reproduce its instruction and layout.
+    The pose targets are filled (and unmasked) only with ``action_stats`` = (mean, std) of the actions."""
+    from effvla_ros.sim.task import sample_task
+
+    if ep.cube_pos is None or ep.seed < 0:
+        return None
+    spec = sample_task(ep.seed)
+    if spec.instruction != ep.task:
+        spec = sample_task(ep.seed, paraphrase=False)
+        if spec.instruction != ep.task:
+            return None
+    cubes = np.asarray(ep.cube_pos, dtype=np.float32)[:, :, :2]          # (T, 2, 2)
+    if not np.allclose(cubes[0], np.asarray(spec.cube_xy, dtype=np.float32), atol=5e-3):
+        return None
+    t = ep.length
+    tgt = np.zeros((t, len(TARGET_NAMES), 2), dtype=np.float32)
+    mask = np.zeros((t, len(TARGET_NAMES)), dtype=bool)
+    for k, color in enumerate(spec.cube_colors):
+        ci = _COLORS.index(color)
+        tgt[:, ci] = _norm_xy(cubes[:, k])
+        mask[:, ci] = True
+    for name in ("plate", "mat"):
+        i = TARGET_NAMES.index(name)
+        tgt[:, i] = _norm_xy(np.asarray(spec.place_xy[name]))[None]
+        mask[:, i] = True
+    tgt[:, TARGET_NAMES.index("target")] = _norm_xy(cubes[:, spec.target_cube])
+    tgt[:, TARGET_NAMES.index("goal")] = _norm_xy(np.asarray(spec.goal_xy))[None]
+    mask[:, -2:] = True
+    pose = np.zeros((t, N_POSE), np.float32)
+    pmask = np.zeros((t, N_POSE), bool)
+    if action_stats is not None:
+        p, m = _pose_targets(ep, np.asarray(action_stats[0]), np.asarray(action_stats[1]))
+        pose[:], pmask[:] = p, m
+    return (np.concatenate([tgt.reshape(t, -1), pose], axis=1),
+            np.concatenate([np.repeat(mask, 2, axis=1), pmask], axis=1))
+
+
+class GroundingTargets:
+    """Per-episode targets of a :class:`~effvla_ros.train.data.ChunkDataset`'s episodes, batched by sample."""
+
+    def __init__(self, episodes: Sequence[Episode], *, pose: bool = False) -> None:
+        self.targets: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
+        self.num_with_targets = 0
+        stats = None
+        if pose:
+            acts = np.concatenate([e.action for e in episodes]).astype(np.float64)
+            stats = (acts.mean(0), np.maximum(acts.std(0), 1e-3))
+        for ep in episodes:
+            r = grounding_targets(ep, stats)
+            if r is None:
+                r = (np.zeros((ep.length, N_TARGETS), np.float32), np.zeros((ep.length, N_TARGETS), bool))
+            else:
+                self.num_with_targets += 1
+            self.targets.append(r[0])
+            self.masks.append(r[1])
+
+    def batch(self, index_pairs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """index_pairs (B, 2) of (episode, frame) -> (targets (B, N_TARGETS), mask (B, N_TARGETS) bool)."""
+        tg = np.stack([self.targets[ei][t] for ei, t in index_pairs])
+        mk = np.stack([self.masks[ei][t] for ei, t in index_pairs])
+        return torch.from_numpy(tg), torch.from_numpy(mk)
+
+
+class GroundingHeads(nn.Module):
+    """The two training-only regression heads (see the module docstring)."""
+
+    def __init__(self, n_visual_tokens: int, d_vlm: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.visual = nn.Sequential(nn.LayerNorm(n_visual_tokens * d_vlm), nn.Linear(n_visual_tokens * d_vlm, hidden),
+                                    nn.GELU(), nn.Linear(hidden, 2 * N_VISUAL))
+        self.prefix = nn.Sequential(nn.LayerNorm(d_vlm), nn.Linear(d_vlm, hidden), nn.GELU(),
+                                    nn.Linear(hidden, N_TARGETS))
+
+
+def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(pred.dtype)
+    return ((pred - target) ** 2 * m).sum() / m.sum().clamp_min(1.0)
+
+
+def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads, targets: torch.Tensor,
+                            mask: torch.Tensor, *, layer: int, camera: str,
+                            noise: torch.Tensor | None = None, t: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """(masked flow-matching loss as :func:`~effvla_ros.train.trainer.masked_loss`, grounding loss, stats).
+
+    One forward pass: the same computation as ``SmolVLAPolicy.flow_matching_loss`` (vision trained), with
+    the scene camera's connector tokens and the state token's hidden state at the output of VLM layer
+    ``layer`` fed to the heads. stats: ``aux_visual`` / ``aux_prefix`` / ``aux_target_goal`` / ``aux_pose``
+    mean squared errors (normalized units; ``aux_target_goal`` = the prefix head on the instructed cube
+    and place, ``aux_pose`` on the grasp / release poses, NaN where masked out).
+    """
+    from effvla_ros.core.smolvla.functional import pad_last_dim
+
+    pol = policy
+    obs = {k: v for k, v in batch.items() if k.startswith("observation.") or k == "task"}
+    images, state, task = pol.split_observation(obs)  # type: ignore[attr-defined]
+    b = state.shape[0]
+    arch = pol.arch  # type: ignore[attr-defined]
+    a = pad_last_dim(pol.normalizer.normalize("action", batch["action"].to(torch.float32)),  # type: ignore[attr-defined]
+                     arch.max_action_dim)
+    if noise is None:
+        noise = torch.randn_like(a)
+    if t is None:
+        beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0))
+        t = beta.sample((b,)) * 0.999 + 0.001
+    tt = t[:, None, None]
+    x_t = tt * noise + (1 - tt) * a
+    u_t = noise - a
+    lang, lmask = pol.tokenize([task] * b if isinstance(task, str) else list(task))  # type: ignore[attr-defined]
+    enc = pol.encode_images(images, grad=True)  # type: ignore[attr-defined]
+    hidden: dict[str, torch.Tensor] = {}
+
+    def grab(info: object) -> None:
+        if info.layer_idx == layer:  # type: ignore[attr-defined]
+            hidden["h"] = info.hidden_out  # type: ignore[attr-defined]
+
+    cache = pol.prefill(enc.tokens, lang, lmask, pol.prepare_state(state), grad=True,  # type: ignore[attr-defined]
+                        layer_callback=grab)
+    v_t = pol.velocity(cache, x_t, t)  # type: ignore[attr-defined]
+    per = F.mse_loss(u_t, v_t, reduction="none")[:, :, : arch.action_dim]
+    valid = (~batch["action_is_pad"]).to(per.dtype)[:, :, None]
+    flow = (per * valid).sum() / (valid.sum() * per.shape[-1]).clamp_min(1.0)
+
+    s0, s1 = cache.segments["state"]
+    state_h = hidden["h"][:, s0]                                                # (B, D)
+    vis = enc.tokens[camera].flatten(1)                                         # (B, N * D)
+    pv = heads.visual(vis)
+    pp = heads.prefix(state_h)
+    nv = 2 * N_VISUAL
+    l_vis = _masked_mse(pv, targets[:, :nv], mask[:, :nv])
+    l_pre = _masked_mse(pp, targets, mask)
+    aux = l_vis + l_pre
+    stats = {"aux_visual": float(l_vis.detach()), "aux_prefix": float(l_pre.detach())}
+    with torch.no_grad():
+        stats["aux_target_goal"] = float(_masked_mse(pp[:, nv:N_XY], targets[:, nv:N_XY], mask[:, nv:N_XY]))
+        if bool(mask[:, N_XY:].any()):
+            stats["aux_pose"] = float(_masked_mse(pp[:, N_XY:], targets[:, N_XY:], mask[:, N_XY:]))
+    return flow, aux, stats

@@ -1,0 +1,92 @@
+"""Named training recipes: the demonstrations a checkpoint was trained on and its training settings.
+
+``effvla train --recipe so101 --out DIR`` reproduces the bundled ``effvla_ros/assets/so101_pickplace``
+checkpoint in one command: the recipe's demonstration sets are generated (scripted expert, deterministic
+per seed) into ``--demos-root`` unless a complete set is already there, then training runs with the
+recipe's settings (any option given explicitly on the command line overrides the recipe's value).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DemoSet:
+    seed: int  # seed of the first episode (gen-demos --seed)
+    episodes: int
+    image_size: int = 64
+
+    @property
+    def name(self) -> str:
+        return f"so101_s{self.image_size}_seed{self.seed}_n{self.episodes}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    demos: tuple[DemoSet, ...]
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    arch: dict[str, Any] = field(default_factory=dict)  # small_arch changes (TrainConfig.arch_changes)
+    description: str = ""
+
+
+RECIPES: dict[str, Recipe] = {
+    "so101": Recipe(
+        name="so101",
+        demos=(DemoSet(0, 200), DemoSet(10000, 200), DemoSet(20000, 400)),
+        train={"steps": 9000, "batch": 32, "lr": 5e-4, "warmup": 300, "seed": 0, "shift": 0, "ema": 0.999,
+               "image_size": 64, "aux_weight": 1.0, "aux_pose": True, "decision_weight": 3.0, "threads": 1,
+               "save_every": 1000},
+        description="effvla_ros/assets/so101_pickplace: 800 scripted demos (64 px, seeds 0.., 10000.., 20000..), "
+                    "small SmolVLA from scratch with the training-only grounding loss",
+    ),
+}
+
+
+def _complete(root: Path, ds: DemoSet) -> bool:
+    try:
+        index = json.loads((root / "index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    eps = index.get("episodes", [])
+    return (len(eps) >= ds.episodes and int(index.get("image_size", -1)) == ds.image_size
+            and index.get("generator", {}).get("base_seed") == ds.seed
+            and all((root / e["file"]).exists() for e in eps[: ds.episodes]))
+
+
+def ensure_demos(recipe: Recipe, demos_root: str | Path, *, workers: int = 2, progress: bool = True,
+                 log: Callable[[str], None] = print) -> list[str]:
+    """The recipe's demo directories under ``demos_root``, generating the missing / incomplete ones."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    out = []
+    for ds in recipe.demos:
+        root = Path(demos_root) / ds.name
+        if not _complete(root, ds):
+            from effvla_ros.sim.dataset import generate
+
+            log(f"recipe {recipe.name}: generating {ds.episodes} demos (seed {ds.seed}, {ds.image_size} px) "
+                f"in {root} with {workers} workers")
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=ds.episodes, unit="ep", desc="gen-demos")
+
+            def cb(p: dict, bar: Any = bar) -> None:
+                if bar is not None:
+                    bar.n = p["kept"]
+                    bar.refresh()
+
+            try:
+                generate(root, ds.episodes, image_size=ds.image_size, seed=ds.seed, workers=max(1, workers),
+                         progress=cb)
+            finally:
+                if bar is not None:
+                    bar.close()
+        out.append(str(root))
+    return out
