@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import threading
 import time
@@ -98,13 +99,19 @@ class _Monitor:
     def now(self) -> float:
         return self.node.get_clock().now().nanoseconds * 1e-9
 
-    def start_episode(self, seed: int, timeout: float = 30.0) -> None:
-        """Reset the simulation to ``seed``; once it reports that episode, reset the pipeline."""
+    def start_episode(self, seed: int, timeout: float = 60.0, repeat: float = 5.0) -> None:
+        """Reset the simulation to ``seed``; once it reports that episode, reset the pipeline.
+
+        The request is repeated every ``repeat`` s until the simulation reports the episode (a reset
+        to the episode's own seed before it started is harmless)."""
         with self.lock:
             self.success, self.episode, self.chunks, self.tokens = False, {}, [], []
-        self.reset_pub.publish(self._int64(data=seed))
         t0 = time.monotonic()
+        t_sent = -math.inf
         while time.monotonic() - t0 < timeout:
+            if time.monotonic() - t_sent >= repeat:
+                self.reset_pub.publish(self._int64(data=seed))
+                t_sent = time.monotonic()
             with self.lock:
                 if self.episode.get("seed") == seed:
                     break

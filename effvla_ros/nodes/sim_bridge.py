@@ -43,6 +43,7 @@ descriptions); setting ``seed`` resets the simulation to that episode.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import threading
@@ -150,6 +151,7 @@ class SimBridge(Node):
             idx = np.asarray([JOINT_NAMES.index(j) for j in joints])
             self._followers[name] = (JointTrajectoryFollower(joints, self._env.joint_targets()[idx], now=0.0), idx)
         self._pending_seed: int | None = None
+        self._inbox: collections.deque[tuple[str, list[str], list[TrajectoryPoint], float]] = collections.deque()
         self._debt_s = 0.0
         self._last_wall = time.monotonic()
         self._last_success: bool | None = None
@@ -197,9 +199,11 @@ class SimBridge(Node):
             e.next = getattr(self, "_t_ns", 0)
 
     def _on_params(self, cfg: SimBridgeConfig, changed: set[str]) -> None:
+        if "seed" in changed:
+            self._pending_seed = cfg.seed  # taken by the physics thread at its next tick (no lock: see _inbox)
+        if not changed & {"controller_rate", "camera_rate", "joint_state_rate", "clock_rate", "paraphrase"}:
+            return
         with self._lock:
-            if "seed" in changed:
-                self._pending_seed = cfg.seed
             if changed & {"controller_rate", "camera_rate", "joint_state_rate", "clock_rate"}:
                 self._rates(cfg)
             if "paraphrase" in changed:
@@ -229,10 +233,16 @@ class SimBridge(Node):
             for p in msg.points
         ]
         start = msg.header.stamp.sec + msg.header.stamp.nanosec / _NS
-        with self._lock:
+        # handed to the physics thread (applied at its next tick, before stepping): waiting for the
+        # simulation lock here starves while the physics thread runs behind real time, since a
+        # released lock goes back to the thread that holds the GIL
+        self._inbox.append((controller, list(msg.joint_names), points, start))
+
+    def _apply_trajectories(self) -> None:
+        while self._inbox:
+            controller, names, points, start = self._inbox.popleft()
             try:
-                follower = self._followers[controller][0]
-                follower.set_trajectory(list(msg.joint_names), points, now=self._now_s(), start_time=start)
+                self._followers[controller][0].set_trajectory(names, points, now=self._now_s(), start_time=start)
             except TrajectoryError as e:
                 self.get_logger().warning(f"{controller}: trajectory rejected: {e}", throttle_duration_sec=1.0)
 
@@ -241,9 +251,8 @@ class SimBridge(Node):
         result = self.set_parameters([Parameter("seed", value=seed)])[0]
         if not result.successful:
             self.get_logger().warning(f"reset to seed {seed} refused: {result.reason}")
-        elif seed == self.config.seed:
-            with self._lock:  # same seed: the parameter did not change, reset anyway
-                self._pending_seed = seed
+        elif seed == self.config.seed:  # same seed: the parameter did not change, reset anyway
+            self._pending_seed = seed
 
     def _tick(self) -> None:
         if not self.context.ok():
@@ -259,9 +268,10 @@ class SimBridge(Node):
         cfg = self.config
         with self._lock:
             self._sim_time_mode = bool(self.get_parameter("use_sim_time").value)
-            if self._pending_seed is not None:
-                self._reset(self._pending_seed)
-                self._pending_seed = None
+            self._apply_trajectories()
+            seed, self._pending_seed = self._pending_seed, None
+            if seed is not None:  # after the trajectories: a reset holds the arm where it is
+                self._reset(seed)
             wall = time.monotonic()
             if cfg.real_time_factor > 0:
                 self._debt_s += (wall - self._last_wall) * cfg.real_time_factor
