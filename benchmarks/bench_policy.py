@@ -150,7 +150,7 @@ def main() -> None:
     for k in args.steps_ref:
         settings.append((f"all off, {k} steps", EarlyExitConfig(), ExpertReuseConfig(), k, noise))
 
-    n_exp = len([x for x in policy.expert_layer_map() if x is not None])
+    n_exp = len(policy.expert_layer_indices())
     # settings interleaved per observation (machine load spreads evenly); a FLOP-counting runner and a
     # timed one walk the same sequence (counting does not change the numerics, only the time)
     runners = [(PolicyRunner(policy, inference=InferenceConfig(num_steps=steps, count_flops=True), early_exit=ee,

@@ -116,7 +116,7 @@ def test_linear_prediction_is_exact_for_linear_updates() -> None:
 
 def test_reuse_really_skips_compute(policy) -> None:  # type: ignore[no-untyped-def]
     toks, state = _tokens(policy)
-    n_layers = len([x for x in policy.expert_layer_map() if x is not None])
+    n_layers = len(policy.expert_layer_indices())
     res = {}
     for name, er in (("off", ExpertReuseConfig()),
                      ("on", ExpertReuseConfig(enabled=True, threshold=10.0, max_consecutive=3, final_steps=1))):
@@ -182,7 +182,7 @@ def _seq(n: int, drift: float):  # type: ignore[no-untyped-def]
 def test_calibration_writes_expert_thresholds_the_node_loads(policy, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     rule = ExpertReuseConfig(enabled=True, max_consecutive=3, full_steps=1, final_steps=1)
     res = calibrate(policy, _seq(6, 0.05), [1, 2], expert_reuse_fraction=0.4, expert=rule, num_steps=6)
-    n_layers = len([x for x in policy.expert_layer_map() if x is not None])
+    n_layers = len(policy.expert_layer_indices())
     assert len(res["expert_thresholds"]) == n_layers and res["expert_samples"] == 6 and res["expert_num_steps"] == 6
     assert all(f == pytest.approx(0.4, abs=0.1) for f in res["expert_reuse_fraction_per_layer"])
     f = tmp_path / "cal.yaml"

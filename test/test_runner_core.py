@@ -105,7 +105,7 @@ def test_expert_reuse_counts_and_threshold_zero_is_exact(policy) -> None:  # typ
     on = PolicyRunner(policy, expert_reuse=ExpertReuseConfig(enabled=True, threshold=10.0, max_consecutive=1))
     on.set_instruction(TASK)
     r1 = on.infer(toks, state, noise=_noise(policy))
-    n_layers = len([x for x in policy.expert_layer_map() if x is not None])
+    n_layers = len(policy.expert_layer_indices())
     assert r1.reused_expert_layers + r1.computed_expert_layers == n_layers * 10
     assert r1.reused_expert_layers > 0
     assert not torch.equal(r1.actions, ref.actions)

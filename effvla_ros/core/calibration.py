@@ -45,7 +45,7 @@ def collect(policy: SmolVLAPolicy, observations: Iterable[Observation], exit_lay
     prev: dict[int, torch.Tensor] | None = None
     prev_instr: str | None = None
     prev_mask: torch.Tensor | None = None
-    expert_layers = [i for i, e in enumerate(policy.expert_layer_map()) if e is not None]
+    expert_layers = policy.expert_layer_indices()
     changes: dict[int, list[torch.Tensor]] = {i: [] for i in expert_layers}
     for k, (images, state, instruction) in enumerate(observations):
         enc = policy.encode_images({c: img[None] for c, img in images.items()})

@@ -200,7 +200,7 @@ def relative_change(h: Tensor, ref: Tensor) -> float:
 class ExpertReuse:
     """Per-denoise state of expert feature reuse; ``hook`` is an ``expert_layer_hook``.
 
-    ``layers``: the VLM layer indices that have an expert layer (``policy.expert_layer_map()``), in
+    ``layers``: the VLM layer indices that have an expert layer (``policy.expert_layer_indices()``), in
     order; thresholds are given per position in that list.
     """
 

@@ -62,7 +62,7 @@ class PolicyRunner:
         self.inference = inference or InferenceConfig()
         self.rtc = rtc or RTCConfig()
         self.prefix_reuse = PrefixReuse(early_exit or EarlyExitConfig(), policy.arch.num_vlm_layers)
-        self.expert_layers = [i for i, e in enumerate(policy.expert_layer_map()) if e is not None]
+        self.expert_layers = policy.expert_layer_indices()
         self.expert_reuse = ExpertReuse(expert_reuse or ExpertReuseConfig(), self.expert_layers)
         self.instruction: str | None = None
         self._lang: tuple[Tensor, Tensor] | None = None

@@ -473,6 +473,10 @@ class SmolVLAPolicy:
         return [None if (mult > 0 and i > 0 and i % mult != 0) else (i // mult if mult > 0 else i)
                 for i in range(n_vlm)]
 
+    def expert_layer_indices(self) -> list[int]:
+        """The VLM layer indices that have an expert layer, in order (the ``layer_idx`` of expert hooks)."""
+        return [i for i, e in enumerate(self.expert_layer_map()) if e is not None]
+
     def velocity(self, cache: PrefixCache, x_t: Tensor, t: float | Tensor, *, step: int = -1,
                  expert_layer_hook: ExpertLayerHook | None = None) -> Tensor:
         """v(x_t, t) given the prefix cache: (B, S, max_action_dim) fp32 -> same shape, fp32.
