@@ -180,6 +180,12 @@ class MergeResult:
     dropped_actions: int  # actions of the new chunk at or before the boundary (already committed / past)
 
 
+def _knots_between(ref: Reference, lo: float, hi: float) -> tuple[list[float], list[FloatArray]]:
+    """The reference's own knots (times, positions) with ``lo < t <= hi``."""
+    keep = [i for i, t in enumerate(ref.times) if lo < t <= hi]
+    return [float(ref.times[i]) for i in keep], [np.asarray(ref.pos[i]) for i in keep]
+
+
 def merge(
     *,
     strategy: str,
@@ -217,10 +223,7 @@ def merge(
     kp: list[FloatArray] = []
     if strategy == "rtc":
         cut = boundary if rtc_boundary is not None else -math.inf
-        for t, p in zip(old.times, old.pos):
-            if t <= cut + 1e-9:
-                kt.append(float(t))
-                kp.append(np.asarray(p))
+        kt, kp = _knots_between(old, -math.inf, cut + 1e-9)
         for t, p in zip(times, new.actions):
             if t > cut + 1e-9:
                 kt.append(float(t))
@@ -232,10 +235,7 @@ def merge(
     elif strategy == "crossfade":
         # the old plan's own knots up to t_c (not resampled: a burst of merges must not smooth them
         # over and over), then the new chunk's knots, blended with the old plan
-        for t, p in zip(old.times, old.pos):
-            if t <= t_c + 1e-9:
-                kt.append(float(t))
-                kp.append(np.asarray(p))
+        kt, kp = _knots_between(old, -math.inf, t_c + 1e-9)
         for t, p in zip(times, new.actions):
             if t <= t_c + 1e-9:
                 continue
@@ -258,9 +258,8 @@ def merge(
         # the new targets start after the commit time (a chunk observed after t_c, e.g. once the
         # executor resumed from a stall): the old reference keeps going until they start, instead of
         # a spline bridge from the committed command straight to the new chunk's first target
-        gap = [float(t) for t in old.times if t_c + 1e-9 < t < kt[0] - min_gap]
-        kt = [*gap, *kt]
-        kp = [*(old.spline(t)[0] for t in gap), *kp]
+        gt, gp = _knots_between(old, t_c + 1e-9, float(np.nextafter(kt[0] - min_gap, -math.inf)))
+        kt, kp = [*gt, *kt], [*gp, *kp]
     ft: list[float] = []
     fp: list[FloatArray] = []
     for t, p in zip(kt, kp):
