@@ -150,8 +150,9 @@ class SimBridge(Node):
         for name, joints in owned.items():
             idx = np.asarray([JOINT_NAMES.index(j) for j in joints])
             self._followers[name] = (JointTrajectoryFollower(joints, self._env.joint_targets()[idx], now=0.0), idx)
-        self._pending_seed: int | None = None
-        self._inbox: collections.deque[tuple[str, list[str], list[TrajectoryPoint], float]] = collections.deque()
+        # requests from the subscription / parameter threads, applied by the physics thread in arrival
+        # order at its next tick: a reset (seed) or a trajectory (controller, joint names, points, start)
+        self._inbox: collections.deque[int | tuple[str, list[str], list[TrajectoryPoint], float]] = collections.deque()
         self._debt_s = 0.0
         self._last_wall = time.monotonic()
         self._last_success: bool | None = None
@@ -200,7 +201,7 @@ class SimBridge(Node):
 
     def _on_params(self, cfg: SimBridgeConfig, changed: set[str]) -> None:
         if "seed" in changed:
-            self._pending_seed = cfg.seed  # taken by the physics thread at its next tick (no lock: see _inbox)
+            self._inbox.append(cfg.seed)  # no lock: see _on_trajectory
         if not changed & {"controller_rate", "camera_rate", "joint_state_rate", "clock_rate", "paraphrase"}:
             return
         with self._lock:
@@ -238,9 +239,13 @@ class SimBridge(Node):
         # released lock goes back to the thread that holds the GIL
         self._inbox.append((controller, list(msg.joint_names), points, start))
 
-    def _apply_trajectories(self) -> None:
+    def _apply_requests(self) -> None:
         while self._inbox:
-            controller, names, points, start = self._inbox.popleft()
+            req = self._inbox.popleft()
+            if isinstance(req, int):
+                self._reset(req)
+                continue
+            controller, names, points, start = req
             try:
                 self._followers[controller][0].set_trajectory(names, points, now=self._now_s(), start_time=start)
             except TrajectoryError as e:
@@ -248,11 +253,12 @@ class SimBridge(Node):
 
     def _on_reset(self, msg: Int64) -> None:
         seed = int(msg.data) if msg.data >= 0 else self.config.seed + 1
+        unchanged = seed == self.config.seed
         result = self.set_parameters([Parameter("seed", value=seed)])[0]
         if not result.successful:
             self.get_logger().warning(f"reset to seed {seed} refused: {result.reason}")
-        elif seed == self.config.seed:  # same seed: the parameter did not change, reset anyway
-            self._pending_seed = seed
+        elif unchanged:  # the parameter did not change (no _on_params): reset anyway
+            self._inbox.append(seed)
 
     def _tick(self) -> None:
         if not self.context.ok():
@@ -268,10 +274,7 @@ class SimBridge(Node):
         cfg = self.config
         with self._lock:
             self._sim_time_mode = bool(self.get_parameter("use_sim_time").value)
-            self._apply_trajectories()
-            seed, self._pending_seed = self._pending_seed, None
-            if seed is not None:  # after the trajectories: a reset holds the arm where it is
-                self._reset(seed)
+            self._apply_requests()
             wall = time.monotonic()
             if cfg.real_time_factor > 0:
                 self._debt_s += (wall - self._last_wall) * cfg.real_time_factor
