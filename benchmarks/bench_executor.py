@@ -1,7 +1,7 @@
 """Chunk executor benchmark.
 
-Part 1 (ROS, real DDS on loopback): the chunk_executor node runs in THIS process under a
-MultiThreadedExecutor (timer in its own callback group), fed by a driver node (JointState + 10 Hz
+Part 1 (ROS, real DDS on loopback): the chunk_executor node runs in THIS process (its control
+thread; its callbacks under a SingleThreadedExecutor, as in its main()), fed by a driver node (JointState + 10 Hz
 chunks) while another thread runs inference-like work (torch matmuls). Reports the publication
 period error (p50/p99/max) measured by the node at 100 Hz and 500 Hz (stream mode), checks every
 published point against the limits, then stops the chunks and measures when the command reaches
@@ -134,13 +134,13 @@ def run_ros(
     """One in-process run: executor node + in-process policy driver (+ inference load thread)."""
     import rclpy
     from builtin_interfaces.msg import Duration, Time
-    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import JointState
 
     from effvla_ros.msg import ActionChunk
-    from effvla_ros.nodes.chunk_executor import ChunkExecutorNode, make_thread_realtime
+    from effvla_ros.nodes.chunk_executor import ChunkExecutorNode
 
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
@@ -157,7 +157,7 @@ def run_ros(
             Parameter("realtime_priority", value=rt_prio),
         ],
     )
-    ex = MultiThreadedExecutor(num_threads=3, context=ctx)
+    ex = SingleThreadedExecutor(context=ctx)
     ex.add_node(node)
     driver = rclpy.create_node("bench_driver", context=ctx)
     dex = SingleThreadedExecutor(context=ctx)
@@ -166,11 +166,7 @@ def run_ros(
     chunk_pub = driver.create_publisher(ActionChunk, f"/{name}/action_chunk", rel)
     js_pub = driver.create_publisher(JointState, "/joint_states", 10)
 
-    def spin_rt() -> None:
-        make_thread_realtime(rt_prio)  # the spin thread dispatches the timer (as main() does)
-        ex.spin()
-
-    threads = [threading.Thread(target=spin_rt, daemon=True), threading.Thread(target=dex.spin, daemon=True)]
+    threads = [threading.Thread(target=ex.spin, daemon=True), threading.Thread(target=dex.spin, daemon=True)]
     for t in threads:
         t.start()
     stop_chunks = threading.Event()
@@ -423,7 +419,7 @@ def main() -> None:
             key = f"{r['name']}__joint_trajectory"
             r.update(check_points(recorded[key], recorded[key + "__spans"], int(recorded["base_ns"][0]),
                                   r["t_stop"], timeout, 1.0 / r["rate"], r["horizon"]))
-        print("\n== Publication period error (executor node in-process under a MultiThreadedExecutor,")
+        print("\n== Publication period error (executor node in-process: control thread + SingleThreadedExecutor,")
         print("   policy driver in-process, inference-like load thread in-process, controller side in a subprocess) ==")
         print(f"{'mode':<7} {'pub Hz':>6} {'inference load':<26} {'it/s':>5} {'rt':>3} {'n':>5} {'p50 ms':>7} "
               f"{'p99 ms':>7} {'max ms':>7} {'gap ms':>6} {'points':>6} {'limits':>6} {'max|v|':>6} {'max|a|':>6} "
@@ -437,7 +433,7 @@ def main() -> None:
                   f"{'ok' if r['limits_ok'] and r.get('stamps_increasing') else 'FAIL':>6} "
                   f"{r.get('max_vel', float('nan')):>6.3f} {r.get('max_acc', float('nan')):>6.2f} {hold:>6} "
                   f"{budget:>6} {r['loadavg']:>7.2f}")
-        print("(n, p50/p99/max: publication period error measured by the node at its timer callback; gap: longest")
+        print("(n, p50/p99/max: publication period error measured by the node at each control tick; gap: longest")
         print(" time the controller would have run past the end of the last trajectory received (stream: the")
         print(" single point is due ~stamp_lead after publication, so gap ~ lateness; rolling: 0 while the 0.2 s")
         print(" horizon covers the stalls); hold: last chunk -> command at rest; budget: watchdog_timeout +")

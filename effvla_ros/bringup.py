@@ -1,6 +1,7 @@
 """Single-process bringup of the graph (``effvla run``): every node of ``describe_graph`` in one
-process and one ``MultiThreadedExecutor``, with the same parameter files, overrides and remappings
-as ``launch/manipulation.launch.py`` (each node gets them as its own ``--ros-args``)."""
+process (an executor thread per node, see :class:`Bringup`), with the same parameter files,
+overrides and remappings as ``launch/manipulation.launch.py`` (each node gets them as its own
+``--ros-args``)."""
 from __future__ import annotations
 
 import importlib
@@ -33,11 +34,19 @@ def create_nodes(graph: Graph, context: Any, log_level: str | None = None) -> li
 
 
 class Bringup:
-    """The graph running in this process; ``start()`` spins it in a background thread."""
+    """The graph running in this process: every node is spun by a ``SingleThreadedExecutor`` of its
+    own, in a thread of its own (``start()``).
 
-    def __init__(self, graph: Graph, log_level: str | None = None, threads: int = 6) -> None:
+    Not one ``MultiThreadedExecutor`` for all: while a callback it handed to its pool has not started,
+    rclpy's MultiThreadedExecutor re-polls the still-ready entity in a loop that holds the GIL most of
+    the time, and the other Python threads of the process starve (measured with the chunk executor's
+    control thread: 100 Hz ticks late by up to 1.3 s; one SingleThreadedExecutor per node: max 3 ms).
+    The heavy work of the policy and the compressor runs in their own worker threads, so callbacks
+    are short; one node's callbacks never wait for another node's.
+    """
+
+    def __init__(self, graph: Graph, log_level: str | None = None) -> None:
         import rclpy
-        from rclpy.executors import MultiThreadedExecutor
 
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
@@ -46,34 +55,66 @@ class Bringup:
         except BaseException:
             rclpy.try_shutdown(context=self.context)
             raise
-        self.executor = MultiThreadedExecutor(num_threads=threads, context=self.context)
+        self._executors: list[Any] = []
+        self._threads: list[threading.Thread] = []
+        self._started = False
         for n in self.nodes:
-            self.executor.add_node(n)
-        self._thread: threading.Thread | None = None
+            self._add_executor(n)
+
+    def _add_executor(self, node: Any) -> None:
+        from rclpy.executors import SingleThreadedExecutor
+
+        ex = SingleThreadedExecutor(context=self.context)
+        ex.add_node(node)
+        self._executors.append(ex)
+        if self._started:
+            self._start(ex)
+
+    def _start(self, ex: Any) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        def spin() -> None:
+            try:
+                ex.spin()
+            except ExternalShutdownException:
+                pass
+
+        t = threading.Thread(target=spin, name=f"spin-{len(self._threads)}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def add_node(self, node: Any) -> None:
+        """Run one more node (created in :attr:`context`) with the graph."""
+        self.nodes.append(node)
+        self._add_executor(node)
 
     def node(self, name: str) -> Any:
         return next(n for n in self.nodes if n.get_name() == name)
 
-    def spin(self, duration: float | None = None) -> None:
-        from rclpy.executors import ExternalShutdownException
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        for ex in self._executors:
+            self._start(ex)
 
+    def spin(self, duration: float | None = None) -> None:
+        """Run until Ctrl-C, the context's shutdown, or ``duration`` seconds."""
+        self.start()
         t_end = None if duration is None else time.monotonic() + duration
         try:
             while self.context.ok() and (t_end is None or time.monotonic() < t_end):
-                self.executor.spin_once(timeout_sec=0.1)
-        except (KeyboardInterrupt, ExternalShutdownException):
+                time.sleep(0.1)
+        except KeyboardInterrupt:
             pass
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self._thread.start()
 
     def shutdown(self) -> None:
         import rclpy
 
-        self.executor.shutdown(timeout_sec=2.0)
+        for ex in self._executors:
+            ex.shutdown(timeout_sec=2.0)
         for n in self.nodes:
             n.destroy_node()
         rclpy.try_shutdown(context=self.context)
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        for t in self._threads:
+            t.join(timeout=5.0)

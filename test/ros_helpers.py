@@ -85,15 +85,19 @@ def node_process(argv: Sequence[str], tmp_path: Path, name: str = "node", **kw: 
 
 
 class Spinner:
-    """An rclpy context + MultiThreadedExecutor spinning in a background thread, for test-side nodes."""
+    """An rclpy context + SingleThreadedExecutor spinning in a background thread, for test-side nodes.
+
+    Single-threaded: the test callbacks only record messages, and rclpy's MultiThreadedExecutor
+    busy-polls (holding the GIL) while its pool picks up a callback, which starves the test's own
+    threads (publishers, pollers) on a loaded machine."""
 
     def __init__(self) -> None:
         import rclpy
-        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.executors import SingleThreadedExecutor
 
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
-        self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._nodes: list[Any] = []
         self._thread.start()

@@ -22,6 +22,7 @@ JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_ro
 VMAX = 2.0
 AMAX = 10.0
 LOWER, UPPER = -3.0, 3.0
+STAMP_LEAD = 0.01
 NODE = "exec_under_test"
 EPOCH_NS = time.time_ns() // 10**9 * 10**9  # times in the checks are relative to this
 
@@ -37,6 +38,10 @@ def base_args(*extra: str) -> list[str]:
 
 def sec(t: Any) -> float:
     return float(t.sec) + float(t.nanosec) * 1e-9
+
+
+def ns(t: Any) -> int:
+    return int(t.sec) * 10**9 + int(t.nanosec)
 
 
 class Harness:
@@ -222,7 +227,7 @@ def wave(center: float = 0.2, amp: float = 0.3, w: float = 1.5) -> Callable[[np.
 def test_waits_for_joint_state_starts_from_it_and_feedback(tmp_path: Path) -> None:
     from effvla_ros.msg import ExecutionFeedback
 
-    args = base_args("-p", "merge_strategy:=latest", "-p", "watchdog_timeout:=2.0")
+    args = base_args("-p", "merge_strategy:=latest", "-p", "watchdog_timeout:=2.0", "-p", f"stamp_lead:={STAMP_LEAD}")
     with node_process(args, tmp_path) as proc, spinner() as sp:
         h = Harness(sp)
         h.connect()
@@ -254,6 +259,8 @@ def test_waits_for_joint_state_starts_from_it_and_feedback(tmp_path: Path) -> No
         # feedback contents
         fbs = [f for f in h.snapshot(h.fb) if f.state == ExecutionFeedback.STATE_EXECUTING]
         assert fbs, "no EXECUTING feedback"
+        time.sleep(0.3)  # every trajectory published before the last feedback has arrived too
+        pub_ns = np.array([ns(m.header.stamp) for m in h.snapshot(h.traj)])  # stream mode: 1 point, at the stamp
         for f in fbs[-20:]:
             assert f.chunk_id in h.sent
             assert sec(f.chunk_stamp) == pytest.approx(h.sent[f.chunk_id], abs=1e-6)
@@ -263,8 +270,12 @@ def test_waits_for_joint_state_starts_from_it_and_feedback(tmp_path: Path) -> No
             assert sec(f.committed_until) == pytest.approx(
                 sec(f.chunk_stamp) + f.committed_index * sec(f.step_period), abs=1e-6
             )
-            # actions after committed_until are not sent yet: the executed command is behind it
-            assert sec(f.committed_until) > sec(f.header.stamp)
+            # committed_until is the first action not sent yet: everything published before this
+            # feedback lies before it. A trajectory is stamped at least stamp_lead after it is published,
+            # so one stamped <= feedback stamp + stamp_lead was published before the feedback.
+            before = pub_ns <= ns(f.header.stamp) + int(STAMP_LEAD * 1e9)
+            assert before.any()
+            assert pub_ns[before].max() < ns(f.committed_until), (f, pub_ns[before].max())
         d = h.wait_diag(lambda d: d["state"] in ("executing", "holding"))
         assert int(d["chunks.accepted"]) >= 5
         # rejected only while waiting for the JointState (or, on a starved machine, delivered so late
@@ -286,13 +297,19 @@ def test_watchdog_decelerates_to_hold_within_limits(tmp_path: Path) -> None:
         fast = wave(center=0.0, amp=1.0, w=1.8)  # ~1.8 rad/s: near the velocity limit when stopped
         h.start_policy(fast, period=0.1)
         wait_for(lambda: len(h.snapshot(h.traj)) >= 100, 20)
+        trips0 = int(h.wait_diag(lambda d: d["watchdog.state"] == "armed")["watchdog.trips"])
         last_sent = max(h.sent.values())  # stamps are observation times = now - latency
         t_stop = h.stop_policy()
         d = h.wait_diag(lambda d: d["watchdog.state"] == "holding", 10)
-        assert int(d["watchdog.trips"]) == 1
+        # the stop trips the watchdog once; on a loaded machine a stall of either process between the
+        # diagnostics above and the stop can add a trip that the next chunk recovered from
+        trips = int(d["watchdog.trips"])
+        assert trips0 + 1 <= trips <= trips0 + 2, (trips0, d)
         wait_for(lambda: any(f.state == ExecutionFeedback.STATE_HOLDING for f in h.snapshot(h.fb)), 5)
         # the hold is reached once the published stream stops moving (the state flips when braking starts)
         wait_for(lambda: not np.any(np.abs(points(h.snapshot(h.traj))[2][-1]) > 0), 10)
+        time.sleep(0.5)
+        assert int(h.diag_values()["watchdog.trips"]) == trips  # holding: no further trips
         t, p, v = points(h.snapshot(h.traj))
         check_limits(t, p, v)
         t_stop -= EPOCH_NS * 1e-9
@@ -378,7 +395,7 @@ def test_limits_never_exceeded_under_adversarial_chunks_rolling(tmp_path: Path) 
     args = base_args(
         "-p", "output_mode:=rolling", "-p", "rolling_rate:=20.0", "-p", "rolling_horizon:=0.2",
         "-p", "rolling_points:=8", "-p", f"urdf_path:={urdf}", "-p", "gripper_joints:=[gripper]",
-        "-p", "merge_strategy:=latest",
+        "-p", "merge_strategy:=latest", "-p", "diagnostics_period:=0.05",
     )
     lower = np.array([-1.0, -0.5, LOWER, LOWER, LOWER, LOWER])
     upper = np.array([1.2, 0.5, UPPER, UPPER, UPPER, UPPER])
@@ -393,9 +410,13 @@ def test_limits_never_exceeded_under_adversarial_chunks_rolling(tmp_path: Path) 
             if i % 5 == 4:
                 acts[rng.integers(20), rng.integers(6)] = math.nan
             h.chunk(acts, h.now() - 0.03)
-            time.sleep(0.06)
+            # paced by the executor's own count: its subscription keeps the last 10 chunks, and a
+            # stalled machine would drop some of a burst before they are counted
+            h.wait_diag(lambda d, n=i + 1: int(d["chunks.received"]) >= n)
+            time.sleep(0.03)
         wait_for(lambda: len(h.snapshot(h.traj)) >= 20 and len(h.snapshot(h.grip)) >= 20, 10)
-        d = h.wait_diag(lambda d: int(d["chunks.nonfinite"]) >= 5)
+        d = h.wait_diag(lambda d: int(d["chunks.received"]) >= 25)
+        assert int(d["chunks.nonfinite"]) == 5, d
         assert sum(int(d[f"clamp.{n}"]) for n in JOINTS) > 0
         arm, grip = h.snapshot(h.traj), h.snapshot(h.grip)
         assert all(list(m.joint_names) == JOINTS[:5] for m in arm)

@@ -135,8 +135,7 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     b = Bringup(graph, log_level=args.log_level if args.log_level != "info" else "warn")
     mon = _Monitor(b.context)
-    b.executor.add_node(mon.node)
-    b.nodes.append(mon.node)
+    b.add_node(mon.node)
     b.start()
     results: list[dict[str, Any]] = []
     try:

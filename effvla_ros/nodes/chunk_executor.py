@@ -15,8 +15,14 @@ the transport delay); an explicit stamp in the past would make it drop the point
 points are on one fixed grid (``control_period``), and a point, once published, is never changed:
 successive rolling trajectories agree exactly where they overlap.
 
-Threads: the publishing timer has its own MutuallyExclusive callback group, the subscriptions and
-the diagnostics timer another, under a MultiThreadedExecutor; the core is guarded by a lock.
+Threads: the control loop (tick, watchdog, publishing) is a thread of its own that sleeps until each
+deadline of the node clock (wall or /clock time), not an rclpy timer: after the process had been
+descheduled for a while (a loaded machine; reproduced here with SIGSTOP/SIGCONT), rclpy's
+MultiThreadedExecutor left a 100 Hz timer silent for up to 1.3 s, watchdog included. The
+subscriptions, parameter services and the diagnostics timer are spun by a SingleThreadedExecutor
+(``main()``): a MultiThreadedExecutor busy-polls entities it has handed to its pool and starved the
+control thread of the GIL (ticks up to 1.3 s late; see ``benchmarks/bench_executor.py``). The core is
+guarded by a lock. The control thread gets ``realtime_priority`` (SCHED_FIFO) when allowed.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from builtin_interfaces.msg import Duration as DurationMsg
 from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import JointState
@@ -85,7 +91,7 @@ class ChunkExecutorNodeConfig(ConfigBase):
     )
     realtime_priority: int = param(
         0,
-        description="SCHED_FIFO priority (1-99) of the executor threads that run the publishing timer "
+        description="SCHED_FIFO priority (1-99) of the control thread (tick, watchdog, publishing) "
         "(0 = normal scheduling). Needs CAP_SYS_NICE or an rtprio limit; on failure: a warning, normal "
         "scheduling.",
         min=0,
@@ -151,12 +157,10 @@ class ChunkExecutorNode(Node):
         self._last_log: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         self._last_state = self._core.state
-        self._tls = threading.local()
         self._rt_error: str | None = None
         self._fb_every = max(1, int(round((1.0 / cfg.publish_period) / ncfg.feedback_rate)))
         self._ticks = 0
 
-        self._timer_group = MutuallyExclusiveCallbackGroup()
         self._io_group = MutuallyExclusiveCallbackGroup()
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
         best_effort = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT, history=HistoryPolicy.KEEP_LAST)
@@ -173,10 +177,12 @@ class ChunkExecutorNode(Node):
             JointState, ncfg.joint_states_topic, self._on_joint_state, best_effort, callback_group=self._io_group
         )
         self.create_subscription(Empty, "reset", self._on_reset, 10, callback_group=self._io_group)
-        self._timer = self.create_timer(cfg.publish_period, self._on_timer, callback_group=self._timer_group)
         self._diag_timer = self.create_timer(
             ncfg.diagnostics_period, self._publish_diagnostics, callback_group=self._io_group
         )
+        self._stop = threading.Event()
+        self._control = threading.Thread(target=self._control_loop, name="control", daemon=True)
+        self._control.start()
         self.get_logger().info(
             f"chunk_executor: {len(cfg.joint_names)} joints {cfg.joint_names}, mode={cfg.output_mode} "
             f"@ {1.0 / cfg.publish_period:g} Hz, strategy={cfg.merge_strategy}; waiting for JointState on "
@@ -274,14 +280,59 @@ class ChunkExecutorNode(Node):
         else:
             self.get_logger().info(msg)
 
+    def destroy_node(self) -> None:
+        self._stop.set()
+        if self._control.is_alive() and self._control is not threading.current_thread():
+            self._control.join(2.0)
+        super().destroy_node()
+
+    def _control_loop(self) -> None:
+        """Run :meth:`_on_timer` once per control period until the node is destroyed.
+
+        Wall time: sleep until the next deadline of the monotonic clock (immune to system clock
+        steps). Simulated time (``use_sim_time`` and /clock): wait in short wall-clock naps until the
+        ROS clock passes the deadline; a /clock that jumps back (simulation reset) restarts the grid.
+        A loop that falls more than a period behind resumes from now (the core itself catches up: it
+        publishes the point of the current grid time, never a burst of stale ones).
+        """
+        err = make_thread_realtime(self._node_params.config.realtime_priority)
+        if err:
+            self._rt_error = err
+            self.get_logger().warning(f"realtime_priority: cannot use SCHED_FIFO ({err}); normal scheduling")
+        clock = self.get_clock()
+        period = self._core.cfg.publish_period
+        period_ns = int(round(period * 1e9))
+        next_wall = time.monotonic() + period
+        next_ros: int | None = None
+        while not self._stop.is_set() and self.context.ok():
+            if clock.ros_time_is_active:
+                now_ns = clock.now().nanoseconds
+                if next_ros is None or now_ns < next_ros - 2 * period_ns:
+                    next_ros = now_ns + period_ns
+                if now_ns < next_ros:
+                    time.sleep(min(period, 0.002))
+                    continue
+                next_ros += period_ns
+                if next_ros <= now_ns:
+                    next_ros = now_ns + period_ns
+            else:
+                next_ros = None
+                delay = next_wall - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                    continue
+                next_wall += period
+                if next_wall <= time.monotonic():
+                    next_wall = time.monotonic() + period
+            try:
+                self._on_timer()
+            except Exception as e:  # noqa: BLE001 - a publisher gone at shutdown; anything else is logged
+                if self._stop.is_set() or not self.context.ok():
+                    return
+                self._throttled("control_loop", f"control loop error: {e!r}", "error")
+
     def _on_timer(self) -> None:
         self._jitter.tick(time.perf_counter())
-        if not getattr(self._tls, "rt_done", False):
-            self._tls.rt_done = True
-            err = make_thread_realtime(self._node_params.config.realtime_priority)
-            if err and self._rt_error is None:
-                self._rt_error = err
-                self.get_logger().warning(f"realtime_priority: cannot use SCHED_FIFO ({err}); normal scheduling")
         now = self._now()
         self._ticks += 1
         send_fb = self._ticks % self._fb_every == 0
@@ -400,10 +451,8 @@ def main(args: list[str] | None = None) -> None:
         print(f"chunk_executor: {e}", file=sys.stderr)
         rclpy.try_shutdown()
         sys.exit(2)
-    executor = MultiThreadedExecutor(num_threads=3)
+    executor = SingleThreadedExecutor()
     executor.add_node(node)
-    # the spin thread waits on the timer and dispatches it: it needs the priority as well
-    make_thread_realtime(node.realtime_priority)
     try:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):

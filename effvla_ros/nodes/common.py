@@ -143,21 +143,26 @@ class NodeWorker:
 
 
 # ------------------------------------------------------------------------------------- entry points
-def run_node(node_cls: Any, name: str, args: list[str] | None = None, threads: int = 2) -> None:
-    """``main()`` of a node: init, spin a MultiThreadedExecutor, shut down cleanly on Ctrl-C.
+def run_node(node_cls: Any, name: str, args: list[str] | None = None) -> None:
+    """``main()`` of a node: init, spin a SingleThreadedExecutor, shut down cleanly on Ctrl-C.
+
+    Single-threaded on purpose: the heavy work runs in the node's worker thread (:class:`NodeWorker`),
+    the callbacks only store messages; rclpy's MultiThreadedExecutor would re-poll entities it has
+    handed to its pool in a loop that holds the GIL and slows that worker down (see
+    :class:`effvla_ros.bringup.Bringup`).
 
     Configuration errors (bad parameters, missing checkpoint) end the process with a fatal log
     that names what to change, and exit code 2.
     """
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
     rclpy.init(args=args)
     node = None
     code = 0
     try:
         node = node_cls()
-        executor = MultiThreadedExecutor(num_threads=threads)
+        executor = SingleThreadedExecutor()
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):

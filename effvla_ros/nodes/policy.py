@@ -481,7 +481,7 @@ class PolicyNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    run_node(PolicyNode, "policy", args, threads=3)
+    run_node(PolicyNode, "policy", args)
 
 
 if __name__ == "__main__":

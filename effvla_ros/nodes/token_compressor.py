@@ -298,7 +298,7 @@ class TokenCompressorNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    run_node(TokenCompressorNode, "token_compressor", args, threads=2)
+    run_node(TokenCompressorNode, "token_compressor", args)
 
 
 if __name__ == "__main__":
