@@ -127,14 +127,43 @@ def record(out_path: str, topics: list[str]) -> None:
     rclpy.try_shutdown()
 
 
+def _timer_loop_node(base: Any) -> Any:
+    """The executor node as it was before its control thread: the same tick from an rclpy timer in
+    its own callback group, every callback under a MultiThreadedExecutor (the comparison baseline)."""
+    from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+
+    from effvla_ros.nodes.chunk_executor import make_thread_realtime
+
+    class TimerLoopExecutorNode(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self._stop.set()  # stop the control thread, tick from a timer instead
+            self._control.join(2.0)
+            rt = self.realtime_priority
+
+            def tick() -> None:
+                if not getattr(self, "_rt_set", False):  # the executor thread running the timer
+                    self._rt_set = True
+                    make_thread_realtime(rt)
+                self._on_timer()
+
+            self.create_timer(self.core.cfg.publish_period, tick, callback_group=MutuallyExclusiveCallbackGroup())
+
+    return TimerLoopExecutorNode
+
+
 def run_ros(
     name: str, rate: float, seconds: float, load_threads: int, rt_prio: int, timeout: float, recorder: bool = True,
-    mode: str = "stream",
+    mode: str = "stream", loop: str = "thread",
 ) -> dict[str, Any]:
-    """One in-process run: executor node + in-process policy driver (+ inference load thread)."""
+    """One in-process run: executor node + in-process policy driver (+ inference load thread).
+
+    ``loop``: ``thread`` (the node as shipped: control thread, callbacks under a SingleThreadedExecutor)
+    or ``timer`` (the baseline: an rclpy timer, everything under a MultiThreadedExecutor of 3 threads).
+    """
     import rclpy
     from builtin_interfaces.msg import Duration, Time
-    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.parameter import Parameter
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import JointState
@@ -144,7 +173,8 @@ def run_ros(
 
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
-    node = ChunkExecutorNode(
+    node_cls = ChunkExecutorNode if loop == "thread" else _timer_loop_node(ChunkExecutorNode)
+    node = node_cls(
         name,
         context=ctx,
         parameter_overrides=[
@@ -157,7 +187,7 @@ def run_ros(
             Parameter("realtime_priority", value=rt_prio),
         ],
     )
-    ex = SingleThreadedExecutor(context=ctx)
+    ex = SingleThreadedExecutor(context=ctx) if loop == "thread" else MultiThreadedExecutor(3, context=ctx)
     ex.add_node(node)
     driver = rclpy.create_node("bench_driver", context=ctx)
     dex = SingleThreadedExecutor(context=ctx)
@@ -202,7 +232,7 @@ def run_ros(
     pt = threading.Thread(target=policy, daemon=True)
     pt.start()
     time.sleep(1.0)  # warm-up: discovery, first chunks, catching up
-    out: dict[str, Any] = {"name": name, "rate": rate, "rt": rt_prio, "mode": mode,
+    out: dict[str, Any] = {"name": name, "rate": rate, "rt": rt_prio, "mode": mode, "loop": loop,
                            "pub_rate": rate if mode == "stream" else node.core.cfg.rolling_rate,
                            "horizon": 0.0 if mode == "stream" else node.core.cfg.rolling_horizon}
     load1 = os.getloadavg()[0]
@@ -397,11 +427,12 @@ def main() -> None:
         except ImportError:
             pass
         timeout = 0.3
-        specs = [(100.0, 0, 0, "stream"), (100.0, args.torch_threads, 0, "stream"),
-                 (100.0, args.torch_threads, args.rt_priority, "stream"),
-                 (500.0, 0, 0, "stream"), (500.0, args.torch_threads, 0, "stream"),
-                 (500.0, args.torch_threads, args.rt_priority, "stream"),
-                 (100.0, args.torch_threads, 0, "rolling")]
+        specs = [(100.0, 0, 0, "stream", "thread"), (100.0, args.torch_threads, 0, "stream", "thread"),
+                 (100.0, args.torch_threads, args.rt_priority, "stream", "thread"),
+                 (500.0, 0, 0, "stream", "thread"), (500.0, args.torch_threads, 0, "stream", "thread"),
+                 (500.0, args.torch_threads, args.rt_priority, "stream", "thread"),
+                 (100.0, args.torch_threads, 0, "rolling", "thread")]
+        specs += [(r, t, p, m, "timer") for r, t, p, m, _ in specs[:3]]  # the baseline, same runs
         names = [f"bench_executor_{i}" for i in range(len(specs))]
         tmp = tempfile.mkdtemp(prefix="bench_executor_")
         rec_path = os.path.join(tmp, "rec.npz")
@@ -409,8 +440,8 @@ def main() -> None:
                                 ",".join(f"/{n}/joint_trajectory" for n in names)], stdout=subprocess.PIPE, text=True)
         assert rec.stdout is not None and rec.stdout.readline().strip() == "ready"
         rows = []
-        for name, (rate, threads, rt, mode) in zip(names, specs):
-            rows.append(run_ros(name, rate, args.seconds, threads, rt, timeout, mode=mode))
+        for name, (rate, threads, rt, mode, loop) in zip(names, specs):
+            rows.append(run_ros(name, rate, args.seconds, threads, rt, timeout, mode=mode, loop=loop))
             time.sleep(0.3)
         rec.send_signal(signal.SIGINT)
         rec.wait(30)
@@ -419,15 +450,16 @@ def main() -> None:
             key = f"{r['name']}__joint_trajectory"
             r.update(check_points(recorded[key], recorded[key + "__spans"], int(recorded["base_ns"][0]),
                                   r["t_stop"], timeout, 1.0 / r["rate"], r["horizon"]))
-        print("\n== Publication period error (executor node in-process: control thread + SingleThreadedExecutor,")
+        print("\n== Publication period error (executor node in-process; loop thread: its control thread, callbacks under")
+        print("   a SingleThreadedExecutor (as shipped); loop timer: an rclpy timer, all under a MultiThreadedExecutor;")
         print("   policy driver in-process, inference-like load thread in-process, controller side in a subprocess) ==")
-        print(f"{'mode':<7} {'pub Hz':>6} {'inference load':<26} {'it/s':>5} {'rt':>3} {'n':>5} {'p50 ms':>7} "
+        print(f"{'loop':<6} {'mode':<7} {'pub Hz':>6} {'inference load':<26} {'it/s':>5} {'rt':>3} {'n':>5} {'p50 ms':>7} "
               f"{'p99 ms':>7} {'max ms':>7} {'gap ms':>6} {'points':>6} {'limits':>6} {'max|v|':>6} {'max|a|':>6} "
               f"{'hold s':>6} {'budget':>6} {'loadavg':>7}")
         for r in rows:
             hold = f"{r['hold_after_s']:.3f}" if "hold_after_s" in r else "-"
             budget = f"{r['hold_budget_s']:.3f}" if "hold_budget_s" in r else "-"
-            print(f"{r['mode']:<7} {r['pub_rate']:>6.0f} {r['load']:<26} {r['load_iters_per_s']:>5.1f} {r['rt']:>3} "
+            print(f"{r['loop']:<6} {r['mode']:<7} {r['pub_rate']:>6.0f} {r['load']:<26} {r['load_iters_per_s']:>5.1f} {r['rt']:>3} "
                   f"{int(r['n']):>5} {r['p50_ms']:>7.3f} {r['p99_ms']:>7.3f} {r['max_ms']:>7.3f} "
                   f"{r.get('max_gap_ms', float('nan')):>6.1f} {r['points']:>6} "
                   f"{'ok' if r['limits_ok'] and r.get('stamps_increasing') else 'FAIL':>6} "
@@ -440,13 +472,22 @@ def main() -> None:
         print(" committed horizon (rolling) + max|v|/a_max + 30 ms; loadavg: system load average (other jobs")
         print(" share the 2 CPUs); rolling: 100 Hz internal grid, 10 points over 0.2 s published at 20 Hz)")
         for r in rows:
-            if r["rate"] == 100.0 and r["load"] != "none" and r["mode"] == "stream":
+            if r["rate"] == 100.0 and r["load"] != "none" and r["mode"] == "stream" and r["loop"] == "thread":
                 print(f"target p99 <= 2 ms at 100 Hz with inference (rt={r['rt']}): "
                       f"{'MET' if r['p99_ms'] <= 2.0 else 'NOT MET'} ({r['p99_ms']:.3f} ms)")
-        print("limits respected and stamps increasing in every run:",
-              all(r["limits_ok"] and r.get("stamps_increasing") for r in rows))
-        print("watchdog reached hold within budget in every run:", all(r["hold_ok"] for r in rows),
-              "| final watchdog state:", sorted({r["hold_state"] for r in rows}))
+        for a in rows:
+            for b in rows:
+                if a["loop"] == "timer" and b["loop"] == "thread" and (a["rate"], a["load"], a["rt"], a["mode"]) == (
+                        b["rate"], b["load"], b["rt"], b["mode"]):
+                    print(f"timer / thread at {a['rate']:g} Hz, load {a['load']}, rt={a['rt']}: p99 "
+                          f"{a['p99_ms'] / b['p99_ms']:.1f}x, max {a['max_ms'] / b['max_ms']:.1f}x, ticks "
+                          f"{int(a['n'])}/{int(b['n'])}")
+        for loop in ("thread", "timer"):
+            sel = [r for r in rows if r["loop"] == loop]
+            print(f"loop {loop}: limits respected and stamps increasing in every run:",
+                  all(r["limits_ok"] and r.get("stamps_increasing") for r in sel),
+                  "| watchdog reached hold within budget in every run:", all(r["hold_ok"] for r in sel),
+                  "| final watchdog state:", sorted({r["hold_state"] for r in sel}))
     print("\n== Merge strategies on a synthetic chunk sequence (core, 100 Hz, 10 Hz chunks of 50 @ 30 Hz) ==")
     print(f"{'strategy':<18} {'target jump':>11} {'boundary |dv|':>13} {'interior |dv|':>13} {'rms jerk':>9} "
           f"{'max jerk':>9} {'max |a|':>8} {'track rms':>9} {'clamps':>7}")
