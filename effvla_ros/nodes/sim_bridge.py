@@ -1,7 +1,7 @@
 """``sim_bridge``: the simulated SO-101 two-cube task as a ROS 2 robot (MuJoCo, ros2_control-like).
 
 Steps :class:`effvla_ros.sim.env.TwoCubePickPlaceEnv` at a fixed physics rate (``physics_dt``) in
-simulated time, from a steady-clock timer in its own callback group, ``real_time_factor`` simulated
+simulated time, from a physics thread on the monotonic clock, ``real_time_factor`` simulated
 seconds per wall second (0: as fast as possible, at most ``max_steps_per_tick`` physics steps per
 timer tick). It behaves like a robot driven by ros2_control's ``joint_trajectory_controller``:
 
@@ -54,7 +54,6 @@ from typing import Any
 import numpy as np
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -84,10 +83,10 @@ class SimBridgeConfig(SimConfig):
         read_only=True)
     real_time_factor: float = param(1.0, description="simulated seconds per wall second; 0 = as fast as possible",
                                     min=0.0, max=100.0)
-    tick_period: float = param(0.01, description="wall-clock period of the physics timer in seconds", min=0.001,
+    tick_period: float = param(0.01, description="wall-clock period of the physics loop in seconds", min=0.001,
                                max=0.1, read_only=True)
     max_steps_per_tick: int = param(50, description=(
-        "physics steps per timer tick at most (the step budget with real_time_factor 0; bounds catching up)"),
+        "physics steps per tick at most (the step budget with real_time_factor 0; bounds catching up)"),
         min=1, max=5000)
     gripper_controller: str = param("", description=(
         "if set, a second joint_trajectory_controller owning the 'gripper' joint, on "
@@ -178,11 +177,11 @@ class SimBridge(Node):
             )
         self.create_subscription(Int64, "/sim/reset", self._on_reset, 10, callback_group=self._io_group)
 
-        self._physics_group = MutuallyExclusiveCallbackGroup()
-        self._timer = self.create_timer(
-            cfg.tick_period, self._tick, callback_group=self._physics_group, clock=Clock(clock_type=ClockType.STEADY_TIME)
-        )
+        # physics: a thread of its own on the monotonic clock, not an rclpy timer (see _physics_loop)
+        self._stop_physics = threading.Event()
+        self._physics = threading.Thread(target=self._physics_loop, name="physics", daemon=True)
         self._announce()
+        self._physics.start()
         self.get_logger().info(
             f"sim_bridge: episode seed {cfg.seed} '{self._env.instruction}', physics {1 / self._env.physics_dt:.0f} Hz, "
             f"real_time_factor {cfg.real_time_factor or 'max'}, cameras {list(cfg.cameras)} {cfg.image_size}px, "
@@ -260,15 +259,29 @@ class SimBridge(Node):
         elif unchanged:  # the parameter did not change (no _on_params): reset anyway
             self._inbox.append(seed)
 
-    def _tick(self) -> None:
-        if not self.context.ok():
-            return
-        try:
-            self._tick_locked()
-        except Exception:
-            if self.context.ok():
-                raise
-            # shutting down (SIGINT): publishers are gone mid-tick; nothing to do
+    def _physics_loop(self) -> None:
+        """Tick every ``tick_period`` of the monotonic clock until the node is destroyed.
+
+        A thread of its own, like the chunk executor's control loop: an rclpy timer under a
+        MultiThreadedExecutor stalled for up to a second here, and under a SingleThreadedExecutor the
+        trajectory callbacks would wait for each tick. A failing tick is logged and the loop goes on.
+        """
+        period = self.config.tick_period
+        nxt = time.monotonic() + period
+        while not self._stop_physics.is_set() and self.context.ok():
+            delay = nxt - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+                continue
+            nxt += period
+            if nxt <= time.monotonic():
+                nxt = time.monotonic() + period
+            try:
+                self._tick_locked()
+            except Exception as e:  # noqa: BLE001 - shutting down (publishers gone), or logged
+                if self._stop_physics.is_set() or not self.context.ok():
+                    return
+                self.get_logger().error(f"physics tick failed: {type(e).__name__}: {e}", throttle_duration_sec=2.0)
 
     def _tick_locked(self) -> None:
         cfg = self.config
@@ -288,6 +301,8 @@ class SimBridge(Node):
                 n = cfg.max_steps_per_tick
             self._last_wall = wall
             for _ in range(n):
+                if self._inbox:  # arrived during this tick: applied at the current simulated time
+                    self._apply_requests()
                 self._step_once()
             success = self._env.success
             if success != self._last_success:
@@ -366,7 +381,9 @@ class SimBridge(Node):
 
     def destroy_node(self) -> None:
         try:
-            self._timer.cancel()
+            self._stop_physics.set()
+            if self._physics.is_alive() and self._physics is not threading.current_thread():
+                self._physics.join(5.0)
             with self._lock:
                 self._gl.submit(self._env.close).result(timeout=5)
             self._gl.shutdown(wait=False)

@@ -145,7 +145,8 @@ class JointTrajectoryFollower:
         start = float(now) if start_time == 0.0 else float(start_time)
         future = [p for p in points if start + float(p.time_from_start) > now]
         if not future:
-            raise TrajectoryError("every point is in the past")
+            last = start + max(float(p.time_from_start) for p in points)
+            raise TrajectoryError(f"every point is in the past (the last one by {now - last:.3f} s)")
         splice = max(start, float(now))
         q_s, v_s = self.sample(splice)
         idx = np.asarray([self._index[n] for n in names])
