@@ -224,6 +224,33 @@ def wave(center: float = 0.2, amp: float = 0.3, w: float = 1.5) -> Callable[[np.
     return lambda ts: np.stack([center + amp * np.sin(w * ts + j) for j in range(len(JOINTS))], axis=1)
 
 
+def test_control_loop_deadlines_keep_the_period_and_resume_from_now_after_a_stall(monkeypatch: Any) -> None:
+    """The executor's (and the simulation's) loop thread paces itself with Deadlines (fake clock here)."""
+    from effvla_ros.nodes.common import Deadlines
+
+    clock = [100.0]
+
+    def sleep(d: float) -> None:
+        assert d > 0
+        clock[0] += d
+
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(time, "sleep", sleep)
+    d = Deadlines(0.01)
+    ticks = []
+    for _ in range(3):
+        d.wait()
+        clock[0] += 0.002  # the loop's own work
+        ticks.append(clock[0])
+    np.testing.assert_allclose(np.diff(ticks), 0.01, atol=1e-12)  # work does not shift the grid
+    clock[0] += 0.055  # the loop stalled for 5.5 periods
+    d.wait()
+    t_late = clock[0]
+    assert t_late == pytest.approx(ticks[-1] + 0.055)  # overdue: no sleep
+    d.wait()
+    assert clock[0] == pytest.approx(t_late + 0.01)  # then one period from now, not a burst of late ones
+
+
 def test_waits_for_joint_state_starts_from_it_and_feedback(tmp_path: Path) -> None:
     from effvla_ros.msg import ExecutionFeedback
 

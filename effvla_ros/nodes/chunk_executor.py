@@ -58,6 +58,7 @@ from effvla_ros.core.executor import (
 )
 from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.msg import ActionChunk, ExecutionFeedback
+from effvla_ros.nodes.common import Deadlines
 from effvla_ros.nodes.param_bridge import ConfigParameters
 
 _STATE_NAMES = {s: s.name.lower() for s in ExecState}
@@ -302,7 +303,7 @@ class ChunkExecutorNode(Node):
         clock = self.get_clock()
         period = self._core.cfg.publish_period
         period_ns = int(round(period * 1e9))
-        next_wall = time.monotonic() + period
+        wall = Deadlines(period)
         next_ros: int | None = None
         while not self._stop.is_set() and self.context.ok():
             if clock.ros_time_is_active:
@@ -317,13 +318,9 @@ class ChunkExecutorNode(Node):
                     next_ros = now_ns + period_ns
             else:
                 next_ros = None
-                delay = next_wall - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                    continue
-                next_wall += period
-                if next_wall <= time.monotonic():
-                    next_wall = time.monotonic() + period
+                wall.wait()
+                if self._stop.is_set() or not self.context.ok():
+                    return
             try:
                 self._on_timer()
             except Exception as e:  # noqa: BLE001 - a publisher gone at shutdown; anything else is logged

@@ -102,6 +102,31 @@ def shared_policy(checkpoint: str, vlm_dir: str | None, runtime: Any) -> Any:
         return _models[key]
 
 
+# ------------------------------------------------------------------------------------- loop threads
+class Deadlines:
+    """Fixed-period deadlines on the monotonic clock, for a node's own loop thread (the chunk
+    executor's control loop, the simulation's physics): immune to system clock steps, and a loop that
+    fell more than a period behind resumes from now instead of running a burst of late iterations."""
+
+    def __init__(self, period: float) -> None:
+        import time
+
+        self.period = float(period)
+        self._next = time.monotonic() + self.period
+
+    def wait(self) -> None:
+        """Sleep until the next deadline, then set the one after it."""
+        import time
+
+        delay = self._next - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self._next += self.period
+        now = time.monotonic()
+        if self._next <= now:
+            self._next = now + self.period
+
+
 # ------------------------------------------------------------------------------------- worker thread
 class NodeWorker:
     """The heavy-compute thread of a node (encoder, inference): subscriptions only store the newest

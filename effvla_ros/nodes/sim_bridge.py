@@ -65,6 +65,7 @@ from std_msgs.msg import Bool, Int64, String
 from trajectory_msgs.msg import JointTrajectory
 
 from effvla_ros.core.params import param
+from effvla_ros.nodes.common import Deadlines
 from effvla_ros.nodes.param_bridge import ConfigParameters
 from effvla_ros.sim.env import JOINT_NAMES, SimConfig, TwoCubePickPlaceEnv
 from effvla_ros.sim.follower import JointTrajectoryFollower, TrajectoryError, TrajectoryPoint
@@ -266,16 +267,11 @@ class SimBridge(Node):
         MultiThreadedExecutor stalled for up to a second here, and under a SingleThreadedExecutor the
         trajectory callbacks would wait for each tick. A failing tick is logged and the loop goes on.
         """
-        period = self.config.tick_period
-        nxt = time.monotonic() + period
-        while not self._stop_physics.is_set() and self.context.ok():
-            delay = nxt - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-                continue
-            nxt += period
-            if nxt <= time.monotonic():
-                nxt = time.monotonic() + period
+        deadlines = Deadlines(self.config.tick_period)
+        while True:
+            deadlines.wait()
+            if self._stop_physics.is_set() or not self.context.ok():
+                return
             try:
                 self._tick_locked()
             except Exception as e:  # noqa: BLE001 - shutting down (publishers gone), or logged
