@@ -235,12 +235,15 @@ def merge(
     elif strategy == "crossfade":
         # the old plan's own knots up to t_c (not resampled: a burst of merges must not smooth them
         # over and over), then the new chunk's knots, blended with the old plan
+        # (the ramp starts at the commit time, or where the new chunk starts if that is later: a
+        # chunk observed after t_c fades in from the old plan instead of stepping onto it)
         kt, kp = _knots_between(old, -math.inf, t_c + 1e-9)
+        fade_start = max(t_c, float(times[0]))
         for t, p in zip(times, new.actions):
             if t <= t_c + 1e-9:
                 continue
             if crossfade_window > 0.0:
-                a = float(smoothstep5((t - t_c) / crossfade_window))
+                a = float(smoothstep5((t - fade_start) / crossfade_window))
                 p = (1.0 - a) * old.spline(float(t))[0] + a * p
             kt.append(float(t))
             kp.append(np.asarray(p, dtype=np.float64))
@@ -254,12 +257,14 @@ def merge(
     else:
         raise ValueError(f"merge_strategy: unknown strategy {strategy!r}")
 
-    if kt and kt[0] > t_c + min_gap:
-        # the new targets start after the commit time (a chunk observed after t_c, e.g. once the
-        # executor resumed from a stall): the old reference keeps going until they start, instead of
-        # a spline bridge from the committed command straight to the new chunk's first target
-        gt, gp = _knots_between(old, t_c + 1e-9, float(np.nextafter(kt[0] - min_gap, -math.inf)))
-        kt, kp = [*gt, *kt], [*gp, *kp]
+    after = next((i for i, t in enumerate(kt) if t > t_c + 1e-9), len(kt))
+    if after < len(kt) and kt[after] > t_c + min_gap:
+        # the new targets start after the commit time (a chunk observed after t_c, e.g. a burst of
+        # chunks merged once the executor resumed from a stall): the old reference keeps going until
+        # they start, instead of a spline bridge from the old knots at or before t_c (rtc, crossfade)
+        # or from the committed command (latest, temporal_ensemble) straight to the first new target
+        gt, gp = _knots_between(old, t_c + 1e-9, float(np.nextafter(kt[after] - min_gap, -math.inf)))
+        kt, kp = [*kt[:after], *gt, *kt[after:]], [*kp[:after], *gp, *kp[after:]]
     ft: list[float] = []
     fp: list[FloatArray] = []
     for t, p in zip(kt, kp):
