@@ -165,6 +165,54 @@ def test_episodes_are_deterministic(env):
     assert np.ptp(a["action"][:, 0]) > 0.01  # the arm did move
 
 
+def test_expert_target_probe_leaves_the_simulation_unchanged(env):
+    """The DART label of a perturbed step is the IK target of the expert's own action, computed on a
+    saved physics state: it equals what stepping that action sets, and the simulation is unchanged."""
+    from lerobot_env_so101.scripted import PickPlaceController
+
+    from effvla_ros.sim.dataset import _expert_target_without_applying
+
+    def run(probe: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        env.reset(seed=4)
+        ctrl = PickPlaceController()
+        labels = []
+        for _ in range(12):
+            a = env.expert_action(ctrl)
+            if probe:
+                labels.append(_expert_target_without_applying(env, a))
+            env.step(a)
+            if probe:
+                np.testing.assert_allclose(env.joint_targets(), labels[-1], atol=1e-9)
+        return env.joint_positions(), env.cube_positions(), labels
+
+    q_probe, cubes_probe, labels = run(True)
+    q_plain, cubes_plain, _ = run(False)
+    np.testing.assert_allclose(q_probe, q_plain, atol=1e-9)
+    np.testing.assert_allclose(cubes_probe, cubes_plain, atol=1e-9)
+    assert np.ptp(np.stack(labels)[:, 0]) > 0.01  # the probed targets moved with the expert
+
+
+def test_perturbed_episodes_drift_and_recover_with_expert_labels(env):
+    from effvla_ros.sim.dataset import Perturbation, record_episode
+
+    with pytest.raises(ValueError, match="prob"):
+        Perturbation(prob=1.5)
+    p = Perturbation(prob=1.0, max_segments=2)
+    clean = record_episode(env, 11, render=False)
+    a = record_episode(env, 11, render=False, perturb=p)
+    b = record_episode(env, 11, render=False, perturb=p)
+    for k in ("observation.state", "action", "perturbed"):  # deterministic per seed, perturbations included
+        np.testing.assert_array_equal(a[k], b[k])
+    n = int(a["perturbed"].sum())
+    assert 2 <= n <= 2 * p.steps_max and not clean["perturbed"].any()
+    first = int(np.argmax(a["perturbed"]))
+    # up to the first perturbed step the episode is the expert's; after it the arm is off its path
+    np.testing.assert_array_equal(a["observation.state"][: first + 1], clean["observation.state"][: first + 1])
+    assert np.abs(a["observation.state"][first + 1] - clean["observation.state"][first + 1]).max() > 1e-3
+    # (that a perturbed frame's label is the expert's own target: test_expert_target_probe_...)
+    assert a["next.success"][-1]  # the expert recovered and still did the task
+
+
 def test_recorded_actions_replayed_as_a_trajectory_succeed(env):
     """The demo's joint targets, sent through the trajectory follower (10 Hz points, linear), redo the task."""
     from effvla_ros.sim.dataset import record_episode

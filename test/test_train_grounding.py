@@ -155,7 +155,9 @@ def test_recipe_reuses_complete_demo_sets(tmp_path, monkeypatch):
     r = recipes.Recipe("t", demos=(recipes.DemoSet(seed=3, episodes=2, image_size=SIZE),))
     root = tmp_path / r.demos[0].name
     index = write_demos(root, [_episode(8, 3), _episode(8, 4)])
-    index["generator"] = {"base_seed": 3}
+    from effvla_ros.sim.scene import SCENE_VERSION
+
+    index["generator"] = {"base_seed": 3, "scene_version": SCENE_VERSION, "perturb": None}
     (root / "index.json").write_text(json.dumps(index))
 
     def no_generate(*a, **k):
@@ -163,3 +165,16 @@ def test_recipe_reuses_complete_demo_sets(tmp_path, monkeypatch):
 
     monkeypatch.setattr("effvla_ros.sim.dataset.generate", no_generate)
     assert recipes.ensure_demos(r, tmp_path, progress=False, log=lambda s: None) == [str(root)]
+
+    # a set rendered from another scene version, or without the recipe's perturbations, is regenerated
+    calls = []
+    monkeypatch.setattr("effvla_ros.sim.dataset.generate", lambda root, n, **k: calls.append((root, n, k)))
+    for gen in ({"base_seed": 3, "scene_version": SCENE_VERSION - 1, "perturb": None},
+                {"base_seed": 3, "scene_version": SCENE_VERSION, "perturb": {"prob": 0.2}}):
+        index["generator"] = gen
+        (root / "index.json").write_text(json.dumps(index))
+        recipes.ensure_demos(r, tmp_path, progress=False, log=lambda s: None)
+    assert len(calls) == 2 and all(k["perturb"] is None for _, _, k in calls)
+    dart = recipes.Recipe("d", demos=(recipes.DemoSet(seed=3, episodes=2, image_size=SIZE, perturb=True),))
+    recipes.ensure_demos(dart, tmp_path, progress=False, log=lambda s: None)
+    assert calls[-1][2]["perturb"] is not None and dart.demos[0].name != r.demos[0].name

@@ -29,17 +29,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh-faces", type=int, default=None,
                         help="triangles per decimated visual mesh (0: original meshes; default 1500)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1; the result is the same)")
+    parser.add_argument("--perturb", action="store_true",
+                        help="DART perturbations of the free-space motion (labels stay the expert's; "
+                             "see effvla_ros.sim.dataset.Perturbation for the defaults)")
+    parser.add_argument("--perturb-prob", type=float, default=None,
+                        help="with --perturb: probability per free-space step of starting a perturbation")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
-    from effvla_ros.sim.dataset import generate
+    from effvla_ros.sim.dataset import Perturbation, generate
 
     if args.episodes < 1:
         print("effvla gen-demos: --episodes must be at least 1", file=sys.stderr)
         return 2
     cameras = tuple(c.strip() for c in args.cameras.split(",") if c.strip())
+    perturb = None
+    if args.perturb:
+        try:
+            perturb = Perturbation() if args.perturb_prob is None else Perturbation(prob=args.perturb_prob)
+        except ValueError as e:
+            print(f"effvla gen-demos: --perturb-{e}", file=sys.stderr)
+            return 2
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -65,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             paraphrase=not args.canonical,
             mesh_faces=args.mesh_faces,
             workers=max(1, args.workers),
+            perturb=perturb,
             progress=progress,
         )
     except ValueError as e:

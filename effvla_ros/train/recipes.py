@@ -20,10 +20,14 @@ class DemoSet:
     seed: int  # seed of the first episode (gen-demos --seed)
     episodes: int
     image_size: int = 64
+    perturb: bool = False  # DART perturbations with the default Perturbation (gen-demos --perturb)
 
     @property
     def name(self) -> str:
-        return f"so101_s{self.image_size}_seed{self.seed}_n{self.episodes}"
+        from effvla_ros.sim.scene import SCENE_VERSION
+
+        dart = "_dart" if self.perturb else ""
+        return f"so101v{SCENE_VERSION}_s{self.image_size}_seed{self.seed}_n{self.episodes}{dart}"
 
 
 @dataclass(frozen=True)
@@ -53,9 +57,13 @@ def _complete(root: Path, ds: DemoSet) -> bool:
         index = json.loads((root / "index.json").read_text())
     except (OSError, ValueError):
         return False
+    from effvla_ros.sim.scene import SCENE_VERSION
+
     eps = index.get("episodes", [])
+    gen = index.get("generator", {})
     return (len(eps) >= ds.episodes and int(index.get("image_size", -1)) == ds.image_size
-            and index.get("generator", {}).get("base_seed") == ds.seed
+            and gen.get("base_seed") == ds.seed and gen.get("scene_version") == SCENE_VERSION
+            and (gen.get("perturb") is not None) == ds.perturb
             and all((root / e["file"]).exists() for e in eps[: ds.episodes]))
 
 
@@ -67,9 +75,10 @@ def ensure_demos(recipe: Recipe, demos_root: str | Path, *, workers: int = 2, pr
     for ds in recipe.demos:
         root = Path(demos_root) / ds.name
         if not _complete(root, ds):
-            from effvla_ros.sim.dataset import generate
+            from effvla_ros.sim.dataset import Perturbation, generate
 
-            log(f"recipe {recipe.name}: generating {ds.episodes} demos (seed {ds.seed}, {ds.image_size} px) "
+            log(f"recipe {recipe.name}: generating {ds.episodes} {'perturbed ' if ds.perturb else ''}demos "
+                f"(seed {ds.seed}, {ds.image_size} px) "
                 f"in {root} with {workers} workers")
             bar = None
             if progress:
@@ -84,6 +93,7 @@ def ensure_demos(recipe: Recipe, demos_root: str | Path, *, workers: int = 2, pr
 
             try:
                 generate(root, ds.episodes, image_size=ds.image_size, seed=ds.seed, workers=max(1, workers),
+                         perturb=Perturbation() if ds.perturb else None,
                          progress=cb)
             finally:
                 if bar is not None:
