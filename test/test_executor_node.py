@@ -250,6 +250,24 @@ def test_control_loop_deadlines_keep_the_period_and_resume_from_now_after_a_stal
     d.wait()
     assert clock[0] == pytest.approx(t_late + 0.01)  # then one period from now, not a burst of late ones
 
+    # with a clock of its own (the ROS clock under use_sim_time): polled in wall-clock naps
+    sim = [5.0]
+    naps = []
+
+    def nap(dt: float) -> None:
+        naps.append(dt)
+        sim[0] += 0.004  # /clock advances while the loop naps
+
+    monkeypatch.setattr(time, "sleep", nap)
+    s = Deadlines(0.01, clock=lambda: sim[0])
+    assert s.wait() and sim[0] >= 5.01 and naps and all(n == 0.002 for n in naps)
+    t1 = sim[0]
+    assert s.wait() and t1 + 0.01 <= sim[0] < t1 + 0.01 + 0.004 + 1e-9  # the next deadline is on the grid
+    sim[0] = 1.0  # the simulation was reset: the clock jumped back, the grid restarts from its new time
+    assert s.wait() and 1.01 <= sim[0] < 1.01 + 0.004 + 1e-9
+    before = sim[0]
+    assert not s.wait(cancel=lambda: True) and sim[0] == before  # cancelled while waiting: no deadline passed
+
 
 def test_waits_for_joint_state_starts_from_it_and_feedback(tmp_path: Path) -> None:
     from effvla_ros.msg import ExecutionFeedback

@@ -302,22 +302,22 @@ class ChunkExecutorNode(Node):
             self.get_logger().warning(f"realtime_priority: cannot use SCHED_FIFO ({err}); normal scheduling")
         clock = self.get_clock()
         period = self._core.cfg.publish_period
-        period_ns = int(round(period * 1e9))
         wall = Deadlines(period)
-        next_ros: int | None = None
+        sim = Deadlines(period, clock=lambda: clock.now().nanoseconds * 1e-9)
+        on_sim = False
+
+        def leave_sim_wait() -> bool:
+            return self._stop.is_set() or not self.context.ok() or not clock.ros_time_is_active
+
         while not self._stop.is_set() and self.context.ok():
             if clock.ros_time_is_active:
-                now_ns = clock.now().nanoseconds
-                if next_ros is None or now_ns < next_ros - 2 * period_ns:
-                    next_ros = now_ns + period_ns
-                if now_ns < next_ros:
-                    time.sleep(min(period, 0.002))
+                if not on_sim:
+                    sim.reset()
+                    on_sim = True
+                if not sim.wait(leave_sim_wait):
                     continue
-                next_ros += period_ns
-                if next_ros <= now_ns:
-                    next_ros = now_ns + period_ns
             else:
-                next_ros = None
+                on_sim = False
                 wall.wait()
                 if self._stop.is_set() or not self.context.ok():
                     return

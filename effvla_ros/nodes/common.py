@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import types
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -104,27 +105,55 @@ def shared_policy(checkpoint: str, vlm_dir: str | None, runtime: Any) -> Any:
 
 # ------------------------------------------------------------------------------------- loop threads
 class Deadlines:
-    """Fixed-period deadlines on the monotonic clock, for a node's own loop thread (the chunk
-    executor's control loop, the simulation's physics): immune to system clock steps, and a loop that
-    fell more than a period behind resumes from now instead of running a burst of late iterations."""
+    """Fixed-period deadlines for a node's own loop thread (the chunk executor's control loop, the
+    simulation's physics): a loop that fell more than a period behind resumes from now instead of
+    running a burst of late iterations.
 
-    def __init__(self, period: float) -> None:
-        import time
+    Default clock: the monotonic one (immune to system clock steps), one sleep to each deadline. With
+    ``clock`` (seconds, e.g. the ROS clock under ``use_sim_time``) the wait polls it in wall-clock
+    ``nap`` sleeps, and a clock that jumps back by more than two periods (a simulation reset)
+    restarts the grid from its new time.
+    """
 
+    def __init__(self, period: float, clock: Callable[[], float] | None = None, nap: float = 0.002) -> None:
         self.period = float(period)
-        self._next = time.monotonic() + self.period
+        self._clock = clock
+        self._nap = min(self.period, float(nap))
+        self.reset()
 
-    def wait(self) -> None:
-        """Sleep until the next deadline, then set the one after it."""
+    def _now(self) -> float:
         import time
 
-        delay = self._next - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+        return self._clock() if self._clock is not None else time.monotonic()
+
+    def reset(self) -> None:
+        """The next deadline is one period from now."""
+        self._next = self._now() + self.period
+
+    def wait(self, cancel: Callable[[], bool] | None = None) -> bool:
+        """Sleep until the next deadline, then set the one after it. With a ``clock``: False, without
+        advancing, as soon as ``cancel()`` is true while waiting."""
+        import time
+
+        if self._clock is None:
+            delay = self._next - self._now()
+            if delay > 0:
+                time.sleep(delay)
+        else:
+            while True:
+                now = self._now()
+                if now < self._next - 2.0 * self.period:
+                    self._next = now + self.period
+                if now >= self._next:
+                    break
+                if cancel is not None and cancel():
+                    return False
+                time.sleep(self._nap)
         self._next += self.period
-        now = time.monotonic()
+        now = self._now()
         if self._next <= now:
             self._next = now + self.period
+        return True
 
 
 # ------------------------------------------------------------------------------------- worker thread

@@ -165,8 +165,7 @@ def record_episode(
         cubes.append(env.cube_positions())
         a = env.expert_action(ctrl)
         if perturb is not None:
-            free = ctrl.phase.name in _PERTURBED_PHASES
-            if not free:
+            if ctrl.phase.name not in _PERTURBED_PHASES:
                 seg_left = 0
             elif seg_left == 0 and segments < perturb.max_segments and rng.random() < perturb.prob:
                 seg_left = int(rng.integers(perturb.steps_min, perturb.steps_max + 1))
@@ -295,6 +294,7 @@ def generate(
     cfg = SimConfig(image_size=image_size, cameras=list(cameras), paraphrase=paraphrase, mesh_faces=faces)
     scene_mod.scene_xml(faces or None)  # build the mesh cache once, before any worker starts
     max_attempts = max_attempts if max_attempts is not None else 2 * episodes + 10
+    perturb_dict = dataclasses.asdict(perturb) if perturb is not None else None
     index: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -312,7 +312,7 @@ def generate(
             "mesh_faces": faces,
             "scene_version": scene_mod.SCENE_VERSION,
             "max_steps": max_steps,
-            "perturb": dataclasses.asdict(perturb) if perturb is not None else None,
+            "perturb": perturb_dict,
             "versions": _versions(),
         },
         "episodes": [],
@@ -328,8 +328,7 @@ def generate(
             import multiprocessing
 
             pool = multiprocessing.get_context("spawn").Pool(
-                workers, initializer=_worker_init, initargs=(cfg.to_dict(), str(out_dir), max_steps, keep_failed,
-                          dataclasses.asdict(perturb) if perturb is not None else None)
+                workers, initializer=_worker_init, initargs=(cfg.to_dict(), str(out_dir), max_steps, keep_failed, perturb_dict)
             )
             results = pool.imap(_worker_run, seeds)
         else:
