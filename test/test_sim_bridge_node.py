@@ -173,7 +173,8 @@ def test_expert_demo_sent_as_trajectory_reports_success(bridge):
         wait_for(lambda: probe.last("success").data is True, 60)
     except TimeoutError:
         pytest.fail(f"no success reported; joints {probe.joints()}\n{proc.log()[-2000:]}")
-    ep = json.loads(probe.last("episode").data)
+    # the episode summary is published right after /sim/success, on its own topic: it may arrive later
+    ep = wait_for(lambda: (lambda e: e if e["success"] else None)(json.loads(probe.last("episode").data)), 10)
     assert ep["seed"] == 6 and ep["success"] is True
 
 
