@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from effvla_ros.train.evaluate import BASELINE, EvalSetting, parse_sweep
+from effvla_ros.train.evaluate import BASELINE, OUTCOMES, EvalSetting, classify_outcome, parse_sweep
 
 CKPT = Path(__file__).resolve().parents[1] / "effvla_ros" / "assets" / "so101_pickplace"
 
@@ -60,6 +60,8 @@ def test_eval_sim_one_short_episode_reports_and_moves_the_arm(tmp_path):
         assert 1 <= ep["steps"] <= 8
         assert ep["arm_motion"] > 0.01  # the policy's joint targets moved the arm
         assert ep["inferences"] == (ep["steps"] + 4) // 5  # one inference per 5 executed actions
+        assert ep["outcome"] in OUTCOMES and s["outcomes"][ep["outcome"]] == 1 and sum(s["outcomes"].values()) == 1
+        assert (ep["outcome"] == "success") == ep["success"]
         per = s["per_inference"]
         assert per["total_tokens"] == 32 and per["encoder_flops"] > 0 and per["policy_s"] > 0
     base, pruned, rtc = rep["settings"]
@@ -68,3 +70,14 @@ def test_eval_sim_one_short_episode_reports_and_moves_the_arm(tmp_path):
     assert base["per_inference"]["guided"] == 0
     if rtc["episode_results"][0]["inferences"] > 1:
         assert rtc["per_inference"]["guided"] > 0  # every inference after the first is guided
+
+
+def test_outcome_classification():
+    nan = float("nan")
+    assert classify_outcome(True, nan, nan, 0.0) == "success"
+    assert classify_outcome(False, nan, nan, 0.0) == "no_grasp"  # the gripper never closed
+    assert classify_outcome(False, 9.0, 1.5, 0.0) == "wrong_cube"
+    assert classify_outcome(False, 2.0, 2.5, 0.0) == "not_lifted"  # at the instructed cube (nearer to it)
+    assert classify_outcome(False, 5.0, 6.0, 0.0) == "missed"
+    assert classify_outcome(False, 1.0, 8.0, 0.5) == "not_lifted"
+    assert classify_outcome(False, 1.0, 8.0, 4.0) == "not_placed"

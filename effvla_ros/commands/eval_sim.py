@@ -6,8 +6,10 @@ reports per setting the success rate, the episode length, and per inference the 
 kept / reused visual tokens, the stage times (and FLOPs with ``--count-flops``). The first setting is
 the baseline with every optimization off; each ``--sweep name=v1,v2`` adds one setting per value on
 top of it (``section.field``: pruning.*, reuse.*, early_exit.*, expert_reuse.*, rtc.*, num_steps,
-horizon, delay_steps; join several changes of one setting with ``+``). Prints a table; ``--out``
-writes the full report (incl. every episode) as JSON. See :mod:`effvla_ros.train.evaluate`.
+horizon, delay_steps; join several changes of one setting with ``+``). Each failed episode is classified
+(wrong cube / missed / not lifted / not placed / no grasp, from where the gripper first closed:
+:func:`effvla_ros.train.evaluate.classify_outcome`). Prints a table; ``--out`` writes the full report
+(incl. every episode) as JSON. See :mod:`effvla_ros.train.evaluate`.
 """
 from __future__ import annotations
 

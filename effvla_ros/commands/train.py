@@ -60,10 +60,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(needs demos with env.cube_positions; 0: off, the default; the heads are not saved)")
     parser.add_argument("--aux-pose", action="store_const", const=True, default=None,
                         help="the grounding loss also regresses the grasp / release joint poses")
+    parser.add_argument("--aux-wrist", action="store_const", const=True, default=None,
+                        help="the grounding loss also regresses the instructed cube relative to the jaw point from "
+                             "the wrist camera's tokens (forward kinematics of the recorded joints; needs MuJoCo)")
     parser.add_argument("--aux-layer", type=int, default=None,
                         help=f"VLM layer feeding the prefix grounding head (<0: from the end; default {d.aux_layer})")
     parser.add_argument("--decision-weight", type=float, default=None,
                         help="sampling weight of decision frames (episode start, grasp) vs the others (default 1)")
+    parser.add_argument("--color-swap", type=float, default=None,
+                        help="fraction of samples whose red / green / blue cube colours are permuted in the images "
+                             "and the instruction alike (training-only augmentation; default 0)")
+    parser.add_argument("--prune-train", type=float, default=None,
+                        help="fraction of samples trained on the prefix the runtime token pruning keeps "
+                             "(pruning-aware training; default 0)")
+    parser.add_argument("--prune-keep-ratio", type=float, default=None,
+                        help="pruning.keep_ratio for those samples (default 0.5, the runtime default)")
     parser.add_argument("--patch-size", type=int, default=None,
                         help="vision patch size (default: small_arch's 8; with --init: the checkpoint's)")
     parser.add_argument("--pixel-shuffle", type=int, default=None,
@@ -74,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 _FIELDS = ("steps", "batch", "lr", "weight_decay", "warmup", "image_size", "seed", "shift", "state_dropout", "ema",
            "save_every", "max_episodes", "max_minutes", "threads", "save_dtype", "init", "aux_weight", "aux_pose",
-           "aux_layer", "decision_weight")
+           "aux_layer", "aux_wrist", "decision_weight", "color_swap", "prune_train", "prune_keep_ratio")
 
 
 def run(args: argparse.Namespace) -> int:

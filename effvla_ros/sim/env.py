@@ -186,6 +186,24 @@ class TwoCubePickPlaceEnv(SO101GymEnv):
         """(6, 2) lower/upper position target of each joint in :data:`JOINT_NAMES`."""
         return self._ctrl_range.copy()
 
+    def jaw_points(self, joint_positions: np.ndarray) -> np.ndarray:
+        """(T, 6) joint positions (order :data:`JOINT_NAMES`) -> (T, 3) world positions of the jaw point
+        (:attr:`ik_point_pos`, the point the scripted expert puts on a cube to grasp it), by forward kinematics.
+        The simulation state is restored afterwards."""
+        q = np.asarray(joint_positions, dtype=np.float64).reshape(-1, len(JOINT_NAMES))
+        m, d = self._model, self._data
+        saved = d.qpos.copy()
+        out = np.empty((q.shape[0], 3))
+        try:
+            for i, qi in enumerate(q):
+                d.qpos[self._joint_qpos_adr] = qi
+                mujoco.mj_kinematics(m, d)
+                out[i] = self.ik_point_pos
+        finally:
+            d.qpos[:] = saved
+            mujoco.mj_forward(m, d)
+        return out
+
     def joint_positions(self) -> np.ndarray:
         return self._data.qpos[self._joint_qpos_adr].astype(np.float64)
 

@@ -177,6 +177,36 @@ class EpisodeResult:
     inferences: int
     arm_motion: float  # max |q - q0| over the episode (rad), 5 arm joints
     per_inference: dict[str, float]  # means over the episode's inferences
+    outcome: str = ""  # :data:`OUTCOMES` (see :func:`classify_outcome`)
+    grasp_dist_target_cm: float = math.nan  # at the first commanded close: jaw point to the instructed cube (xy)
+    grasp_dist_other_cm: float = math.nan  # ... and to the other cube
+    target_lift_cm: float = math.nan  # highest rise of the instructed cube above its start
+
+
+OUTCOMES: tuple[str, ...] = ("success", "no_grasp", "wrong_cube", "missed", "not_lifted", "not_placed")
+NEAR_CM = 3.0  # a grasp closer than this (xy) to a cube is "at" that cube
+LIFT_CM = 2.0  # the instructed cube counts as lifted above this rise
+
+
+def classify_outcome(success: bool, dist_target_cm: float, dist_other_cm: float, lift_cm: float) -> str:
+    """How an episode ended, from where the gripper first closed and how high the instructed cube rose.
+
+    ``success``; ``no_grasp``: the gripper command never closed; ``wrong_cube``: it first closed within
+    :data:`NEAR_CM` of the other cube, nearer to it than to the instructed one; ``missed``: it first closed
+    :data:`NEAR_CM` or more from both cubes; ``not_lifted``: it first closed at the instructed cube, which
+    never rose :data:`LIFT_CM`; ``not_placed``: the instructed cube was lifted but not placed as instructed.
+    """
+    if success:
+        return "success"
+    if lift_cm >= LIFT_CM:
+        return "not_placed"
+    if math.isnan(dist_target_cm):
+        return "no_grasp"
+    if dist_other_cm < NEAR_CM and dist_other_cm < dist_target_cm:
+        return "wrong_cube"
+    if dist_target_cm >= NEAR_CM:
+        return "missed"
+    return "not_lifted"
 
 
 def _image(arr: np.ndarray) -> torch.Tensor:
@@ -215,6 +245,11 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting
         stats.setdefault(k, []).append(float(v))
 
     steps = 0
+    grip_mid = float(np.mean(env.ctrl_range[-1]))  # commanded jaw angle below this = closing
+    target, other = env.task.target_cube, 1 - env.task.target_cube
+    z0 = float(env.cube_positions()[target][2])
+    lift = 0.0
+    grasp: tuple[float, float] | None = None
     for k in range(max_steps):
         if k == next_obs:
             images = env.render_all()
@@ -263,13 +298,20 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting
         assert cur is not None
         row = min(k - cur_start, h_chunk - 1)
         env.set_joint_targets(cur[row].numpy().astype(np.float64))
+        if grasp is None and float(cur[row][-1]) < grip_mid:
+            jaw, cubes = np.asarray(env.ik_point_pos)[:2], env.cube_positions()[:, :2]
+            grasp = (100 * float(np.linalg.norm(jaw - cubes[target])), 100 * float(np.linalg.norm(jaw - cubes[other])))
         env.step_physics(n_phys)
         steps = k + 1
         motion = max(motion, float(np.max(np.abs(env.joint_positions()[:5] - q0[:5]))))
+        lift = max(lift, 100 * (float(env.cube_positions()[target][2]) - z0))
         if env.success:
             break
     per = {k: float(np.mean(v)) for k, v in stats.items()}
-    return EpisodeResult(int(seed), instruction, bool(env.success), steps, len(stats.get("policy_s", [])), motion, per)
+    dt_cm, do_cm = grasp if grasp is not None else (math.nan, math.nan)
+    outcome = classify_outcome(bool(env.success), dt_cm, do_cm, lift)
+    return EpisodeResult(int(seed), instruction, bool(env.success), steps, len(stats.get("policy_s", [])), motion, per,
+                         outcome, dt_cm, do_cm, lift)
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -293,6 +335,7 @@ def summarize(setting: EvalSetting, results: Sequence[EpisodeResult], *, default
         "mean_length_success": float(np.mean([r.steps for r in succ])) if succ else math.nan,
         "inferences_per_episode": float(np.mean([r.inferences for r in results])) if n else math.nan,
         "per_inference": per,
+        "outcomes": {o: sum(r.outcome == o for r in results) for o in OUTCOMES},
         "episode_results": [dataclasses.asdict(r) for r in results],
     }
 
@@ -378,7 +421,7 @@ def evaluate_parallel(checkpoint: str, settings: Sequence[EvalSetting], seeds: S
 def format_table(report: dict[str, Any]) -> str:
     """A fixed-width table: one row per setting."""
     cols = ["setting", "success", "len", "len_ok", "kept/tot", "reused", "enc MFLOP", "enc ms", "prefill ms",
-            "denoise ms", "exit", "exp.reuse"]
+            "denoise ms", "exit", "exp.reuse", "failures: wrong/missed/no-lift/no-place/no-grasp"]
     rows = []
     for s in report["settings"]:
         p = s["per_inference"]
@@ -390,6 +433,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{p.get('reused_tokens', math.nan):.1f}", f"{enc:.2f}", f"{1e3 * p.get('encoder_s', math.nan):.1f}",
             f"{1e3 * p.get('prefill_s', math.nan):.1f}", f"{1e3 * p.get('denoise_s', math.nan):.1f}",
             f"{p.get('exit_layer', math.nan):.2f}", f"{p.get('expert_reused_layers', math.nan):.1f}",
+            "/".join(str(s.get("outcomes", {}).get(o, "-"))
+                     for o in ("wrong_cube", "missed", "not_lifted", "not_placed", "no_grasp")),
         ])
         if "prefill_flops" in p:
             rows[-1][8] += f" ({p['prefill_flops'] / 1e6:.1f}MF)"

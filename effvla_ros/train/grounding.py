@@ -14,35 +14,41 @@ normalized as ``((x - 0.225) / 0.05, y / 0.05)``; :data:`TARGET_NAMES` lists the
 * ``target`` (the instructed cube, current position) and ``goal`` (the instructed place);
 * with ``pose=True`` also the arm's 5 joint targets at the grasp (the action where the commanded gripper
   angle first drops) and at the release (where it next rises), normalized with the action statistics:
-  the same targets for every frame of the episode, i.e. "where will the arm have to go".
+  the same targets for every frame of the episode, i.e. "where will the arm have to go";
+* with jaw points (``aux_wrist``) also the instructed cube's (x, y) relative to the jaw point (the point
+  the expert closes the jaws on), normalized by the same 5 cm: what the wrist camera sees up close.
 
 Heads (:class:`GroundingHeads`; small MLPs, trained alongside, **never saved with the checkpoint** — the
 inference model and its LeRobot layout are unchanged):
 
 * ``visual``: flattened connector tokens of the scene camera -> the instruction-free targets;
+* ``wrist`` (with ``aux_wrist``): flattened connector tokens of the wrist camera -> the jaw-relative target;
 * ``prefix``: hidden state of the state token (the last prefix token, which attends to every image and
   language token) at the output of VLM layer ``layer`` -> all targets. That hidden state feeds the next
   layer's keys / values, which the action expert reads.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effvla_ros.sim.task import TaskSpec
 from effvla_ros.train.data import Episode
 
 XY_CENTER = (0.225, 0.0)
 XY_SCALE = 0.05
-_COLORS = ("red", "green", "blue", "yellow")
-TARGET_NAMES: tuple[str, ...] = (*_COLORS, "plate", "mat", "target", "goal")
+COLOR_NAMES: tuple[str, ...] = ("red", "green", "blue", "yellow")  # order of the per-colour targets
+TARGET_NAMES: tuple[str, ...] = (*COLOR_NAMES, "plate", "mat", "target", "goal")
 N_VISUAL = 6  # the first 6 names (x, y each) are instruction-free
 N_XY = 2 * len(TARGET_NAMES)
 N_POSE = 10  # grasp pose (5 joints), release pose (5 joints)
-N_TARGETS = N_XY + N_POSE
+N_REL = 2  # the instructed cube's (x, y) relative to the jaw point (with jaw points, see grounding_targets)
+N_TARGETS = N_XY + N_POSE + N_REL
 
 
 def _norm_xy(xy: np.ndarray) -> np.ndarray:
@@ -67,20 +73,32 @@ def _pose_targets(ep: Episode, mean: np.ndarray, std: np.ndarray) -> tuple[np.nd
     return out, mask
 
 
-def grounding_targets(ep: Episode, action_stats: tuple[np.ndarray, np.ndarray] | None = None
-                      ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(targets (T, N_TARGETS) float32, mask (T, N_TARGETS) bool) of an episode, or None when the episode
-    has no recorded cube positions / seed or its seed does not reproduce its instruction and layout.
-    The pose targets are filled (and unmasked) only with ``action_stats`` = (mean, std) of the actions."""
+def episode_spec(ep: Episode) -> TaskSpec | None:
+    """The task spec of a recorded episode (from its seed), or None when the episode has no seed or its seed
+    does not reproduce its instruction (with or without paraphrasing)."""
     from effvla_ros.sim.task import sample_task
 
-    if ep.cube_pos is None or ep.seed < 0:
+    if ep.seed < 0:
         return None
-    spec = sample_task(ep.seed)
-    if spec.instruction != ep.task:
-        spec = sample_task(ep.seed, paraphrase=False)
-        if spec.instruction != ep.task:
-            return None
+    for paraphrase in (True, False):
+        spec = sample_task(ep.seed, paraphrase=paraphrase)
+        if spec.instruction == ep.task:
+            return spec
+    return None
+
+
+def grounding_targets(ep: Episode, action_stats: tuple[np.ndarray, np.ndarray] | None = None,
+                      jaw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(targets (T, N_TARGETS) float32, mask (T, N_TARGETS) bool) of an episode, or None when the episode
+    has no recorded cube positions / seed or its seed does not reproduce its instruction and layout.
+    The pose targets are filled (and unmasked) only with ``action_stats`` = (mean, std) of the actions, the
+    relative targets only with ``jaw`` (T, 3), the jaw point of every frame (forward kinematics of the
+    recorded joint positions, :meth:`~effvla_ros.sim.env.TwoCubePickPlaceEnv.jaw_points`)."""
+    if ep.cube_pos is None:
+        return None
+    spec = episode_spec(ep)
+    if spec is None:
+        return None
     cubes = np.asarray(ep.cube_pos, dtype=np.float32)[:, :, :2]          # (T, 2, 2)
     if not np.allclose(cubes[0], np.asarray(spec.cube_xy, dtype=np.float32), atol=5e-3):
         return None
@@ -88,7 +106,7 @@ def grounding_targets(ep: Episode, action_stats: tuple[np.ndarray, np.ndarray] |
     tgt = np.zeros((t, len(TARGET_NAMES), 2), dtype=np.float32)
     mask = np.zeros((t, len(TARGET_NAMES)), dtype=bool)
     for k, color in enumerate(spec.cube_colors):
-        ci = _COLORS.index(color)
+        ci = COLOR_NAMES.index(color)
         tgt[:, ci] = _norm_xy(cubes[:, k])
         mask[:, ci] = True
     for name in ("plate", "mat"):
@@ -103,14 +121,21 @@ def grounding_targets(ep: Episode, action_stats: tuple[np.ndarray, np.ndarray] |
     if action_stats is not None:
         p, m = _pose_targets(ep, np.asarray(action_stats[0]), np.asarray(action_stats[1]))
         pose[:], pmask[:] = p, m
-    return (np.concatenate([tgt.reshape(t, -1), pose], axis=1),
-            np.concatenate([np.repeat(mask, 2, axis=1), pmask], axis=1))
+    rel = np.zeros((t, N_REL), np.float32)
+    rmask = np.zeros((t, N_REL), bool)
+    if jaw is not None:
+        rel[:] = (cubes[:, spec.target_cube] - np.asarray(jaw, np.float32)[:, :2]) / XY_SCALE
+        rmask[:] = True
+    return (np.concatenate([tgt.reshape(t, -1), pose, rel], axis=1),
+            np.concatenate([np.repeat(mask, 2, axis=1), pmask, rmask], axis=1))
 
 
 class GroundingTargets:
     """Per-episode targets of a :class:`~effvla_ros.train.data.ChunkDataset`'s episodes, batched by sample."""
 
-    def __init__(self, episodes: Sequence[Episode], *, pose: bool = False) -> None:
+    def __init__(self, episodes: Sequence[Episode], *, pose: bool = False,
+                 jaw_fn: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        """``jaw_fn``: (T, 6) joint positions -> (T, 3) jaw points; fills the relative targets."""
         self.targets: list[np.ndarray] = []
         self.masks: list[np.ndarray] = []
         self.num_with_targets = 0
@@ -119,7 +144,7 @@ class GroundingTargets:
             acts = np.concatenate([e.action for e in episodes]).astype(np.float64)
             stats = (acts.mean(0), np.maximum(acts.std(0), 1e-3))
         for ep in episodes:
-            r = grounding_targets(ep, stats)
+            r = grounding_targets(ep, stats, jaw_fn(ep.state) if jaw_fn is not None else None)
             if r is None:
                 r = (np.zeros((ep.length, N_TARGETS), np.float32), np.zeros((ep.length, N_TARGETS), bool))
             else:
@@ -135,10 +160,15 @@ class GroundingTargets:
 
 
 class GroundingHeads(nn.Module):
-    """The two training-only regression heads (see the module docstring)."""
+    """The training-only regression heads (see the module docstring); ``wrist_tokens > 0`` adds the wrist head
+    (flattened wrist-camera tokens -> the instructed cube relative to the jaw point)."""
 
-    def __init__(self, n_visual_tokens: int, d_vlm: int, hidden: int = 128) -> None:
+    def __init__(self, n_visual_tokens: int, d_vlm: int, hidden: int = 128, wrist_tokens: int = 0) -> None:
         super().__init__()
+        self.wrist: nn.Module | None = None
+        if wrist_tokens > 0:
+            self.wrist = nn.Sequential(nn.LayerNorm(wrist_tokens * d_vlm), nn.Linear(wrist_tokens * d_vlm, hidden),
+                                       nn.GELU(), nn.Linear(hidden, N_REL))
         self.visual = nn.Sequential(nn.LayerNorm(n_visual_tokens * d_vlm), nn.Linear(n_visual_tokens * d_vlm, hidden),
                                     nn.GELU(), nn.Linear(hidden, 2 * N_VISUAL))
         self.prefix = nn.Sequential(nn.LayerNorm(d_vlm), nn.Linear(d_vlm, hidden), nn.GELU(),
@@ -150,9 +180,10 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
     return ((pred - target) ** 2 * m).sum() / m.sum().clamp_min(1.0)
 
 
-def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads, targets: torch.Tensor,
-                            mask: torch.Tensor, *, layer: int, camera: str,
-                            noise: torch.Tensor | None = None, t: torch.Tensor | None = None
+def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads | None,
+                            targets: torch.Tensor | None, mask: torch.Tensor | None, *, layer: int, camera: str,
+                            noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                            prune: tuple[Any, torch.Tensor] | None = None, wrist_camera: str | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """(masked flow-matching loss as :func:`~effvla_ros.train.trainer.masked_loss`, grounding loss, stats).
 
@@ -160,7 +191,11 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads, 
     the scene camera's connector tokens and the state token's hidden state at the output of VLM layer
     ``layer`` fed to the heads. stats: ``aux_visual`` / ``aux_prefix`` / ``aux_target_goal`` / ``aux_pose``
     mean squared errors (normalized units; ``aux_target_goal`` = the prefix head on the instructed cube
-    and place, ``aux_pose`` on the grasp / release poses, NaN where masked out).
+    and place, ``aux_pose`` on the grasp / release poses, NaN where masked out). ``heads`` None: no
+    grounding loss (0). ``prune`` = (PruningConfig, apply (B,) bool): the samples where ``apply`` is set
+    see only the visual tokens the runtime pruning keeps (:mod:`effvla_ros.train.prune_aware`); the visual
+    head still reads every scene token. ``wrist_camera``: the camera whose tokens feed ``heads.wrist``
+    (``aux_wrist``: its MSE on the jaw-relative targets).
     """
     from effvla_ros.core.smolvla.functional import pad_last_dim
 
@@ -187,13 +222,21 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads, 
         if info.layer_idx == layer:  # type: ignore[attr-defined]
             hidden["h"] = info.hidden_out  # type: ignore[attr-defined]
 
-    cache = pol.prefill(enc.tokens, lang, lmask, pol.prepare_state(state), grad=True,  # type: ignore[attr-defined]
+    visual: dict[str, Any] = dict(enc.tokens)
+    if prune is not None and bool(prune[1].any()):
+        from effvla_ros.train.prune_aware import pruned_visual_tokens
+
+        visual = dict(pruned_visual_tokens(pol, enc.tokens, enc.grid, list(task) if not isinstance(task, str)
+                                           else [task] * b, prune[1], prune[0]))
+    cache = pol.prefill(visual, lang, lmask, pol.prepare_state(state), grad=True,  # type: ignore[attr-defined]
                         layer_callback=grab)
     v_t = pol.velocity(cache, x_t, t)  # type: ignore[attr-defined]
     per = F.mse_loss(u_t, v_t, reduction="none")[:, :, : arch.action_dim]
     valid = (~batch["action_is_pad"]).to(per.dtype)[:, :, None]
     flow = (per * valid).sum() / (valid.sum() * per.shape[-1]).clamp_min(1.0)
 
+    if heads is None or targets is None or mask is None:
+        return flow, torch.zeros((), dtype=flow.dtype), {}
     s0, s1 = cache.segments["state"]
     state_h = hidden["h"][:, s0]                                                # (B, D)
     vis = enc.tokens[camera].flatten(1)                                         # (B, N * D)
@@ -204,8 +247,14 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads, 
     l_pre = _masked_mse(pp, targets, mask)
     aux = l_vis + l_pre
     stats = {"aux_visual": float(l_vis.detach()), "aux_prefix": float(l_pre.detach())}
+    if heads.wrist is not None and wrist_camera is not None:
+        pw = heads.wrist(enc.tokens[wrist_camera].flatten(1))
+        l_wr = _masked_mse(pw, targets[:, -N_REL:], mask[:, -N_REL:])
+        aux = aux + l_wr
+        stats["aux_wrist"] = float(l_wr.detach())
     with torch.no_grad():
         stats["aux_target_goal"] = float(_masked_mse(pp[:, nv:N_XY], targets[:, nv:N_XY], mask[:, nv:N_XY]))
-        if bool(mask[:, N_XY:].any()):
-            stats["aux_pose"] = float(_masked_mse(pp[:, N_XY:], targets[:, N_XY:], mask[:, N_XY:]))
+        if bool(mask[:, N_XY:N_XY + N_POSE].any()):
+            stats["aux_pose"] = float(_masked_mse(pp[:, N_XY:N_XY + N_POSE], targets[:, N_XY:N_XY + N_POSE],
+                                                  mask[:, N_XY:N_XY + N_POSE]))
     return flow, aux, stats

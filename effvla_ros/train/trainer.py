@@ -11,10 +11,17 @@ Optional, training only (the saved checkpoint is the same model either way):
 * ``aux_weight > 0``: an auxiliary grounding loss from privileged simulator information
   (:mod:`effvla_ros.train.grounding`: object positions regressed from the scene camera's visual
   tokens and from the VLM's state-token hidden state), weighted by ``aux_weight`` and added to the
-  flow-matching loss; its heads are discarded at the end (not in ``model.safetensors``);
+  flow-matching loss; its heads are discarded at the end (not in ``model.safetensors``); ``aux_wrist``
+  adds the instructed cube relative to the jaw point, regressed from the wrist camera's tokens;
 * ``decision_weight > 1``: frames at the decision points (the first ``chunk_size`` frames of an
   episode and the ``chunk_size`` frames after the gripper starts closing) are sampled that many
-  times more often than the others.
+  times more often than the others;
+* ``color_swap > 0``: that fraction of the samples has its cube colours permuted, in both cameras'
+  images, the instruction and the grounding targets alike (:mod:`effvla_ros.train.color_swap`; needs
+  demos whose seed reproduces their task);
+* ``prune_train > 0``: that fraction of the samples sees only the visual tokens that the runtime's
+  task-relevance pruning keeps at ``prune_keep_ratio`` (:mod:`effvla_ros.train.prune_aware`), so that the
+  policy also works from the pruned prefix.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,8 +100,26 @@ class TrainConfig:
     arch_changes: dict[str, Any] = field(default_factory=dict)
     aux_weight: float = 0.0  # weight of the training-only grounding loss (0: off), see module docstring
     aux_pose: bool = False  # also regress the grasp / release joint poses (see effvla_ros.train.grounding)
+    aux_wrist: bool = False  # also regress the instructed cube relative to the jaw point from the wrist camera
     aux_layer: int = -2  # VLM layer whose state-token output feeds the prefix grounding head (<0: from the end)
     decision_weight: float = 1.0  # sampling weight of decision frames relative to the others
+    color_swap: float = 0.0  # fraction of samples with permuted cube colours (images + instruction), 0: off
+    prune_train: float = 0.0  # fraction of samples trained on the runtime-pruned prefix (0: off)
+    prune_keep_ratio: float = 0.5  # pruning.keep_ratio used for those samples (the runtime default)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.color_swap <= 1.0:
+            raise ValueError(f"color_swap: must be in [0, 1], got {self.color_swap}")
+        if not 0.0 <= self.prune_train <= 1.0:
+            raise ValueError(f"prune_train: must be in [0, 1], got {self.prune_train}")
+        if not 0.05 <= self.prune_keep_ratio <= 1.0:
+            raise ValueError(f"prune_keep_ratio: must be in [0.05, 1], got {self.prune_keep_ratio}")
+        if self.decision_weight <= 0:
+            raise ValueError(f"decision_weight: must be positive, got {self.decision_weight}")
+        if self.aux_weight < 0:
+            raise ValueError(f"aux_weight: must be >= 0, got {self.aux_weight}")
+        if self.aux_wrist and self.aux_weight <= 0:
+            raise ValueError("aux_wrist: needs aux_weight > 0 (it is a term of the grounding loss)")
 
 
 @dataclass
@@ -144,6 +169,41 @@ def decision_frames(dataset: ChunkDataset) -> np.ndarray:
             c = int(closing[0])
             out |= (ei == k) & (t >= c) & (t < c + h)
     return out
+
+
+def apply_color_swap(batch: dict, index_pairs: np.ndarray, colors: Sequence[tuple[str, str] | None],
+                     prob: float, rng: np.random.Generator, grounding: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> int:
+    """Permute the cube colours of a random ``prob`` fraction of ``batch``'s samples in place (images of every
+    camera, ``task``, and the per-colour ``grounding`` targets / mask if given); return how many samples
+    changed. ``colors[e]``: the cube colours of episode ``e`` (None: never recoloured)."""
+    from effvla_ros.train.color_swap import (
+        RECOLORABLE,
+        permute_grounding,
+        random_permutation,
+        recolor,
+        rename_instruction,
+    )
+    from effvla_ros.train.grounding import COLOR_NAMES
+
+    cams = [k for k in batch if k.startswith("observation.images.")]
+    changed = 0
+    for i, (ei, _) in enumerate(index_pairs):
+        cc = colors[int(ei)]
+        if cc is None or rng.random() >= prob:
+            continue
+        perm = random_permutation(rng)
+        mapping = {a: perm[a] for a in cc if a in RECOLORABLE and perm[a] != a}  # the colours in the scene
+        if not mapping:
+            continue
+        for k in cams:
+            batch[k][i] = recolor(batch[k][i], mapping)
+        batch["task"][i] = rename_instruction(batch["task"][i], mapping)
+        if grounding is not None:
+            tg, mk = grounding
+            tg[i], mk[i] = permute_grounding(tg[i], mk[i], perm, COLOR_NAMES)
+        changed += 1
+    return changed
 
 
 def build_policy(dataset: ChunkDataset, image_size: int, seed: int, **arch_changes: Any) -> SmolVLAPolicy:
@@ -203,7 +263,20 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     if cfg.aux_weight > 0:
         from effvla_ros.train.grounding import GroundingHeads, GroundingTargets
 
-        targets = GroundingTargets(dataset.episodes, pose=cfg.aux_pose)
+        jaw_fn = None
+        fk_env = None
+        if cfg.aux_wrist:
+            if "wrist" not in policy.arch.cameras:
+                raise ValueError("--aux-wrist needs a 'wrist' camera in the demos")
+            from effvla_ros.sim.env import SimConfig, TwoCubePickPlaceEnv
+
+            fk_env = TwoCubePickPlaceEnv(SimConfig(image_size=16, cameras=["scene"]))  # forward kinematics only
+            jaw_fn = fk_env.jaw_points
+        try:
+            targets = GroundingTargets(dataset.episodes, pose=cfg.aux_pose, jaw_fn=jaw_fn)
+        finally:
+            if fk_env is not None:
+                fk_env.close()
         if targets.num_with_targets == 0:
             raise ValueError("--aux-weight needs demos with env.cube_positions and reproducible seeds")
         aux_camera = "scene" if "scene" in policy.arch.cameras else policy.arch.cameras[0]
@@ -213,7 +286,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         n_tok, d_vlm = enc.tokens[aux_camera].shape[1:]
         nl = policy.arch.num_vlm_layers
         aux_layer = cfg.aux_layer % nl
-        heads = GroundingHeads(int(n_tok), int(d_vlm))
+        heads = GroundingHeads(int(n_tok), int(d_vlm),
+                               wrist_tokens=int(enc.tokens["wrist"].shape[1]) if cfg.aux_wrist else 0)
         log(f"train: grounding loss x{cfg.aux_weight} ({targets.num_with_targets}/{len(dataset.episodes)} "
             f"episodes with targets; heads on {aux_camera} tokens and VLM layer {aux_layer}, not saved)")
     head_params = list(heads.parameters()) if heads is not None else []
@@ -227,6 +301,24 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         w = np.where(dec, cfg.decision_weight, 1.0)
         sample_p = w / w.sum()
         log(f"train: {int(dec.sum())} decision frames sampled x{cfg.decision_weight}")
+    swap_colors: list[tuple[str, str] | None] = []
+    if cfg.color_swap > 0:
+        from effvla_ros.train.grounding import episode_spec
+
+        specs = [episode_spec(e) for e in dataset.episodes]
+        swap_colors = [s.cube_colors if s is not None else None for s in specs]
+        n_ok = sum(c is not None for c in swap_colors)
+        if n_ok == 0:
+            raise ValueError("--color-swap needs demos whose seed reproduces their task (effvla gen-demos)")
+        log(f"train: cube colours permuted in {cfg.color_swap:.0%} of the samples ({n_ok}/{len(swap_colors)} "
+            f"episodes eligible)")
+    prune_cfg = None
+    if cfg.prune_train > 0:
+        from effvla_ros.core.compression.pruning import PruningConfig
+
+        prune_cfg = PruningConfig(keep_ratio=cfg.prune_keep_ratio)
+        log(f"train: {cfg.prune_train:.0%} of the samples see the pruned prefix (task relevance, keep ratio "
+            f"{cfg.prune_keep_ratio})")
     ema = copy.deepcopy(policy.weights) if cfg.ema > 0 else None
     if ema is not None:
         for p in ema.parameters():
@@ -259,6 +351,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
                 idx = perm[pos: pos + cfg.batch]
                 pos += cfg.batch
             batch = dataset.batch(idx, shift=cfg.shift, rng=rng)
+            pairs = dataset.index[np.asarray(idx)]
+            grounding = targets.batch(pairs) if targets is not None else None
+            if cfg.color_swap > 0:
+                apply_color_swap(batch, pairs, swap_colors, cfg.color_swap, rng, grounding)
             if cfg.state_dropout > 0:
                 drop = torch.from_numpy(rng.random(len(idx)) < cfg.state_dropout)
                 mean = policy.normalizer.stats["observation.state"]["mean"]
@@ -267,12 +363,16 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             lr = lr_at(step, cfg, tf)
             for g in opt.param_groups:
                 g["lr"] = lr
-            if heads is not None and targets is not None:
+            if (heads is not None and grounding is not None) or prune_cfg is not None:
                 from effvla_ros.train.grounding import flow_and_grounding_loss
 
-                tg, mk = targets.batch(dataset.index[np.asarray(idx)])
-                flow, aux, aux_stats = flow_and_grounding_loss(policy, batch, heads, tg, mk, layer=int(aux_layer),
-                                                               camera=str(aux_camera))
+                tg, mk = grounding if heads is not None and grounding is not None else (None, None)
+                prune = None
+                if prune_cfg is not None:
+                    prune = (prune_cfg, torch.from_numpy(rng.random(len(idx)) < cfg.prune_train))
+                flow, aux, aux_stats = flow_and_grounding_loss(policy, batch, heads, tg, mk, layer=int(aux_layer or 0),
+                                                               camera=str(aux_camera), prune=prune,
+                                                               wrist_camera="wrist" if cfg.aux_wrist else None)
                 loss = flow + cfg.aux_weight * aux
                 aux_window.append(aux_stats)
                 loss_value = flow.detach().item()
