@@ -214,7 +214,8 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
     tt = t[:, None, None]
     x_t = tt * noise + (1 - tt) * a
     u_t = noise - a
-    lang, lmask = pol.tokenize([task] * b if isinstance(task, str) else list(task))  # type: ignore[attr-defined]
+    tasks = [task] * b if isinstance(task, str) else list(task)
+    lang, lmask = pol.tokenize(tasks)  # type: ignore[attr-defined]
     enc = pol.encode_images(images, grad=True)  # type: ignore[attr-defined]
     hidden: dict[str, torch.Tensor] = {}
 
@@ -226,8 +227,7 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
     if prune is not None and bool(prune[1].any()):
         from effvla_ros.train.prune_aware import pruned_visual_tokens
 
-        visual = dict(pruned_visual_tokens(pol, enc.tokens, enc.grid, list(task) if not isinstance(task, str)
-                                           else [task] * b, prune[1], prune[0]))
+        visual = dict(pruned_visual_tokens(pol, enc.tokens, enc.grid, tasks, prune[1], prune[0]))
     cache = pol.prefill(visual, lang, lmask, pol.prepare_state(state), grad=True,  # type: ignore[attr-defined]
                         layer_callback=grab)
     v_t = pol.velocity(cache, x_t, t)  # type: ignore[attr-defined]

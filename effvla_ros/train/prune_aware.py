@@ -26,18 +26,14 @@ from typing import Any
 
 import torch
 
-from effvla_ros.core.compression.pruning import PruningConfig, select_tokens
+from effvla_ros.core.compression.pruning import PruningConfig, instruction_queries, select_tokens
 from effvla_ros.core.smolvla.policy import VisualTokens
 
 
-@torch.no_grad()
 def task_embeddings(policy: Any, tasks: Sequence[str]) -> list[torch.Tensor]:
-    """Per instruction: its valid token embeddings (M, D), the compressor's relevance query set."""
-    out: dict[str, torch.Tensor] = {}
-    embed = policy.weights.text.embed_tokens
-    for text in dict.fromkeys(tasks):
-        ids, mask = policy.tokenize(text)
-        out[text] = embed(ids)[0][mask[0]].float()
+    """Per instruction: the compressor's relevance query set (:func:`instruction_queries`), each distinct
+    instruction computed once."""
+    out = {text: instruction_queries(policy, text) for text in dict.fromkeys(tasks)}
     return [out[t] for t in tasks]
 
 

@@ -363,10 +363,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             lr = lr_at(step, cfg, tf)
             for g in opt.param_groups:
                 g["lr"] = lr
-            if (heads is not None and grounding is not None) or prune_cfg is not None:
+            if grounding is not None or prune_cfg is not None:  # grounding: set exactly when the heads are
                 from effvla_ros.train.grounding import flow_and_grounding_loss
 
-                tg, mk = grounding if heads is not None and grounding is not None else (None, None)
+                tg, mk = grounding if grounding is not None else (None, None)
                 prune = None
                 if prune_cfg is not None:
                     prune = (prune_cfg, torch.from_numpy(rng.random(len(idx)) < cfg.prune_train))

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from effvla_ros.core import flops as _flops  # noqa: F401  (counts CPU SDPA attention too)
 from effvla_ros.core.compression.change import ChangeDecision, ChangeDetector
 from effvla_ros.core.compression.eventful import EventfulState, EventfulVisionEncoder, dilate
-from effvla_ros.core.compression.pruning import PruningConfig, select_tokens
+from effvla_ros.core.compression.pruning import PruningConfig, instruction_queries, select_tokens
 from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.core.smolvla.policy import SmolVLAPolicy
 
@@ -109,10 +109,7 @@ class TokenCompressor:
         if not text:
             self._task = None
             return
-        ids, mask = self.policy.tokenize(text)
-        text_model: Any = self.policy.weights.text
-        emb = text_model.embed_tokens(ids)[0]  # (L, D)
-        self._task = emb[mask[0]].float()
+        self._task = instruction_queries(self.policy, text)
 
     # ------------------------------------------------------------------ encoding
     def _count(self, fn, estimate: int | None = None):  # type: ignore[no-untyped-def]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -53,6 +54,15 @@ def relevance_scores(visual: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
     attn = torch.softmax(p @ t.T / math.sqrt(d), dim=-1)  # (N, M)
     q = _rms(attn @ t)  # (N, d)
     return q @ p.T / math.sqrt(d)  # (N, N)
+
+
+@torch.no_grad()
+def instruction_queries(policy: Any, text: str) -> torch.Tensor:
+    """The task tokens T (M, d) of an instruction for :func:`relevance_scores`: its token embeddings (valid
+    tokens only, fp32) from the policy's VLM embedding table, the space of the connector tokens."""
+    ids, mask = policy.tokenize(text)
+    emb = policy.weights.text.embed_tokens(ids)[0]  # (L, D)
+    return emb[mask[0]].float()
 
 
 def _coverage(keep: torch.Tensor, token_score: torch.Tensor, grid: tuple[int, int], regions: int) -> torch.Tensor:
