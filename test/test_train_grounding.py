@@ -83,6 +83,10 @@ def test_decision_frames_are_the_start_and_the_grasp():
     dec = decision_frames(ds)
     assert dec[:5].all() and not dec[5:14].any()
     assert dec[14:19].all() and not dec[19:].any()  # the gripper command drops after frame 14
+    dec3 = decision_frames(ds, 3)  # a window shorter than the chunk
+    assert dec3[:3].all() and not dec3[3:14].any() and dec3[14:17].all() and not dec3[17:].any()
+    with pytest.raises(ValueError, match="decision_window"):
+        TrainConfig(data="", out="", decision_window=-1)
 
 
 def test_grounding_loss_trains_and_is_not_saved(demos, tmp_path):
@@ -147,6 +151,12 @@ def test_recipe_settings_with_explicit_overrides(demos, tmp_path, monkeypatch):
     assert cfg.steps == 7 and cfg.image_size == SIZE  # explicit options win
     assert cfg.aux_weight == r["aux_weight"] > 0 and cfg.decision_weight == r["decision_weight"]
     assert cfg.lr == r["lr"] and cfg.shift == r["shift"] and cfg.data == str(demos)
+    assert cfg.arch_changes == {} and cfg.decision_window == 0
+    args = p.parse_args(["--recipe", "so101", "--data", str(demos), "--out", str(tmp_path / "o"), "--chunk-size",
+                         "30", "--n-action-steps", "15", "--decision-window", "10", "--no-progress"])
+    assert cmd.run(args) == 0
+    assert seen["cfg"].arch_changes == {"chunk_size": 30, "n_action_steps": 15}
+    assert seen["cfg"].decision_window == 10
     # without --recipe and --data: an error, not a crash
     assert cmd.run(p.parse_args(["--out", str(tmp_path / "o")])) == 2
 

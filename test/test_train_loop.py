@@ -89,9 +89,11 @@ def test_train_command_writes_a_checkpoint(demos, tmp_path):
     cmd.add_arguments(p)
     out = tmp_path / "cli"
     args = p.parse_args(["--data", str(demos), "--out", str(out), "--steps", "3", "--batch", "4",
-                         "--image-size", str(SIZE), "--no-progress", "--save-dtype", "float16", "--threads", "1"])
+                         "--image-size", str(SIZE), "--no-progress", "--save-dtype", "float16", "--threads", "1",
+                         "--chunk-size", "6", "--n-action-steps", "3"])
     assert cmd.run(args) == 0
     assert (out / "model.safetensors").is_file() and (out / "vlm" / "tokenizer.json").is_file()
-    assert load_policy(out).arch.image_size == SIZE
+    arch = load_policy(out).arch
+    assert arch.image_size == SIZE and (arch.chunk_size, arch.n_action_steps) == (6, 3)
     bad = p.parse_args(["--data", str(demos), "--out", str(out), "--image-size", "64", "--steps", "1"])
     assert cmd.run(bad) == 2  # the demos are 32 px

@@ -80,12 +80,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pixel-shuffle", type=int, default=None,
                         help="connector pixel-shuffle factor (default: small_arch's 2); tokens per camera = "
                              "(image_size / patch_size / pixel_shuffle)^2")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="actions per predicted chunk (default: small_arch's 10 = 1 s at 10 Hz)")
+    parser.add_argument("--n-action-steps", type=int, default=None,
+                        help="actions executed per inference, the checkpoint's default horizon (default: small_arch's 5)")
+    parser.add_argument("--relative-actions", action="store_true",
+                        help="predict the 5 arm joints relative to the observed state (openpi DeltaActions; the "
+                             "gripper stays absolute); the policy adds the state back")
+    parser.add_argument("--decision-window", type=int, default=None,
+                        help="frames oversampled at each decision point (default 0: the chunk size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 _FIELDS = ("steps", "batch", "lr", "weight_decay", "warmup", "image_size", "seed", "shift", "state_dropout", "ema",
            "save_every", "max_episodes", "max_minutes", "threads", "save_dtype", "init", "aux_weight", "aux_pose",
-           "aux_layer", "aux_wrist", "decision_weight", "color_swap", "prune_train", "prune_keep_ratio")
+           "aux_layer", "aux_wrist", "decision_weight", "color_swap", "prune_train", "prune_keep_ratio",
+           "decision_window")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,6 +123,12 @@ def run(args: argparse.Namespace) -> int:
         arch["patch_size"] = args.patch_size
     if args.pixel_shuffle is not None:
         arch["scale_factor"] = args.pixel_shuffle
+    if args.chunk_size is not None:
+        arch["chunk_size"] = args.chunk_size
+    if args.n_action_steps is not None:
+        arch["n_action_steps"] = args.n_action_steps
+    if args.relative_actions:
+        arch["relative_action_dims"] = (0, 1, 2, 3, 4)
     values["arch_changes"] = arch
     cfg = TrainConfig(data=",".join(str(d) for d in data), out=str(args.out), **values)
     try:

@@ -93,13 +93,16 @@ class GuidanceTarget:
 
     ``actions``: (H, D_max) previous chunk's actions aligned so that row i targets the new chunk's
     action i (normalized, same padding as the model's action space); rows past ``valid`` repeat
-    the last valid row (never zeros) and are masked out. ``delay``: d in steps.
+    the last valid row (never zeros) and are masked out. ``delay``: d in steps. ``ref_state``: the raw
+    state the previous chunk was predicted from; needed (and used to re-base ``actions`` onto the new
+    observation's state) only by checkpoints with relative actions (``SmolVLAArch.relative_action_dims``).
     """
 
     actions: torch.Tensor
     valid: int
     delay: int
     source_chunk_id: int = 0
+    ref_state: torch.Tensor | None = None
 
 
 def align_previous_chunk(

@@ -52,6 +52,7 @@ class InferenceResult:
     times: dict[str, float] = field(default_factory=dict)  # prefill_s, denoise_s, total_s
     flops: dict[str, int] = field(default_factory=dict)  # prefill, denoise (when counted)
     similarities: dict[int, float] = field(default_factory=dict)
+    state: Tensor | None = None  # (state_dim,) the raw state of this inference (GuidanceTarget.ref_state of the next)
 
 
 class PolicyRunner:
@@ -138,7 +139,7 @@ class PolicyRunner:
             h = pol.arch.chunk_size
             delay = min(guidance.delay, guidance.valid)
             mask = soft_mask(h, delay, guidance.valid, self.rtc.schedule).to(pol.device)
-            target = guidance.actions.to(pol.device, torch.float32)
+            target = self._rebase(guidance, state)
             rtc = self.rtc
 
             def step_cb(info: StepInfo) -> Tensor:
@@ -149,7 +150,7 @@ class PolicyRunner:
         den = pol.denoise(cache, noise, self.inference.num_steps, step_callback=step_cb,
                           expert_layer_hook=self.expert_reuse.hook if self.expert_reuse.cfg.enabled else None,
                           generator=generator)
-        actions = den.actions[0]
+        actions = pol.to_absolute(den.actions, state.reshape(1, -1))[0]
         if not torch.isfinite(actions).all():
             raise FloatingPointError("policy produced NaN/Inf actions")
         assert cache.stats is not None and den.stats is not None
@@ -164,7 +165,23 @@ class PolicyRunner:
             reused_expert_layers=self.expert_reuse.reused if self.expert_reuse.cfg.enabled else 0,
             computed_expert_layers=computed, steps_with_reuse=len(self.expert_reuse.steps_with_reuse),
             rtc_delay=delay, guided=step_cb is not None, times=times, flops=flops,
-            similarities=dict(self.prefix_reuse.last_similarities))
+            similarities=dict(self.prefix_reuse.last_similarities), state=state.detach().reshape(-1).clone())
+
+    def _rebase(self, guidance: GuidanceTarget, state: Tensor) -> Tensor:
+        """The guidance target in this inference's action space. For relative actions the previous chunk is
+        relative to its own state: unnormalize, add that state, subtract this one, normalize again."""
+        pol = self.policy
+        target = guidance.actions.to(pol.device, torch.float32)
+        if not pol.arch.relative_action_dims:
+            return target
+        if guidance.ref_state is None:
+            raise ValueError("RTC guidance for a relative-action checkpoint needs GuidanceTarget.ref_state")
+        a = pol.arch.action_dim
+        rel = pol.normalizer.unnormalize("action", target[None, :, :a])
+        absolute = pol.to_absolute(rel, guidance.ref_state.reshape(1, -1))
+        out = target.clone()
+        out[:, :a] = pol.normalizer.normalize("action", pol.to_relative(absolute, state.reshape(1, -1)))[0]
+        return out
 
 
 def compressed_to_camera_tokens(out: Any) -> CameraTokens:

@@ -104,6 +104,7 @@ class _Chunk:
     chunk_id: int
     stamp: float
     x_final: torch.Tensor  # (H, max_action_dim) normalized
+    state: torch.Tensor | None = None  # (state_dim,) raw state it was predicted from (relative actions)
 
 
 class PolicyNode(Node):
@@ -422,7 +423,7 @@ class PolicyNode(Node):
         if valid <= 0:
             return None
         d = self.delay.delay_steps(dt, available=valid, committed_steps=committed)
-        return GuidanceTarget(aligned, valid, d, prev.chunk_id)
+        return GuidanceTarget(aligned, valid, d, prev.chunk_id, ref_state=prev.state)
 
     def _publish(self, obs_stamp: float, res: Any, guidance: GuidanceTarget | None, dt: float) -> None:
         arch = self.policy.arch
@@ -449,7 +450,7 @@ class PolicyNode(Node):
         latency = self._now() - obs_stamp
         self.delay.record(latency)
         self._lat_hist.append(latency)
-        self._chunks.append(_Chunk(self._chunk_id, obs_stamp, res.x_final.detach().cpu()))
+        self._chunks.append(_Chunk(self._chunk_id, obs_stamp, res.x_final.detach().cpu(), res.state))
         self.counts["chunks"] += 1
         self._last = {"exit_layer": res.exit_layer, "steps": res.steps, "rtc_delay": msg.rtc_delay_steps,
                       "inference_ms": msg.inference_latency_ms, "prefill_ms": res.times["prefill_s"] * 1e3,

@@ -84,7 +84,7 @@ def run_setting(policy: Any, episode: Episode, setting: Setting, *, seed: int = 
     actions: list[np.ndarray] = []
     steps: list[StepRecord] = []
     guidance_ids: list[int] = []
-    prev: tuple[int, float, torch.Tensor] | None = None  # (index, stamp, x_final)
+    prev: tuple[int, float, torch.Tensor, torch.Tensor | None] | None = None  # (index, stamp, x_final, state)
     t_start = time.perf_counter()
     for obs in episode.observations:
         if obs.instruction != comp.instruction:
@@ -116,12 +116,13 @@ def run_setting(policy: Any, episode: Episode, setting: Setting, *, seed: int = 
         if setting.rtc.enabled and prev is not None and obs.stamp >= prev[1]:
             aligned, valid = align_previous_chunk(prev[2], prev[1], obs.stamp, dt, h)
             if valid > 0:
-                guidance = GuidanceTarget(aligned, valid, min(int(rtc_delay_steps), valid), prev[0] + 1)
+                guidance = GuidanceTarget(aligned, valid, min(int(rtc_delay_steps), valid), prev[0] + 1,
+                                          ref_state=prev[3])
         res = runner.infer(cams, torch.from_numpy(np.asarray(obs.state, dtype=np.float32)), noise=noise,
                            guidance=guidance)
         actions.append(res.actions.detach().cpu().double().numpy())
         guidance_ids.append(prev[0] + 1 if (res.guided and prev is not None) else 0)
-        prev = (obs.index, obs.stamp, res.x_final.detach().cpu())
+        prev = (obs.index, obs.stamp, res.x_final.detach().cpu(), res.state)
         steps.append(StepRecord(
             index=obs.index, stamp=obs.stamp, encoder_s=enc_s, prefill_s=float(res.times.get("prefill_s", 0.0)),
             denoise_s=float(res.times.get("denoise_s", 0.0)), total_s=enc_s + float(res.times.get("total_s", 0.0)),

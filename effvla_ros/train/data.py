@@ -61,13 +61,29 @@ def load_demos(root: str | Path, *, max_episodes: int | None = None,
     return episodes, index
 
 
-def compute_stats(episodes: Sequence[Episode], *, min_std: float = 1e-3) -> dict[str, dict[str, torch.Tensor]]:
+def relative_chunks(ep: Episode, chunk_size: int, dims: Sequence[int]) -> np.ndarray:
+    """(N, action_dim): every in-episode action ``action[t + i]`` (``i < chunk_size``, ``t + i < T``) of every
+    frame's chunk, with the frame's state subtracted on ``dims`` (what a relative-action policy predicts)."""
+    t = np.arange(ep.length)[:, None] + np.arange(chunk_size)[None, :]
+    valid = t < ep.length
+    rel = ep.action[np.minimum(t, ep.length - 1)].copy()  # (T, H, A)
+    d = list(dims)
+    rel[:, :, d] -= ep.state[:, None, d]
+    return rel[valid]
+
+
+def compute_stats(episodes: Sequence[Episode], *, min_std: float = 1e-3, relative_dims: Sequence[int] = (),
+                  chunk_size: int = 1) -> dict[str, dict[str, torch.Tensor]]:
     """Mean / std / min / max of ``observation.state`` and ``action`` over every frame.
 
+    With ``relative_dims``, the action statistics are those of what the policy predicts: every chunk row
+    (``chunk_size``) of every frame, minus the frame's state on those dims (:func:`relative_chunks`).
     ``std`` is floored at ``min_std`` so that a constant dimension does not blow up the normalization.
     """
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, arrs in (("observation.state", [e.state for e in episodes]), ("action", [e.action for e in episodes])):
+    acts = ([relative_chunks(e, chunk_size, relative_dims) for e in episodes] if relative_dims
+            else [e.action for e in episodes])
+    for key, arrs in (("observation.state", [e.state for e in episodes]), ("action", acts)):
         x = np.concatenate(arrs, axis=0).astype(np.float64)
         out[key] = {
             "mean": torch.tensor(x.mean(0), dtype=torch.float32),

@@ -237,7 +237,8 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting
     cur: torch.Tensor | None = None  # (H, action_dim) actions of the executing chunk
     cur_start = 0  # step at which cur's row 0 applies
     cur_x: torch.Tensor | None = None  # its x_final (RTC target)
-    pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
+    cur_ref: torch.Tensor | None = None  # the state it was predicted from (relative actions)
+    pending: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
     next_obs = 0
     stats: dict[str, list[float]] = {}
 
@@ -268,7 +269,7 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting
             guidance = None
             if cur_x is not None and cfg["rtc"].enabled:
                 aligned, valid = align_previous_chunk(cur_x, cur_start * dt, k * dt, dt, h_chunk)
-                guidance = GuidanceTarget(aligned, valid, delay)
+                guidance = GuidanceTarget(aligned, valid, delay, ref_state=cur_ref)
             res = runner.infer(cams, state, guidance=guidance, generator=gen)
             add("encoder_flops", enc_flops)
             add("encoder_flops_full", enc_full)
@@ -288,12 +289,12 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting
                 add("denoise_flops", res.flops.get("denoise", 0))
             actions = res.actions.detach().cpu()
             if cur is None or delay == 0:
-                cur, cur_start, cur_x = actions, k, res.x_final.detach().cpu()
+                cur, cur_start, cur_x, cur_ref = actions, k, res.x_final.detach().cpu(), res.state
             else:
-                pending = (k, actions, res.x_final.detach().cpu())
+                pending = (k, actions, res.x_final.detach().cpu(), res.state)
             next_obs = k + horizon
         if pending is not None and k >= pending[0] + delay:
-            cur_start, cur, cur_x = pending
+            cur_start, cur, cur_x, cur_ref = pending
             pending = None
         assert cur is not None
         row = min(k - cur_start, h_chunk - 1)

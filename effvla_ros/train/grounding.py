@@ -197,15 +197,13 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
     head still reads every scene token. ``wrist_camera``: the camera whose tokens feed ``heads.wrist``
     (``aux_wrist``: its MSE on the jaw-relative targets).
     """
-    from effvla_ros.core.smolvla.functional import pad_last_dim
 
     pol = policy
     obs = {k: v for k, v in batch.items() if k.startswith("observation.") or k == "task"}
     images, state, task = pol.split_observation(obs)  # type: ignore[attr-defined]
     b = state.shape[0]
     arch = pol.arch  # type: ignore[attr-defined]
-    a = pad_last_dim(pol.normalizer.normalize("action", batch["action"].to(torch.float32)),  # type: ignore[attr-defined]
-                     arch.max_action_dim)
+    a = pol.action_targets(batch["action"], state)  # type: ignore[attr-defined]
     if noise is None:
         noise = torch.randn_like(a)
     if t is None:

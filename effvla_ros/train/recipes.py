@@ -43,7 +43,7 @@ RECIPES: dict[str, Recipe] = {
     "so101": Recipe(
         name="so101",
         demos=(DemoSet(0, 200), DemoSet(10000, 200), DemoSet(20000, 400)),
-        train={"steps": 9000, "batch": 32, "lr": 5e-4, "warmup": 300, "seed": 0, "shift": 0, "ema": 0.999,
+        train={"steps": 18000, "batch": 32, "lr": 5e-4, "warmup": 300, "seed": 0, "shift": 0, "ema": 0.999,
                "image_size": 64, "aux_weight": 1.0, "aux_pose": True, "decision_weight": 3.0, "threads": 1,
                "save_every": 1000},
         description="effvla_ros/assets/so101_pickplace: 800 scripted demos (64 px, seeds 0.., 10000.., 20000..), "

@@ -103,6 +103,7 @@ class TrainConfig:
     aux_wrist: bool = False  # also regress the instructed cube relative to the jaw point from the wrist camera
     aux_layer: int = -2  # VLM layer whose state-token output feeds the prefix grounding head (<0: from the end)
     decision_weight: float = 1.0  # sampling weight of decision frames relative to the others
+    decision_window: int = 0  # frames oversampled from each decision point (0: the chunk size)
     color_swap: float = 0.0  # fraction of samples with permuted cube colours (images + instruction), 0: off
     prune_train: float = 0.0  # fraction of samples trained on the runtime-pruned prefix (0: off)
     prune_keep_ratio: float = 0.5  # pruning.keep_ratio used for those samples (the runtime default)
@@ -114,10 +115,14 @@ class TrainConfig:
             raise ValueError(f"prune_train: must be in [0, 1], got {self.prune_train}")
         if not 0.05 <= self.prune_keep_ratio <= 1.0:
             raise ValueError(f"prune_keep_ratio: must be in [0.05, 1], got {self.prune_keep_ratio}")
+        if self.decision_window < 0:
+            raise ValueError(f"decision_window: must be >= 0 (0: the chunk size), got {self.decision_window}")
         if self.decision_weight <= 0:
             raise ValueError(f"decision_weight: must be positive, got {self.decision_weight}")
         if self.aux_weight < 0:
             raise ValueError(f"aux_weight: must be >= 0, got {self.aux_weight}")
+        if self.state_dropout > 0 and self.arch_changes.get("relative_action_dims"):
+            raise ValueError("state_dropout: relative actions are labelled from the state, it cannot be dropped")
         if self.aux_wrist and self.aux_weight <= 0:
             raise ValueError("aux_wrist: needs aux_weight > 0 (it is a term of the grounding loss)")
 
@@ -155,10 +160,11 @@ def masked_loss(policy: SmolVLAPolicy, batch: dict, *, noise: torch.Tensor | Non
     return (per * valid).sum() / (valid.sum() * per.shape[-1]).clamp_min(1.0)
 
 
-def decision_frames(dataset: ChunkDataset) -> np.ndarray:
-    """(len(dataset),) bool: the first ``chunk_size`` frames of each episode and the ``chunk_size`` frames
-    from the step where the commanded gripper angle first drops (the grasp; the transport starts)."""
-    h = dataset.chunk_size
+def decision_frames(dataset: ChunkDataset, window: int = 0) -> np.ndarray:
+    """(len(dataset),) bool: the first ``window`` frames of each episode and the ``window`` frames from the
+    step where the commanded gripper angle first drops (the grasp; the transport starts). ``window`` 0:
+    the chunk size."""
+    h = int(window) or dataset.chunk_size
     out = np.zeros(len(dataset), dtype=bool)
     ei, t = dataset.index[:, 0], dataset.index[:, 1]
     out |= t < h
@@ -212,7 +218,7 @@ def build_policy(dataset: ChunkDataset, image_size: int, seed: int, **arch_chang
                       image_token_id=int(tok.convert_tokens_to_ids("<image>")), **arch_changes)
     if arch.chunk_size != dataset.chunk_size:
         raise ValueError("dataset chunk size differs from the architecture's")
-    stats = compute_stats(dataset.episodes)
+    stats = compute_stats(dataset.episodes, relative_dims=arch.relative_action_dims, chunk_size=arch.chunk_size)
     policy = build_random_policy(arch, tokenizer=tok, stats=stats, seed=seed, init="transformers")
     for p in policy.weights.parameters():
         p.requires_grad_(True)
@@ -297,7 +303,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     sample_p = None
     if cfg.decision_weight != 1.0:
-        dec = decision_frames(dataset)
+        dec = decision_frames(dataset, cfg.decision_window)
         w = np.where(dec, cfg.decision_weight, 1.0)
         sample_p = w / w.sum()
         log(f"train: {int(dec.sum())} decision frames sampled x{cfg.decision_weight}")

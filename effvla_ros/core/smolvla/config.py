@@ -25,6 +25,9 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+# config.json key of SmolVLAArch.relative_action_dims (an effvla extension; written only when non-empty, so
+# absolute-action checkpoints keep LeRobot's exact config.json)
+RELATIVE_KEY = "effvla_relative_action_dims"
 
 
 def to_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -99,6 +102,9 @@ class SmolVLAArch:
     action_dim: int = 6
     cameras: tuple[str, ...] = ("camera1", "camera2")
     camera_shape: tuple[int, int, int] = (3, 256, 256)  # (C, H, W) recorded in config.json
+    # action dims predicted relative to the same-index state dim (openpi's DeltaActions: a = a_abs - state;
+    # the policy adds the observation's state back); () = absolute actions, as LeRobot's SmolVLA
+    relative_action_dims: tuple[int, ...] = ()
     normalization_mapping: dict[str, str] = field(
         default_factory=lambda: {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
     )
@@ -147,6 +153,10 @@ class SmolVLAArch:
             pass
         if self.patches_per_side % self.scale_factor != 0:
             raise ValueError("image_size / patch_size must be a multiple of scale_factor")
+        bad = [i for i in self.relative_action_dims if not 0 <= i < min(self.action_dim, self.state_dim)]
+        if bad or len(set(self.relative_action_dims)) != len(self.relative_action_dims):
+            raise ValueError(f"relative_action_dims: {list(self.relative_action_dims)} must be distinct indices below "
+                             f"min(action_dim, state_dim) = {min(self.action_dim, self.state_dim)}")
 
     def replace(self, **changes: Any) -> SmolVLAArch:
         return dataclasses.replace(self, **changes)
@@ -213,6 +223,8 @@ class SmolVLAArch:
             out["resize_imgs_with_padding"] = None
         if cfg.get("normalization_mapping"):
             out["normalization_mapping"] = dict(cfg["normalization_mapping"])
+        if cfg.get(RELATIVE_KEY):
+            out["relative_action_dims"] = tuple(int(i) for i in cfg[RELATIVE_KEY])
         for bad in ("adapt_to_pi_aloha", "use_delta_joint_actions_aloha"):
             if cfg.get(bad):
                 raise NotImplementedError(f"config.json: {bad}=true is not supported by the policy core")
@@ -264,7 +276,7 @@ class SmolVLAArch:
             "expert_width_multiplier": self.expert_width_multiplier, "min_period": self.min_period,
             "max_period": self.max_period, "rtc_config": None, "compile_model": False,
             "compile_mode": "max-autotune",
-        }
+        } | ({RELATIVE_KEY: list(self.relative_action_dims)} if self.relative_action_dims else {})
 
 
 def tiny_arch(**changes: Any) -> SmolVLAArch:

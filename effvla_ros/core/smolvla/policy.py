@@ -170,7 +170,7 @@ class StepInfo:
 
 @dataclass
 class DenoiseResult:
-    actions: Tensor                    # (B, S, action_dim) unnormalized
+    actions: Tensor                    # (B, S, action_dim) unnormalized, in the model's space (to_absolute)
     actions_normalized: Tensor         # (B, S, action_dim)
     x_final: Tensor                    # (B, S, max_action_dim) fp32
     trace: dict[str, list[Tensor]] = field(default_factory=dict)  # x_t, t, v_t per step when recorded
@@ -179,7 +179,7 @@ class DenoiseResult:
 
 @dataclass
 class ChunkResult:
-    actions: Tensor                    # (B, S, action_dim) unnormalized
+    actions: Tensor                    # (B, S, action_dim) unnormalized, absolute (the state added back)
     actions_normalized: Tensor
     stats: dict[str, StageStats]       # "vision.<camera>", "prefill", "denoise", "total"
     images: ImageEncoding
@@ -276,6 +276,33 @@ class SmolVLAPolicy:
         state = state.to(self.device, torch.float32)
         state = self.normalizer.normalize("observation.state", state)
         return pad_last_dim(state, self.arch.max_state_dim)
+
+    def _relative_offset(self, actions: Tensor, state: Tensor) -> Tensor:
+        """(B, 1, action_dim): the raw state on ``arch.relative_action_dims``, zero elsewhere."""
+        off = torch.zeros((state.shape[0], 1, actions.shape[-1]), dtype=actions.dtype, device=actions.device)
+        dims = list(self.arch.relative_action_dims)
+        off[:, 0, dims] = state.to(actions.device, actions.dtype)[:, dims]
+        return off
+
+    def to_relative(self, actions: Tensor, state: Tensor) -> Tensor:
+        """Absolute (B, S, action_dim) actions -> the model's action space (``relative_action_dims`` minus the
+        observation's raw state (B, state_dim)); unchanged for an absolute-action checkpoint."""
+        if not self.arch.relative_action_dims:
+            return actions
+        return actions - self._relative_offset(actions, state)
+
+    def to_absolute(self, actions: Tensor, state: Tensor) -> Tensor:
+        """Inverse of :meth:`to_relative`: unnormalized model actions + the observation's raw state."""
+        if not self.arch.relative_action_dims:
+            return actions
+        return actions + self._relative_offset(actions, state)
+
+    def action_targets(self, actions: Tensor, state: Tensor) -> Tensor:
+        """Raw absolute (B, S, action_dim) actions -> the flow's target a_0: (B, S, max_action_dim), in the model's
+        space (:meth:`to_relative`), normalized and zero-padded. Every training loss goes through this."""
+        b = actions.shape[0]
+        rel = self.to_relative(actions.to(self.device, torch.float32), state.reshape(b, -1))
+        return pad_last_dim(self.normalizer.normalize("action", rel), self.arch.max_action_dim)
 
     def preprocess_image(self, img: Tensor) -> Tensor:
         """(B, 3, H, W) in [0, 1] -> resized with left/top padding, scaled to [-1, 1]."""
@@ -631,7 +658,8 @@ class SmolVLAPolicy:
         assert cache.stats is not None and den.stats is not None
         stats["prefill"], stats["denoise"] = cache.stats, den.stats
         stats["total"] = StageStats(time.perf_counter() - t0)
-        return ChunkResult(den.actions, den.actions_normalized, stats, enc, cache, den)
+        actions = self.to_absolute(den.actions, state.reshape(den.actions.shape[0], -1))
+        return ChunkResult(actions, den.actions_normalized, stats, enc, cache, den)
 
     def flow_matching_loss(self, observation: Mapping[str, Any], actions: Tensor, noise: Tensor | None = None,
                            t: Tensor | None = None, *, train_vision: bool = False) -> Tensor:
@@ -645,8 +673,7 @@ class SmolVLAPolicy:
         """
         images, state, task = self.split_observation(observation)
         b = state.shape[0]
-        a = pad_last_dim(self.normalizer.normalize("action", actions.to(self.device, torch.float32)),
-                         self.arch.max_action_dim)
+        a = self.action_targets(actions, state)
         if noise is None:
             noise = torch.randn_like(a)
         if t is None:
