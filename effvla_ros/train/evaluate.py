@@ -46,7 +46,7 @@ from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
 from effvla_ros.core.compression.pruning import PruningConfig
 from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuseConfig
 from effvla_ros.core.rtc import GuidanceTarget, RTCConfig, align_previous_chunk
-from effvla_ros.core.runner import InferenceConfig, PolicyRunner, compressed_to_camera_tokens
+from effvla_ros.core.runner import InferenceConfig, InferenceResult, PolicyRunner, compressed_to_camera_tokens
 from effvla_ros.core.smolvla.policy import SmolVLAPolicy
 
 SECTIONS: dict[str, type] = {
@@ -234,11 +234,9 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting
     dt = env.control_dt
     q0 = env.joint_positions()
     motion = 0.0
-    cur: torch.Tensor | None = None  # (H, action_dim) actions of the executing chunk
+    cur: InferenceResult | None = None  # the executing chunk (x_final and state: the next RTC target)
     cur_start = 0  # step at which cur's row 0 applies
-    cur_x: torch.Tensor | None = None  # its x_final (RTC target)
-    cur_ref: torch.Tensor | None = None  # the state it was predicted from (relative actions)
-    pending: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+    pending: tuple[int, InferenceResult] | None = None  # a chunk waiting out the emulated delay
     next_obs = 0
     stats: dict[str, list[float]] = {}
 
@@ -267,9 +265,9 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting
                 reused += int(out.reused.sum())
                 enc_time += out.time_s
             guidance = None
-            if cur_x is not None and cfg["rtc"].enabled:
-                aligned, valid = align_previous_chunk(cur_x, cur_start * dt, k * dt, dt, h_chunk)
-                guidance = GuidanceTarget(aligned, valid, delay, ref_state=cur_ref)
+            if cur is not None and cfg["rtc"].enabled:
+                aligned, valid = align_previous_chunk(cur.x_final, cur_start * dt, k * dt, dt, h_chunk)
+                guidance = GuidanceTarget(aligned, valid, delay, ref_state=cur.state)
             res = runner.infer(cams, state, guidance=guidance, generator=gen)
             add("encoder_flops", enc_flops)
             add("encoder_flops_full", enc_full)
@@ -287,19 +285,18 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting
             if res.flops:
                 add("prefill_flops", res.flops.get("prefill", 0))
                 add("denoise_flops", res.flops.get("denoise", 0))
-            actions = res.actions.detach().cpu()
             if cur is None or delay == 0:
-                cur, cur_start, cur_x, cur_ref = actions, k, res.x_final.detach().cpu(), res.state
+                cur, cur_start = res, k
             else:
-                pending = (k, actions, res.x_final.detach().cpu(), res.state)
+                pending = (k, res)
             next_obs = k + horizon
         if pending is not None and k >= pending[0] + delay:
-            cur_start, cur, cur_x, cur_ref = pending
+            cur_start, cur = pending
             pending = None
         assert cur is not None
-        row = min(k - cur_start, h_chunk - 1)
-        env.set_joint_targets(cur[row].numpy().astype(np.float64))
-        if grasp is None and float(cur[row][-1]) < grip_mid:
+        action = cur.actions[min(k - cur_start, h_chunk - 1)].detach().cpu()
+        env.set_joint_targets(action.numpy().astype(np.float64))
+        if grasp is None and float(action[-1]) < grip_mid:
             jaw, cubes = np.asarray(env.ik_point_pos)[:2], env.cube_positions()[:, :2]
             grasp = (100 * float(np.linalg.norm(jaw - cubes[target])), 100 * float(np.linalg.norm(jaw - cubes[other])))
         env.step_physics(n_phys)

@@ -197,21 +197,14 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
     head still reads every scene token. ``wrist_camera``: the camera whose tokens feed ``heads.wrist``
     (``aux_wrist``: its MSE on the jaw-relative targets).
     """
+    from effvla_ros.train.trainer import masked_flow_loss
 
     pol = policy
     obs = {k: v for k, v in batch.items() if k.startswith("observation.") or k == "task"}
     images, state, task = pol.split_observation(obs)  # type: ignore[attr-defined]
     b = state.shape[0]
     arch = pol.arch  # type: ignore[attr-defined]
-    a = pol.action_targets(batch["action"], state)  # type: ignore[attr-defined]
-    if noise is None:
-        noise = torch.randn_like(a)
-    if t is None:
-        beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0))
-        t = beta.sample((b,)) * 0.999 + 0.001
-    tt = t[:, None, None]
-    x_t = tt * noise + (1 - tt) * a
-    u_t = noise - a
+    x_t, u_t, t = pol.flow_training_sample(batch["action"], state, noise, t)  # type: ignore[attr-defined]
     tasks = [task] * b if isinstance(task, str) else list(task)
     lang, lmask = pol.tokenize(tasks)  # type: ignore[attr-defined]
     enc = pol.encode_images(images, grad=True)  # type: ignore[attr-defined]
@@ -229,9 +222,7 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
     cache = pol.prefill(visual, lang, lmask, pol.prepare_state(state), grad=True,  # type: ignore[attr-defined]
                         layer_callback=grab)
     v_t = pol.velocity(cache, x_t, t)  # type: ignore[attr-defined]
-    per = F.mse_loss(u_t, v_t, reduction="none")[:, :, : arch.action_dim]
-    valid = (~batch["action_is_pad"]).to(per.dtype)[:, :, None]
-    flow = (per * valid).sum() / (valid.sum() * per.shape[-1]).clamp_min(1.0)
+    flow = masked_flow_loss(F.mse_loss(u_t, v_t, reduction="none"), batch["action_is_pad"], arch.action_dim)
 
     if heads is None or targets is None or mask is None:
         return flow, torch.zeros((), dtype=flow.dtype), {}

@@ -155,8 +155,14 @@ def masked_loss(policy: SmolVLAPolicy, batch: dict, *, noise: torch.Tensor | Non
     """Mean flow-matching loss over the real action dimensions of the non-padded chunk steps."""
     obs = {k: v for k, v in batch.items() if k.startswith("observation.") or k == "task"}
     per = policy.flow_matching_loss(obs, batch["action"], noise=noise, t=t, train_vision=True)
-    per = per[:, :, : policy.arch.action_dim]
-    valid = (~batch["action_is_pad"]).to(per.dtype)[:, :, None]
+    return masked_flow_loss(per, batch["action_is_pad"], policy.arch.action_dim)
+
+
+def masked_flow_loss(per: torch.Tensor, action_is_pad: torch.Tensor, action_dim: int) -> torch.Tensor:
+    """Mean of the per-element loss (B, S, max_action_dim) over the first ``action_dim`` dims of the chunk
+    steps that are not padding (``action_is_pad`` (B, S))."""
+    per = per[:, :, :action_dim]
+    valid = (~action_is_pad).to(per.dtype)[:, :, None]
     return (per * valid).sum() / (valid.sum() * per.shape[-1]).clamp_min(1.0)
 
 

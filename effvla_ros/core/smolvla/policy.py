@@ -304,6 +304,20 @@ class SmolVLAPolicy:
         rel = self.to_relative(actions.to(self.device, torch.float32), state.reshape(b, -1))
         return pad_last_dim(self.normalizer.normalize("action", rel), self.arch.max_action_dim)
 
+    def flow_training_sample(self, actions: Tensor, state: Tensor, noise: Tensor | None = None,
+                             t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_t, u_t, t) of LeRobot's flow-matching objective for raw absolute actions (B, S, action_dim):
+        a = :meth:`action_targets`, x_t = t * noise + (1 - t) * a, u_t = noise - a; noise ~ N(0, 1) and
+        t ~ Beta(1.5, 1) * 0.999 + 0.001 (B,) unless given. Every training loss samples through this."""
+        a = self.action_targets(actions, state)
+        if noise is None:
+            noise = torch.randn_like(a)
+        if t is None:
+            beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0))
+            t = (beta.sample((a.shape[0],)) * 0.999 + 0.001).to(self.device)
+        tt = t[:, None, None]
+        return tt * noise + (1 - tt) * a, noise - a, t
+
     def preprocess_image(self, img: Tensor) -> Tensor:
         """(B, 3, H, W) in [0, 1] -> resized with left/top padding, scaled to [-1, 1]."""
         img = img.to(self.device, torch.float32)
@@ -673,15 +687,7 @@ class SmolVLAPolicy:
         """
         images, state, task = self.split_observation(observation)
         b = state.shape[0]
-        a = self.action_targets(actions, state)
-        if noise is None:
-            noise = torch.randn_like(a)
-        if t is None:
-            beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0))
-            t = (beta.sample((b,)) * 0.999 + 0.001).to(self.device)
-        tt = t[:, None, None]
-        x_t = tt * noise + (1 - tt) * a
-        u_t = noise - a
+        x_t, u_t, t = self.flow_training_sample(actions, state, noise, t)
         if "observation.language.tokens" in observation:
             lang = observation["observation.language.tokens"].to(self.device)
             lmask = observation["observation.language.attention_mask"].to(self.device).bool()
