@@ -133,9 +133,10 @@ def test_gen_demos_writes_the_documented_format(tmp_path):
     parser = argparse.ArgumentParser()
     gen_demos.add_arguments(parser)
     args = parser.parse_args(["--episodes", "1", "--out", str(tmp_path / "d"), "--image-size", "24", "--seed", "5",
-                              "--no-progress"])
+                              "--aim-offset", "0", "-0.008", "--no-progress"])
     assert gen_demos.run(args) == 0
     index = load_index(tmp_path / "d")
+    assert index["generator"]["aim_offset"] == [0.0, -0.008]
     assert json.loads((tmp_path / "d" / "index.json").read_text())["format"] == "effvla-sim-demos"
     assert index["joint_names"] == list(JOINT_NAMES) and index["fps"] == pytest.approx(10.0)
     (ep,) = index["episodes"]
@@ -229,3 +230,33 @@ def test_recorded_actions_replayed_as_a_trajectory_succeed(env):
             env.set_joint_targets(f.sample(env.time)[0])
         env.step_physics(1)
     assert env.success
+
+
+def _grasp_offset(env, demo):
+    """(radial, tangential) metres from the target cube's centre to the jaw point at the first close."""
+    c = int(np.nonzero(np.diff(demo["action"][:, -1]) < -1e-3)[0][0]) + 1
+    jaw = env.jaw_points(demo["observation.state"][c])[0]
+    cube = demo["env.cube_positions"][c][env.task.target_cube]
+    r = cube[:2] / np.linalg.norm(cube[:2])  # the robot base is at the origin
+    d = jaw[:2] - cube[:2]
+    return float(d @ r), float(d @ np.array([-r[1], r[0]]))
+
+
+def test_aimed_expert_grasps_off_centre_with_margin(env):
+    """GRASP_AIM_OFFSET: the expert grasps 0.8 cm clockwise of the centre and still places the cube; aimed
+    at the other side by the same amount, a jaw lands on top of the cube (the asymmetry it avoids)."""
+    from effvla_ros.sim.dataset import record_episode
+    from effvla_ros.sim.env import GRASP_AIM_OFFSET
+
+    assert np.allclose(env.aim_point(np.array([0.3, 0.0, 0.02]), (0.01, 0.02)), [0.31, 0.02, 0.02])
+    centred = record_episode(env, 5, render=False)
+    r0, t0 = _grasp_offset(env, centred)
+    aimed = record_episode(env, 5, render=False, aim_offset=GRASP_AIM_OFFSET)
+    r1, t1 = _grasp_offset(env, aimed)
+    assert centred["next.success"][-1] and aimed["next.success"][-1]
+    assert abs(r0) < 0.003 and abs(t0) < 0.003
+    assert abs(r1 - r0) < 0.003 and abs((t1 - t0) - GRASP_AIM_OFFSET[1]) < 0.003
+    mirrored = record_episode(env, 5, render=False, aim_offset=(0.0, -GRASP_AIM_OFFSET[1]))
+    assert not mirrored["next.success"][-1]
+    assert float(mirrored["env.cube_positions"][:, env.task.target_cube, 2].max()) < \
+        float(centred["env.cube_positions"][0, env.task.target_cube, 2]) + 0.02  # never lifted

@@ -190,6 +190,25 @@ def test_recipe_reuses_complete_demo_sets(tmp_path, monkeypatch):
     dart = recipes.Recipe("d", demos=(recipes.DemoSet(seed=3, episodes=2, image_size=SIZE, perturb=True),))
     recipes.ensure_demos(dart, tmp_path, progress=False, log=lambda s: None)
     assert calls[-1][2]["perturb"] is not None and dart.demos[0].name != r.demos[0].name
+    # a set recorded with another grasp aim is another set (own directory, regenerated on mismatch)
+    from effvla_ros.sim.env import GRASP_AIM_OFFSET
+
+    aimed = recipes.DemoSet(seed=3, episodes=2, image_size=SIZE, aim_offset=GRASP_AIM_OFFSET)
+    assert aimed.name == r.demos[0].name + "_aim"
+    assert recipes.DemoSet(seed=3, episodes=2, image_size=SIZE, aim_offset=(0.0, 0.004)).name.endswith("_aim+0.0+4.0mm")
+    aroot = tmp_path / aimed.name
+    write_demos(aroot, [_episode(8, 3), _episode(8, 4)])
+    aindex = json.loads((aroot / "index.json").read_text())
+    aindex["generator"] = {"base_seed": 3, "scene_version": SCENE_VERSION, "perturb": None,
+                           "aim_offset": list(GRASP_AIM_OFFSET)}
+    (aroot / "index.json").write_text(json.dumps(aindex))
+    n = len(calls)
+    recipes.ensure_demos(recipes.Recipe("a", demos=(aimed,)), tmp_path, progress=False, log=lambda s: None)
+    assert len(calls) == n  # complete: reused
+    aindex["generator"]["aim_offset"] = [0.0, 0.0]
+    (aroot / "index.json").write_text(json.dumps(aindex))
+    recipes.ensure_demos(recipes.Recipe("a", demos=(aimed,)), tmp_path, progress=False, log=lambda s: None)
+    assert len(calls) == n + 1 and calls[-1][2]["aim_offset"] == GRASP_AIM_OFFSET
 
 
 def test_jaw_relative_targets():

@@ -141,13 +141,15 @@ def _expert_target_without_applying(env: Any, action: np.ndarray) -> np.ndarray:
 
 
 def record_episode(
-    env: Any, seed: int, *, max_steps: int = 200, render: bool = True, perturb: Perturbation | None = None
+    env: Any, seed: int, *, max_steps: int = 200, render: bool = True, perturb: Perturbation | None = None,
+    aim_offset: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, np.ndarray]:
     """Run the scripted expert on the episode of ``seed`` and return its frames (keys as above).
 
     Recording stops when the expert has finished (retreated after releasing the cube), the target
     cube left the workspace, or after ``max_steps`` frames. ``perturb``: DART perturbations (labels
-    stay the expert's own actions).
+    stay the expert's own actions). ``aim_offset``: where the expert grasps relative to the cube's centre
+    (``TwoCubePickPlaceEnv.expert_action``; ``effvla_ros.sim.env.GRASP_AIM_OFFSET``).
     """
     from lerobot_env_so101.scripted import PickPlaceController
 
@@ -163,7 +165,7 @@ def record_episode(
             images[c].append(env.render(c))
         state.append(env.joint_positions())
         cubes.append(env.cube_positions())
-        a = env.expert_action(ctrl)
+        a = env.expert_action(ctrl, aim_offset)
         if perturb is not None:
             if ctrl.phase.name not in _PERTURBED_PHASES:
                 seg_left = 0
@@ -224,10 +226,10 @@ def _make_env(cfg_dict: dict[str, Any], seed: int) -> Any:
 
 
 def _run_episode(env: Any, out_dir: Path, seed: int, max_steps: int, keep_failed: bool,
-                 perturb: Perturbation | None = None) -> dict[str, Any]:
+                 perturb: Perturbation | None = None, aim_offset: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
     """Record one episode; write it to ``episodes/.seed_<seed>.npz`` if kept; return its index entry."""
     t0 = time.perf_counter()
-    data = record_episode(env, seed, max_steps=max_steps, perturb=perturb)
+    data = record_episode(env, seed, max_steps=max_steps, perturb=perturb, aim_offset=aim_offset)
     ok = bool(len(data["next.success"]) and data["next.success"][-1])
     tmp_name = None
     if ok or keep_failed:
@@ -252,15 +254,15 @@ def _run_episode(env: Any, out_dir: Path, seed: int, max_steps: int, keep_failed
 
 
 def _worker_init(cfg_dict: dict[str, Any], out_dir: str, max_steps: int, keep_failed: bool,
-                 perturb: dict[str, Any] | None = None) -> None:
+                 perturb: dict[str, Any] | None = None, aim_offset: tuple[float, float] = (0.0, 0.0)) -> None:
     os.environ.setdefault("MUJOCO_GL", "egl")
     _WORKER.update(env=_make_env(cfg_dict, 0), out_dir=Path(out_dir), max_steps=max_steps, keep_failed=keep_failed,
-                   perturb=Perturbation(**perturb) if perturb is not None else None)
+                   perturb=Perturbation(**perturb) if perturb is not None else None, aim_offset=aim_offset)
 
 
 def _worker_run(seed: int) -> dict[str, Any]:
     w = _WORKER
-    return _run_episode(w["env"], w["out_dir"], seed, w["max_steps"], w["keep_failed"], w["perturb"])
+    return _run_episode(w["env"], w["out_dir"], seed, w["max_steps"], w["keep_failed"], w["perturb"], w["aim_offset"])
 
 
 def generate(
@@ -277,13 +279,14 @@ def generate(
     mesh_faces: int | None = None,
     workers: int = 1,
     perturb: Perturbation | None = None,
+    aim_offset: tuple[float, float] = (0.0, 0.0),
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``episodes`` episodes (successful ones unless ``keep_failed``) to ``out_dir``; return the index.
 
     Seeds ``seed``, ``seed + 1``, ... are tried in order (in ``workers`` processes when > 1) until
     enough episodes are kept or ``max_attempts`` (default ``2 * episodes + 10``) were tried; the
-    result does not depend on ``workers``.
+    result does not depend on ``workers``. ``aim_offset``: see :func:`record_episode`.
     """
     from effvla_ros.sim import scene as scene_mod
     from effvla_ros.sim.env import JOINT_NAMES, SimConfig
@@ -313,6 +316,7 @@ def generate(
             "scene_version": scene_mod.SCENE_VERSION,
             "max_steps": max_steps,
             "perturb": perturb_dict,
+            "aim_offset": [float(aim_offset[0]), float(aim_offset[1])],
             "versions": _versions(),
         },
         "episodes": [],
@@ -328,12 +332,13 @@ def generate(
             import multiprocessing
 
             pool = multiprocessing.get_context("spawn").Pool(
-                workers, initializer=_worker_init, initargs=(cfg.to_dict(), str(out_dir), max_steps, keep_failed, perturb_dict)
+                workers, initializer=_worker_init, initargs=(cfg.to_dict(), str(out_dir), max_steps, keep_failed, perturb_dict,
+                          tuple(aim_offset))
             )
             results = pool.imap(_worker_run, seeds)
         else:
             env = _make_env(cfg.to_dict(), seed)
-            results = (_run_episode(env, out_dir, s, max_steps, keep_failed, perturb) for s in seeds)
+            results = (_run_episode(env, out_dir, s, max_steps, keep_failed, perturb, aim_offset) for s in seeds)
         for meta in results:
             attempts += 1
             successes += meta["success"]

@@ -21,13 +21,21 @@ class DemoSet:
     episodes: int
     image_size: int = 64
     perturb: bool = False  # DART perturbations with the default Perturbation (gen-demos --perturb)
+    aim_offset: tuple[float, float] = (0.0, 0.0)  # where the expert grasps (gen-demos --aim-offset), metres
 
     @property
     def name(self) -> str:
+        from effvla_ros.sim.env import GRASP_AIM_OFFSET
         from effvla_ros.sim.scene import SCENE_VERSION
 
         dart = "_dart" if self.perturb else ""
-        return f"so101v{SCENE_VERSION}_s{self.image_size}_seed{self.seed}_n{self.episodes}{dart}"
+        if not any(self.aim_offset):
+            aim = ""
+        elif tuple(self.aim_offset) == GRASP_AIM_OFFSET:
+            aim = "_aim"
+        else:
+            aim = "_aim{:+.1f}{:+.1f}mm".format(*(1000 * v for v in self.aim_offset))
+        return f"so101v{SCENE_VERSION}_s{self.image_size}_seed{self.seed}_n{self.episodes}{dart}{aim}"
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ def _complete(root: Path, ds: DemoSet) -> bool:
     return (len(eps) >= ds.episodes and int(index.get("image_size", -1)) == ds.image_size
             and gen.get("base_seed") == ds.seed and gen.get("scene_version") == SCENE_VERSION
             and (gen.get("perturb") is not None) == ds.perturb
+            and tuple(gen.get("aim_offset", (0.0, 0.0))) == tuple(map(float, ds.aim_offset))
             and all((root / e["file"]).exists() for e in eps[: ds.episodes]))
 
 
@@ -93,7 +102,7 @@ def ensure_demos(recipe: Recipe, demos_root: str | Path, *, workers: int = 2, pr
 
             try:
                 generate(root, ds.episodes, image_size=ds.image_size, seed=ds.seed, workers=max(1, workers),
-                         perturb=Perturbation() if ds.perturb else None,
+                         perturb=Perturbation() if ds.perturb else None, aim_offset=ds.aim_offset,
                          progress=cb)
             finally:
                 if bar is not None:
