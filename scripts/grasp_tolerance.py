@@ -20,15 +20,9 @@ import numpy as np
 
 
 def run(env, seed: int, aim: tuple[float, float]) -> bool:
-    from lerobot_env_so101.scripted import PickPlaceController
+    from effvla_ros.sim.dataset import record_episode
 
-    env.reset(seed=seed)
-    ctrl = PickPlaceController()
-    for _ in range(200):
-        _, _, terminated, _, _ = env.step(env.expert_action(ctrl, aim))
-        if ctrl.done or (terminated and not env.success):
-            break
-    return bool(env.success)
+    return bool(record_episode(env, seed, render=False, aim_offset=aim)["next.success"][-1])
 
 
 def main() -> None:

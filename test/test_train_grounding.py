@@ -194,7 +194,7 @@ def test_recipe_reuses_complete_demo_sets(tmp_path, monkeypatch):
     from effvla_ros.sim.env import GRASP_AIM_OFFSET
 
     aimed = recipes.DemoSet(seed=3, episodes=2, image_size=SIZE, aim_offset=GRASP_AIM_OFFSET)
-    assert aimed.name == r.demos[0].name + "_aim"
+    assert aimed.name == r.demos[0].name + "_aim+0.0-8.0mm"
     assert recipes.DemoSet(seed=3, episodes=2, image_size=SIZE, aim_offset=(0.0, 0.004)).name.endswith("_aim+0.0+4.0mm")
     aroot = tmp_path / aimed.name
     write_demos(aroot, [_episode(8, 3), _episode(8, 4)])

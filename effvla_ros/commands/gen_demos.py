@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "see effvla_ros.sim.dataset.Perturbation for the defaults)")
     parser.add_argument("--perturb-prob", type=float, default=None,
                         help="with --perturb: probability per free-space step of starting a perturbation")
-    parser.add_argument("--aim-offset", type=float, nargs=2, default=None, metavar=("RADIAL", "TANGENTIAL"),
+    parser.add_argument("--aim-offset", type=float, nargs=2, default=(0.0, 0.0), metavar=("RADIAL", "TANGENTIAL"),
                         help="where the expert grasps relative to the cube's centre, metres (radial from the robot "
                              "base, tangential counter-clockwise); default 0 0; effvla_ros.sim.env.GRASP_AIM_OFFSET "
                              "is the measured robust choice")
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             mesh_faces=args.mesh_faces,
             workers=max(1, args.workers),
             perturb=perturb,
-            aim_offset=tuple(args.aim_offset) if args.aim_offset is not None else (0.0, 0.0),
+            aim_offset=tuple(args.aim_offset),
             progress=progress,
         )
     except ValueError as e:

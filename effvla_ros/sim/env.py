@@ -257,8 +257,7 @@ class TwoCubePickPlaceEnv(SO101GymEnv):
         it grasps off centre by that offset (see :data:`GRASP_AIM_OFFSET`). Lifting, carrying and placing
         use the true cube position, so the cube is still placed on the instructed place's centre."""
         cube = self.cube_positions()[self._task.target_cube]
-        if any(aim_offset) and getattr(controller, "phase", None) is not None \
-                and controller.phase.name in ("HOVER", "DESCEND"):
+        if any(aim_offset) and controller.phase.name in ("HOVER", "DESCEND"):
             cube = self.aim_point(cube, aim_offset)
         return controller.act(self.ik_point_pos, cube, self.goal_pos())
 

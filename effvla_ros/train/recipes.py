@@ -25,16 +25,10 @@ class DemoSet:
 
     @property
     def name(self) -> str:
-        from effvla_ros.sim.env import GRASP_AIM_OFFSET
         from effvla_ros.sim.scene import SCENE_VERSION
 
         dart = "_dart" if self.perturb else ""
-        if not any(self.aim_offset):
-            aim = ""
-        elif tuple(self.aim_offset) == GRASP_AIM_OFFSET:
-            aim = "_aim"
-        else:
-            aim = "_aim{:+.1f}{:+.1f}mm".format(*(1000 * v for v in self.aim_offset))
+        aim = "_aim{:+.1f}{:+.1f}mm".format(*(1000 * v for v in self.aim_offset)) if any(self.aim_offset) else ""
         return f"so101v{SCENE_VERSION}_s{self.image_size}_seed{self.seed}_n{self.episodes}{dart}{aim}"
 
 
