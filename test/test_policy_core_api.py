@@ -128,6 +128,55 @@ def test_attention_probabilities_on_request(setup):
     assert p[:, :, :48, 48][rows].abs().max() == 0  # valid images/language tokens do not see the state
 
 
+def test_fused_attention_matches_eager_attention():
+    """The training-time fused path (torch SDPA) has the eager path's semantics: GQA, masks, a fully masked
+    row attending uniformly, gradients."""
+    from effvla_ros.core.smolvla.functional import eager_attention, fused_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn((3, 4, 7, 16), generator=g, requires_grad=True)
+    k = torch.randn((3, 2, 9, 16), generator=g, requires_grad=True)
+    v = torch.randn((3, 2, 9, 16), generator=g, requires_grad=True)
+    mask = torch.rand((3, 7, 9), generator=g) > 0.4
+    mask[1, 2] = False                                                    # a fully masked row
+    eager, _ = eager_attention(q, k, v, mask)
+    fused = fused_attention(q, k, v, mask)
+    assert fused.shape == eager.shape == (3, 7, 64)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    uniform = v[1].mean(dim=1).repeat_interleave(2, dim=0).reshape(-1)  # heads 0,1 -> kv 0; 2,3 -> kv 1
+    torch.testing.assert_close(fused[1, 2], uniform, rtol=1e-5, atol=1e-6)
+    # gradients agree where the output of the fully masked row gets none (so in the policy, where a padded
+    # token's output is never attended to); through that row, eager's where() passes no gradient to q and k
+    w = torch.randn(eager.shape, generator=g)
+    w[1, 2] = 0.0
+    ge = torch.autograd.grad((eager * w).sum(), (q, k, v))
+    gf = torch.autograd.grad((fused * w).sum(), (q, k, v))
+    for a, b in zip(ge, gf, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(fused, eager_attention(q, k, v, torch.ones_like(mask))[0])  # the mask matters
+
+
+def test_policy_with_fused_attention_predicts_the_same_chunk(setup, monkeypatch):
+    import effvla_ros.core.smolvla.policy as policy_module
+
+    calls = []
+    real = policy_module.fused_attention
+    monkeypatch.setattr(policy_module, "fused_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    policy, ref, obs, full = setup
+    policy.fused_attention = True
+    try:
+        fused = policy.predict_action_chunk(obs, noise=ref["noise"])
+        images, lang, lmask, state = _stages(policy, obs)
+        with torch.no_grad():  # probabilities on request still come from the eager path
+            cache = policy.prefill(policy.encode_images(images).tokens, lang, lmask, state, attn_layers=[1])
+    finally:
+        policy.fused_attention = False
+    n_vlm, n_expert = policy.arch.num_vlm_layers, len(policy.expert_layer_indices())
+    assert len(calls) == n_vlm + n_expert * policy.num_steps + (n_vlm - 1)  # every layer, then prefill minus layer 1
+    torch.testing.assert_close(fused.actions, full.actions, rtol=1e-4, atol=1e-4)
+    assert set(cache.attn_probs) == {1} and cache.attn_probs[1].shape == (2, 4, 49, 49)
+
+
 def test_early_exit_reuses_previous_cache(setup):
     policy, ref, obs, full = setup
     images, lang, lmask, state = _stages(policy, obs)

@@ -51,17 +51,23 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lr_at(20, cfg, time_fraction=1.0) == pytest.approx(1e-4)  # the time budget anneals too
 
 
+def test_train_config_names_a_bad_attention():
+    with pytest.raises(ValueError, match="attention"):
+        TrainConfig(data="", out="", attention="flash")
+
+
 def test_training_reduces_loss_and_checkpoint_round_trips(demos, tmp_path):
     episodes, _ = load_demos(demos)
     ds = ChunkDataset(episodes, 10)
     before = _fixed_loss(build_policy(ds, SIZE, seed=0), ds)
     cfg = TrainConfig(data=str(demos), out=str(tmp_path / "ckpt"), steps=25, batch=8, lr=2e-3, warmup=5,
-                      image_size=SIZE, seed=0, ema=0.0, save_every=20, threads=1)
+                      image_size=SIZE, seed=0, ema=0.0, save_every=20, threads=1, attention="fused")
     threads = torch.get_num_threads()
     try:
         res = train(cfg, progress=False, log=lambda s: None)
     finally:
         torch.set_num_threads(threads)
+    assert res.policy.fused_attention is False  # trained through torch SDPA, returned for eager inference
     after = _fixed_loss(res.policy, ds)
     assert after < 0.8 * before, (before, after)
     log = json.loads((tmp_path / "ckpt" / "train_log.json").read_text())
@@ -90,9 +96,10 @@ def test_train_command_writes_a_checkpoint(demos, tmp_path):
     out = tmp_path / "cli"
     args = p.parse_args(["--data", str(demos), "--out", str(out), "--steps", "3", "--batch", "4",
                          "--image-size", str(SIZE), "--no-progress", "--save-dtype", "float16", "--threads", "1",
-                         "--chunk-size", "6", "--n-action-steps", "3"])
+                         "--chunk-size", "6", "--n-action-steps", "3", "--attention", "fused"])
     assert cmd.run(args) == 0
     assert (out / "model.safetensors").is_file() and (out / "vlm" / "tokenizer.json").is_file()
+    assert json.loads((out / "train_log.json").read_text())["config"]["attention"] == "fused"
     arch = load_policy(out).arch
     assert arch.image_size == SIZE and (arch.chunk_size, arch.n_action_steps) == (6, 3)
     bad = p.parse_args(["--data", str(demos), "--out", str(out), "--image-size", "64", "--steps", "1"])

@@ -89,13 +89,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gripper stays absolute); the policy adds the state back")
     parser.add_argument("--decision-window", type=int, default=None,
                         help="frames oversampled at each decision point (default 0: the chunk size)")
+    parser.add_argument("--attention", choices=("eager", "fused"), default=None,
+                        help="attention while training: eager (LeRobot's path, default) or fused (torch SDPA, "
+                             "faster; the checkpoint is the same kind and runs eager at inference)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 _FIELDS = ("steps", "batch", "lr", "weight_decay", "warmup", "image_size", "seed", "shift", "state_dropout", "ema",
            "save_every", "max_episodes", "max_minutes", "threads", "save_dtype", "init", "aux_weight", "aux_pose",
            "aux_layer", "aux_wrist", "decision_weight", "color_swap", "prune_train", "prune_keep_ratio",
-           "decision_window")
+           "decision_window", "attention")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -107,6 +107,7 @@ class TrainConfig:
     color_swap: float = 0.0  # fraction of samples with permuted cube colours (images + instruction), 0: off
     prune_train: float = 0.0  # fraction of samples trained on the runtime-pruned prefix (0: off)
     prune_keep_ratio: float = 0.5  # pruning.keep_ratio used for those samples (the runtime default)
+    attention: str = "eager"  # "fused": VLM / expert attention through torch SDPA while training (faster)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.color_swap <= 1.0:
@@ -123,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"aux_weight: must be >= 0, got {self.aux_weight}")
         if self.state_dropout > 0 and self.arch_changes.get("relative_action_dims"):
             raise ValueError("state_dropout: relative actions are labelled from the state, it cannot be dropped")
+        if self.attention not in ("eager", "fused"):
+            raise ValueError(f"attention: must be 'eager' or 'fused', got {self.attention!r}")
         if self.aux_wrist and self.aux_weight <= 0:
             raise ValueError("aux_wrist: needs aux_weight > 0 (it is a term of the grounding loss)")
 
@@ -268,6 +271,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             p.requires_grad_(True)
     else:
         policy = build_policy(dataset, cfg.image_size, cfg.seed, **cfg.arch_changes)
+    policy.fused_attention = cfg.attention == "fused"
     params = [p for p in policy.weights.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     heads = targets = None
@@ -306,7 +310,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     decay = [p for p in params if p.ndim >= 2] + [p for p in head_params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2] + [p for p in head_params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                            fused=True)  # one kernel for every tensor: 1.4 ms instead of 9 ms per step here
     sample_p = None
     if cfg.decision_weight != 1.0:
         dec = decision_frames(dataset, cfg.decision_window)
@@ -431,6 +436,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         history.append({"step": steps_done, "loss": float(np.mean(window)), "lr": lr,
                         "grad_norm": float("nan"), "wall_s": time.perf_counter() - t0})
     policy.weights.eval()
+    policy.fused_attention = False  # the returned policy infers as the runtime does (eager attention)
     if ema is not None:
         ema.eval()
         policy.weights = ema  # the saved / returned weights are the EMA

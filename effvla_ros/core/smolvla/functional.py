@@ -53,6 +53,25 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, return_pro
     return out, (probs if return_probs else None)
 
 
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """:func:`eager_attention` through torch's fused ``scaled_dot_product_attention`` (a training speed-up).
+
+    Same inputs, output and semantics: fp32 logits and softmax (q, k, v upcast), a fully masked row gets
+    uniform weights (the mask is an additive fp32 bias of ``finfo.min``, not a boolean mask, whose fully
+    masked rows would give NaN). Differs from the eager path only in summation order (about 1e-6 in fp32),
+    and in one gradient: through a fully masked row, ``where`` gives q and k none, the bias does. In the
+    policy such rows are padded tokens, which no token attends to, so they receive no gradient either way.
+    No probabilities. A training step of the ``so101`` recipe takes 0.87 of the eager step time on this
+    CPU (``benchmarks/bench_train_step.py``).
+    """
+    b, h, lq, d = q.shape
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=q.device)
+    bias = bias.masked_fill(~mask, torch.finfo(torch.float32).min)[:, None]   # (B, 1, Lq, Lk)
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias,
+                                         enable_gqa=h != k.shape[1])          # (B, H, Lq, D)
+    return out.to(v.dtype).transpose(1, 2).reshape(b, lq, h * d)
+
+
 def make_att_2d_masks(pad_masks: Tensor, att_masks: Tensor) -> Tensor:
     """big_vision prefix-LM masks: token i attends to valid j with cumsum(att)[j] <= cumsum(att)[i].
 

@@ -38,6 +38,7 @@ from .config import RuntimeConfig, SmolVLAArch, to_dtype
 from .functional import (
     apply_rope,
     eager_attention,
+    fused_attention,
     make_att_2d_masks,
     pad_last_dim,
     resize_with_pad,
@@ -209,6 +210,10 @@ class SmolVLAPolicy:
         self.vlm_config = vlm_config
         self.tokenizer_options = dict(tokenizer_options or {})
         self.runtime = runtime or RuntimeConfig()
+        # Training only (``effvla train --attention fused``): the VLM and expert layers attend through
+        # torch's fused SDPA (:func:`~.functional.fused_attention`) instead of LeRobot's eager path, except
+        # where attention probabilities are asked for. Inference keeps the eager path (LeRobot parity).
+        self.fused_attention = False
         self.apply_runtime(self.runtime)
         weights.eval()
         self._flops_enabled = self.runtime.count_flops
@@ -486,9 +491,16 @@ class SmolVLAPolicy:
         k = attn.k_proj(x).view(b, p, -1, attn.head_dim).transpose(1, 2)        # (B, Hkv, P, D)
         v = attn.v_proj(x).view(b, p, -1, attn.head_dim).transpose(1, 2)
         q, k = apply_rope(q, pos), apply_rope(k, pos)
-        a, probs = eager_attention(q, k, v, mask, return_probs=want_probs)       # (B, P, H*D)
+        if self.fused_attention and not want_probs:
+            a, probs = fused_attention(q, k, v, mask), None                      # (B, P, H*D)
+        else:
+            a, probs = eager_attention(q, k, v, mask, return_probs=want_probs)   # (B, P, H*D)
         h_out = self.residual_mlp(layer, a, h)
         return h_out, k, v, probs
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Expert attention (no probabilities): eager (LeRobot's path) or fused (``fused_attention``)."""
+        return fused_attention(q, k, v, mask) if self.fused_attention else eager_attention(q, k, v, mask)[0]
 
     @staticmethod
     def residual_mlp(layer: Any, attn_out: Tensor, h: Tensor) -> Tensor:
@@ -568,7 +580,7 @@ class SmolVLAPolicy:
         q, k = apply_rope(q, pos), apply_rope(k, pos)
         k = torch.cat([pk, k], dim=2)                                            # (B, Hkv, P + S, D)
         v = torch.cat([pv, v], dim=2)
-        a, _ = eager_attention(q, k, v, mask)
+        a = self._attend(q, k, v, mask)
         return self.residual_mlp(layer, a, h)
 
     def expert_cross_layer(self, layer: Any, h: Tensor, pk: Tensor, pv: Tensor, pos: Tensor,
@@ -584,7 +596,7 @@ class SmolVLAPolicy:
         vin = pv.transpose(1, 2).reshape(b, p, -1).to(attn.v_proj.weight.dtype)
         k = attn.k_proj(kin).view(b, p, -1, attn.head_dim).transpose(1, 2)      # (B, Hkv, P, D)
         v = attn.v_proj(vin).view(b, p, -1, attn.head_dim).transpose(1, 2)
-        a, _ = eager_attention(q, k, v, mask)
+        a = self._attend(q, k, v, mask)
         return self.residual_mlp(layer, a, h)
 
     def denoise(self, cache: PrefixCache, noise: Tensor | None = None, num_steps: int | None = None, *,
