@@ -55,7 +55,7 @@ def main() -> None:
 
     from effvla_ros.core.smolvla import build_random_policy
     from effvla_ros.train.grounding import N_TARGETS, GroundingHeads, flow_and_grounding_loss
-    from effvla_ros.train.trainer import policy_tokenizer, small_arch
+    from effvla_ros.train.trainer import TrainConfig, policy_tokenizer, small_arch
 
     tok = policy_tokenizer()
     arch = small_arch(vocab_size=len(tok), image_token_id=int(tok.convert_tokens_to_ids("<image>")))
@@ -66,8 +66,8 @@ def main() -> None:
     mask = torch.ones((args.batch, N_TARGETS), dtype=torch.bool)
     noise = torch.randn((args.batch, arch.chunk_size, arch.max_action_dim), generator=g)
     t = torch.rand((args.batch,), generator=g) * 0.999 + 0.001
-    n_tok = arch.camera_shape[-1] // arch.patch_size // arch.scale_factor
-    heads0 = GroundingHeads(n_tok * n_tok, arch.text_hidden_size)
+    heads0 = GroundingHeads(arch.tokens_per_camera, arch.text_hidden_size)
+    aux_layer = TrainConfig(data="", out="").aux_layer % arch.num_vlm_layers  # as effvla train
 
     rows = {"before": ("eager", False), "fused AdamW": ("eager", True),
             "fused AdamW + fused attention": ("fused", True)}
@@ -88,7 +88,7 @@ def main() -> None:
     def step(name: str) -> float:
         pol, heads, params, opt, ema = setups[name]
         t0 = time.perf_counter()
-        flow, aux, _ = flow_and_grounding_loss(pol, batch, heads, targets, mask, layer=2, camera="scene",
+        flow, aux, _ = flow_and_grounding_loss(pol, batch, heads, targets, mask, layer=aux_layer, camera="scene",
                                                noise=noise, t=t)
         loss = flow + aux
         opt.zero_grad(set_to_none=True)
@@ -105,7 +105,7 @@ def main() -> None:
         losses = {}
         for attention in ("eager", "fused"):
             base.fused_attention = attention == "fused"
-            flow, aux, _ = flow_and_grounding_loss(base, batch, heads0, targets, mask, layer=2, camera="scene",
+            flow, aux, _ = flow_and_grounding_loss(base, batch, heads0, targets, mask, layer=aux_layer, camera="scene",
                                                    noise=noise, t=t)
             losses[attention] = (float(flow), float(aux))
         base.fused_attention = False

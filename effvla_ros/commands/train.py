@@ -20,7 +20,7 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from effvla_ros.train.recipes import RECIPES
-    from effvla_ros.train.trainer import TrainConfig
+    from effvla_ros.train.trainer import ATTENTION_CHOICES, TrainConfig
 
     d = TrainConfig(data="", out="")
     # options that a recipe can set default to None here; resolved in run()
@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gripper stays absolute); the policy adds the state back")
     parser.add_argument("--decision-window", type=int, default=None,
                         help="frames oversampled at each decision point (default 0: the chunk size)")
-    parser.add_argument("--attention", choices=("eager", "fused"), default=None,
+    parser.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
                         help="attention while training: eager (LeRobot's path, default) or fused (torch SDPA, "
                              "faster; the checkpoint is the same kind and runs eager at inference)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -74,6 +74,9 @@ def small_arch(*, image_size: int = 64, cameras: tuple[str, ...] = ("scene", "wr
     return arch.replace(**changes) if changes else arch
 
 
+ATTENTION_CHOICES = ("eager", "fused")  # TrainConfig.attention / effvla train --attention
+
+
 @dataclass
 class TrainConfig:
     data: str  # demo directory (several: comma-separated)
@@ -124,8 +127,8 @@ class TrainConfig:
             raise ValueError(f"aux_weight: must be >= 0, got {self.aux_weight}")
         if self.state_dropout > 0 and self.arch_changes.get("relative_action_dims"):
             raise ValueError("state_dropout: relative actions are labelled from the state, it cannot be dropped")
-        if self.attention not in ("eager", "fused"):
-            raise ValueError(f"attention: must be 'eager' or 'fused', got {self.attention!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention: must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
         if self.aux_wrist and self.aux_weight <= 0:
             raise ValueError("aux_wrist: needs aux_weight > 0 (it is a term of the grounding loss)")
 

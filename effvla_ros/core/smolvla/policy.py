@@ -491,16 +491,17 @@ class SmolVLAPolicy:
         k = attn.k_proj(x).view(b, p, -1, attn.head_dim).transpose(1, 2)        # (B, Hkv, P, D)
         v = attn.v_proj(x).view(b, p, -1, attn.head_dim).transpose(1, 2)
         q, k = apply_rope(q, pos), apply_rope(k, pos)
-        if self.fused_attention and not want_probs:
-            a, probs = fused_attention(q, k, v, mask), None                      # (B, P, H*D)
-        else:
-            a, probs = eager_attention(q, k, v, mask, return_probs=want_probs)   # (B, P, H*D)
+        a, probs = self._attend(q, k, v, mask, want_probs)                       # (B, P, H*D)
         h_out = self.residual_mlp(layer, a, h)
         return h_out, k, v, probs
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """Expert attention (no probabilities): eager (LeRobot's path) or fused (``fused_attention``)."""
-        return fused_attention(q, k, v, mask) if self.fused_attention else eager_attention(q, k, v, mask)[0]
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, want_probs: bool = False
+                ) -> tuple[Tensor, Tensor | None]:
+        """Attention of every VLM / expert layer: fused (``fused_attention``) unless probabilities are
+        asked for, else eager (LeRobot's path). Returns (B, Lq, H*D) and the probabilities if asked."""
+        if self.fused_attention and not want_probs:
+            return fused_attention(q, k, v, mask), None
+        return eager_attention(q, k, v, mask, return_probs=want_probs)
 
     @staticmethod
     def residual_mlp(layer: Any, attn_out: Tensor, h: Tensor) -> Tensor:
@@ -580,7 +581,7 @@ class SmolVLAPolicy:
         q, k = apply_rope(q, pos), apply_rope(k, pos)
         k = torch.cat([pk, k], dim=2)                                            # (B, Hkv, P + S, D)
         v = torch.cat([pv, v], dim=2)
-        a = self._attend(q, k, v, mask)
+        a, _ = self._attend(q, k, v, mask)
         return self.residual_mlp(layer, a, h)
 
     def expert_cross_layer(self, layer: Any, h: Tensor, pk: Tensor, pv: Tensor, pos: Tensor,
@@ -596,7 +597,7 @@ class SmolVLAPolicy:
         vin = pv.transpose(1, 2).reshape(b, p, -1).to(attn.v_proj.weight.dtype)
         k = attn.k_proj(kin).view(b, p, -1, attn.head_dim).transpose(1, 2)      # (B, Hkv, P, D)
         v = attn.v_proj(vin).view(b, p, -1, attn.head_dim).transpose(1, 2)
-        a = self._attend(q, k, v, mask)
+        a, _ = self._attend(q, k, v, mask)
         return self.residual_mlp(layer, a, h)
 
     def denoise(self, cache: PrefixCache, noise: Tensor | None = None, num_steps: int | None = None, *,
