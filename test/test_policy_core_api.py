@@ -2,6 +2,7 @@
 they only observe, token pruning equals LeRobot-style masking, early exit, RTC-style velocity edits."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -163,18 +164,24 @@ def test_policy_with_fused_attention_predicts_the_same_chunk(setup, monkeypatch)
     real = policy_module.fused_attention
     monkeypatch.setattr(policy_module, "fused_attention", lambda *a: calls.append(a[0].shape) or real(*a))
     policy, ref, obs, full = setup
-    policy.fused_attention = True
+    eager_runtime = policy.runtime
+    assert eager_runtime.attention == "eager" and not policy.fused_attention  # LeRobot's path by default
+    policy.apply_runtime(dataclasses.replace(eager_runtime, attention="fused"))  # RuntimeConfig.attention
+    assert policy.fused_attention
     try:
         fused = policy.predict_action_chunk(obs, noise=ref["noise"])
         images, lang, lmask, state = _stages(policy, obs)
         with torch.no_grad():  # probabilities on request still come from the eager path
             cache = policy.prefill(policy.encode_images(images).tokens, lang, lmask, state, attn_layers=[1])
     finally:
-        policy.fused_attention = False
+        policy.apply_runtime(eager_runtime)
+    assert not policy.fused_attention
     n_vlm, n_expert = policy.arch.num_vlm_layers, len(policy.expert_layer_indices())
     assert len(calls) == n_vlm + n_expert * policy.num_steps + (n_vlm - 1)  # every layer, then prefill minus layer 1
     torch.testing.assert_close(fused.actions, full.actions, rtol=1e-4, atol=1e-4)
     assert set(cache.attn_probs) == {1} and cache.attn_probs[1].shape == (2, 4, 49, 49)
+    with pytest.raises(ValueError, match="attention"):
+        RuntimeConfig(attention="flash")
 
 
 def test_early_exit_reuses_previous_cache(setup):

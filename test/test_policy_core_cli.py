@@ -37,7 +37,16 @@ def test_infer_cli_matches_lerobot(tmp_path):
     assert action.shape == (1, 10, 6)
     assert (action - ref["actions_unnormalized"][row:row + 1]).abs().max().item() <= 1e-5
     summary = json.loads(p.stdout.strip().splitlines()[-1])
-    assert summary["shape"] == [1, 10, 6] and "prefill" in summary["stats"]
+    assert summary["shape"] == [1, 10, 6] and "prefill" in summary["stats"] and summary["attention"] == "eager"
+
+    # fused attention (torch SDPA): the same chunk as LeRobot's eager path
+    outf = tmp_path / "af.safetensors"
+    p = _run("--checkpoint", str(GOLDEN / "fp32"), "--observation", str(tmp_path / "obs.safetensors"),
+             "--noise", str(tmp_path / "noise.safetensors"), "--vlm-dir", str(GOLDEN / "vlm"),
+             "--attention", "fused", "--out", str(outf))
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["attention"] == "fused"
+    assert (load_file(str(outf))["action"] - ref["actions_unnormalized"][row:row + 1]).abs().max().item() <= 1e-5
 
     # bf16 run: close to fp32 but not identical
     out16 = tmp_path / "a16.safetensors"

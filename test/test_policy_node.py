@@ -46,7 +46,7 @@ def test_policy_node_end_to_end(tmp_path: Path, ckpt: Path) -> None:
     names = [f"j{i}" for i in range(6)]
     argv = ["-m", "effvla_ros.nodes.policy", "--ros-args", "-p", f"checkpoint:={ckpt}",
             "-p", "cameras:=[camera1,camera2]", "-p", f"state_joint_names:=[{','.join(names)}]",
-            "-p", "fps:=20.0", "-p", "execution_horizon:=2",
+            "-p", "fps:=20.0", "-p", "execution_horizon:=2", "-p", "attention:=fused",
             "-r", "/policy/visual_tokens:=/vt", "-r", "/policy/execution_feedback:=/fb"]
     chunks: list[ActionChunk] = []
     with node_process(argv, tmp_path, "policy") as proc, spinner() as sp:
@@ -70,6 +70,7 @@ def test_policy_node_end_to_end(tmp_path: Path, ckpt: Path) -> None:
             send()
         wait_for(lambda: "no instruction yet" in proc.log(), timeout=30)
         assert not chunks
+        assert "attention=fused" in proc.log()  # the parameter reached the policy core (torch SDPA path)
         instr_pub.publish(String(data="pick up the red cube"))
         try:
             wait_for(lambda: (send() or True) and len(chunks) >= 2, timeout=60, period=0.1)

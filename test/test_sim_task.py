@@ -260,3 +260,30 @@ def test_aimed_expert_grasps_off_centre_with_margin(env):
     assert not mirrored["next.success"][-1]
     assert float(mirrored["env.cube_positions"][:, env.task.target_cube, 2].max()) < \
         float(centred["env.cube_positions"][0, env.task.target_cube, 2]) + 0.02  # never lifted
+
+
+def test_regrasp_demo_recovers_from_a_failed_first_grasp(env):
+    """--regrasp: the first approach aims 1.8-3 cm off the centre and fails; the frames of that attempt are a
+    marked prefix; a fresh expert then grasps at the centre from that state and completes the task."""
+    from effvla_ros.sim.dataset import Regrasp, record_episode
+
+    with pytest.raises(ValueError, match="min_cube_rise"):
+        Regrasp(min_cube_rise=0.02)
+    seed = 60000  # its off-centre grasp fails (another seed's may hold the cube: such episodes are discarded)
+    plain = record_episode(env, seed, render=False)
+    demo = record_episode(env, seed, render=False, regrasp=Regrasp())
+    failed = demo["failed_grasp"]
+    n = int(failed.sum())
+    assert 0 < n < len(failed) and failed[:n].all() and not failed[n:].any()  # a prefix
+    assert demo["next.success"][-1] and plain["next.success"][-1]
+    assert len(demo["action"]) > len(plain["action"])
+    target = env.task.target_cube
+    cube = demo["env.cube_positions"][:, target]
+    assert float(cube[:n, 2].max()) < float(cube[0, 2]) + 0.008  # the failed attempt lifted nothing
+    jaw = env.jaw_points(demo["observation.state"])
+    # the failed attempt ended >= 1.5 cm off the cube's centre; the recovery closed within 0.5 cm of it
+    assert float(np.linalg.norm(jaw[n - 1, :2] - cube[n - 1, :2])) > 0.015
+    grip = demo["action"][n:, -1]
+    close = n + int(np.nonzero(np.diff(grip) < -1e-3)[0][0]) + 1
+    assert float(np.linalg.norm(jaw[close, :2] - cube[close, :2])) < 0.005
+    assert float(demo["action"][n, -1]) > float(demo["action"][n - 1, -1]) - 1e-6  # the recovery opens, not closes

@@ -86,3 +86,46 @@ def test_write_then_load_demos_round_trip(tmp_path):
     assert len(load_demos(tmp_path, max_episodes=1)[0]) == 1
     with pytest.raises(ValueError, match="not recorded"):
         load_demos(tmp_path, cameras=["top"])
+
+
+def test_grasp_and_release_frames_follow_the_gripper_command():
+    grip = np.array([0.8, 0.8, 0.8, 0.5, 0.2, 0.2, 0.2, 0.5, 0.8], np.float32)  # open, close at 3, reopen at 7
+    ep = Episode(images={}, state=np.zeros((9, 6), np.float32), action=np.zeros((9, 6), np.float32), task="t")
+    ep.action[:, -1] = grip
+    assert ep.grasp_frame() == 3  # first frame below the previous one
+    assert ep.release_frame() == 6  # last closed frame before the command rises
+    ep.action[7:, -1] = 0.2  # never reopens
+    assert ep.grasp_frame() == 3 and ep.release_frame() is None
+    ep.action[:, -1] = 0.8 + 1e-4 * np.arange(9) * -1  # drifts by less than 1e-3 rad per frame: no grasp
+    assert ep.grasp_frame() is None and ep.release_frame() is None
+
+
+def test_failed_grasp_prefix_is_never_trained_on(tmp_path):
+    """Frames before ``train_start`` (a --regrasp episode's failed attempt) are no samples, count in no
+    statistics, hold no decision frames and no grasp; ``failed_grasp`` survives a write/load round trip."""
+    from effvla_ros.train.trainer import decision_frames
+
+    ep = _episode(12, 3)
+    ep.action[:, -1] = [0.8, 0.8, 0.2, 0.2, 0.8, 0.8, 0.8, 0.2, 0.2, 0.2, 0.8, 0.8]  # failed close at 2, regrasp at 7
+    ep.train_start = 4
+    other = _episode(6, 4)
+    write_demos(tmp_path, [ep, other])
+    (back, plain), _ = load_demos(tmp_path)
+    assert back.train_start == 4 and plain.train_start == 0
+    assert np.load(tmp_path / "episodes" / "episode_000000.npz")["failed_grasp"].tolist() == [True] * 4 + [False] * 8
+    assert back.grasp_frame() == 7 and back.release_frame() == 9  # the failed close at frame 2 is not the grasp
+    ds = ChunkDataset([back, plain], chunk_size=3)
+    assert len(ds) == 8 + 6 and ds.index[0].tolist() == [0, 4]
+    stats = compute_stats([back])
+    torch.testing.assert_close(stats["observation.state"]["mean"],
+                               torch.from_numpy(back.state[4:].astype(np.float64).mean(0)).float())
+    dec = decision_frames(ds)
+    assert ds.index[dec][ds.index[dec][:, 0] == 0, 1].tolist() == [4, 5, 6, 7, 8]  # start (4-6) + grasp (6-8)
+    bad = _episode(5, 5)
+    write_demos(tmp_path / "bad", [bad])
+    f = tmp_path / "bad" / "episodes" / "episode_000000.npz"
+    arrays = dict(np.load(f))
+    arrays["failed_grasp"] = np.array([True, False, True, False, False])
+    np.savez_compressed(f, **arrays)
+    with pytest.raises(ValueError, match="prefix"):
+        load_demos(tmp_path / "bad")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,8 @@ def test_eval_sim_one_short_episode_reports_and_moves_the_arm(tmp_path):
         assert ep["inferences"] == (ep["steps"] + 4) // 5  # one inference per 5 executed actions
         assert ep["outcome"] in OUTCOMES and s["outcomes"][ep["outcome"]] == 1 and sum(s["outcomes"].values()) == 1
         assert (ep["outcome"] == "success") == ep["success"]
+        assert (ep["closes"] == 0) == (ep["outcome"] == "no_grasp" or math.isnan(ep["grasp_dist_target_cm"]))
+        assert s["regrasp_episodes"] == int(ep["closes"] >= 2) and s["regrasp_successes"] <= s["regrasp_episodes"]
         per = s["per_inference"]
         assert per["total_tokens"] == 32 and per["encoder_flops"] > 0 and per["policy_s"] > 0
     base, pruned, rtc = rep["settings"]

@@ -209,6 +209,21 @@ def test_recipe_reuses_complete_demo_sets(tmp_path, monkeypatch):
     (aroot / "index.json").write_text(json.dumps(aindex))
     recipes.ensure_demos(recipes.Recipe("a", demos=(aimed,)), tmp_path, progress=False, log=lambda s: None)
     assert len(calls) == n + 1 and calls[-1][2]["aim_offset"] == GRASP_AIM_OFFSET
+    # re-grasp sets: own directory; a set without them is regenerated, with Regrasp and more attempts
+    rg = recipes.DemoSet(seed=3, episodes=2, image_size=SIZE, regrasp=True)
+    assert rg.name == r.demos[0].name + "_regrasp"
+    rroot = tmp_path / rg.name
+    write_demos(rroot, [_episode(8, 3), _episode(8, 4)])
+    rindex = json.loads((rroot / "index.json").read_text())
+    rindex["generator"] = {"base_seed": 3, "scene_version": SCENE_VERSION, "perturb": None, "regrasp": {"detect_rise": 0.015}}
+    (rroot / "index.json").write_text(json.dumps(rindex))
+    recipes.ensure_demos(recipes.Recipe("g", demos=(rg,)), tmp_path, progress=False, log=lambda s: None)
+    assert len(calls) == n + 1  # complete: reused
+    rindex["generator"]["regrasp"] = None
+    (rroot / "index.json").write_text(json.dumps(rindex))
+    recipes.ensure_demos(recipes.Recipe("g", demos=(rg,)), tmp_path, progress=False, log=lambda s: None)
+    assert len(calls) == n + 2 and calls[-1][2]["regrasp"] is not None and calls[-1][2]["max_attempts"] == 18
+    assert calls[-2][2]["regrasp"] is None and calls[-2][2]["max_attempts"] is None
 
 
 def test_jaw_relative_targets():

@@ -38,12 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the expert grasps relative to the cube's centre, metres (radial from the robot "
                              "base, tangential counter-clockwise); default 0 0; effvla_ros.sim.env.GRASP_AIM_OFFSET "
                              "is the measured robust choice")
+    parser.add_argument("--regrasp", action="store_true",
+                        help="re-grasp demonstrations: the expert first grasps 1.8-3 cm off the cube's centre and "
+                             "fails, then recovers and completes the task; the failed attempt's frames are marked "
+                             "failed_grasp and not trained on; an off-centre grasp that holds the cube discards the "
+                             "episode (see effvla_ros.sim.dataset.Regrasp; default --max-attempts 4N+10)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
-    from effvla_ros.sim.dataset import Perturbation, generate
+    from effvla_ros.sim.dataset import Perturbation, Regrasp, generate
 
     if args.episodes < 1:
         print("effvla gen-demos: --episodes must be at least 1", file=sys.stderr)
@@ -77,12 +82,14 @@ def run(args: argparse.Namespace) -> int:
             cameras=cameras,
             max_steps=args.max_steps,
             keep_failed=args.keep_failed,
-            max_attempts=args.max_attempts,
+            max_attempts=(args.max_attempts if args.max_attempts is not None or not args.regrasp
+                          else 4 * args.episodes + 10),
             paraphrase=not args.canonical,
             mesh_faces=args.mesh_faces,
             workers=max(1, args.workers),
             perturb=perturb,
             aim_offset=tuple(args.aim_offset),
+            regrasp=Regrasp() if args.regrasp else None,
             progress=progress,
         )
     except ValueError as e:

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vlm-dtype", default=None, help="override the VLM text dtype")
     parser.add_argument("--expert-dtype", default=None, help="override the expert dtype")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument("--attention", default="eager", choices=["eager", "fused"],
+                        help="VLM/expert attention: eager (LeRobot's path, default) or fused (torch SDPA)")
     parser.add_argument("--num-steps", type=int, default=0, help="denoising steps (0 = the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise when --noise is not given")
     parser.add_argument("--flops", action="store_true", help="count FLOPs per stage (slower)")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         runtime = RuntimeConfig(device=args.device, num_steps=args.num_steps, count_flops=args.flops,
                                 vision_dtype=dt["vision_dtype"], vlm_dtype=dt["vlm_dtype"],
-                                expert_dtype=dt["expert_dtype"])
+                                expert_dtype=dt["expert_dtype"], attention=args.attention)
         policy = load_policy(args.checkpoint, vlm_dir=args.vlm_dir, runtime=runtime)
     except (CheckpointError, ValueError) as e:
         print(f"effvla infer: {e}", file=sys.stderr)
@@ -95,5 +97,6 @@ def run(args: argparse.Namespace) -> int:
     save_file({"action": result.actions.float().cpu().contiguous(),
                "action_normalized": result.actions_normalized.float().cpu().contiguous()},
               str(out), metadata={"stats": json.dumps(stats), "checkpoint": str(args.checkpoint)})
-    print(json.dumps({"out": str(out), "shape": list(result.actions.shape), "stats": stats}))
+    print(json.dumps({"out": str(out), "shape": list(result.actions.shape), "stats": stats,
+                      "attention": "fused" if policy.fused_attention else "eager"}))
     return 0

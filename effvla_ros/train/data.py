@@ -30,10 +30,29 @@ class Episode:
     task: str
     seed: int = -1
     cube_pos: np.ndarray | None = None  # (T, 2, 3) float32 cube centres [m] (``env.cube_positions``), if recorded
+    # first frame that is a demonstration: the frames before it are a deliberately failed grasp (``failed_grasp``
+    # in the demo files, ``effvla gen-demos --regrasp``) and are never trained on
+    train_start: int = 0
 
     @property
     def length(self) -> int:
         return int(self.action.shape[0])
+
+    def grasp_frame(self) -> int | None:
+        """The first frame from :attr:`train_start` on whose commanded gripper angle (last action dim) is more
+        than 1e-3 rad below the previous frame's: the grasp starts closing. None when the gripper command
+        never drops."""
+        closing = np.nonzero(np.diff(self.action[self.train_start:, -1]) < -1e-3)[0]
+        return self.train_start + int(closing[0]) + 1 if closing.size else None
+
+    def release_frame(self) -> int | None:
+        """The last frame (from :meth:`grasp_frame` on) before the commanded gripper angle first rises by more
+        than 1e-3 rad: the release is decided there. None without a grasp or without a release."""
+        c = self.grasp_frame()
+        if c is None:
+            return None
+        opening = np.nonzero(np.diff(self.action[c:, -1]) > 1e-3)[0]
+        return c + int(opening[0]) if opening.size else None
 
 
 def load_demos(root: str | Path, *, max_episodes: int | None = None,
@@ -55,26 +74,37 @@ def load_demos(root: str | Path, *, max_episodes: int | None = None,
                 task=str(z["task"]),
                 seed=int(e.get("seed", -1)),
                 cube_pos=z["env.cube_positions"].astype(np.float32) if "env.cube_positions" in z else None,
+                train_start=_train_start(z["failed_grasp"]) if "failed_grasp" in z else 0,
             ))
     if not episodes:
         raise ValueError(f"{root}: no episodes")
     return episodes, index
 
 
+def _train_start(failed_grasp: np.ndarray) -> int:
+    """The first frame after the failed-grasp prefix (the marked frames must be a prefix of the episode)."""
+    f = np.asarray(failed_grasp, dtype=bool)
+    n = int(np.argmin(f)) if not f.all() else len(f)
+    if f[n:].any():
+        raise ValueError("failed_grasp: the marked frames are not a prefix of the episode")
+    return n
+
+
 def relative_chunks(ep: Episode, chunk_size: int, dims: Sequence[int]) -> np.ndarray:
     """(N, action_dim): every in-episode action ``action[t + i]`` (``i < chunk_size``, ``t + i < T``) of every
     frame's chunk, with the frame's state subtracted on ``dims`` (what a relative-action policy predicts)."""
-    t = np.arange(ep.length)[:, None] + np.arange(chunk_size)[None, :]
+    t = np.arange(ep.train_start, ep.length)[:, None] + np.arange(chunk_size)[None, :]
     valid = t < ep.length
-    rel = ep.action[np.minimum(t, ep.length - 1)].copy()  # (T, H, A)
+    rel = ep.action[np.minimum(t, ep.length - 1)].copy()  # (T', H, A)
     d = list(dims)
-    rel[:, :, d] -= ep.state[:, None, d]
+    rel[:, :, d] -= ep.state[ep.train_start:, None, d]
     return rel[valid]
 
 
 def compute_stats(episodes: Sequence[Episode], *, min_std: float = 1e-3, relative_dims: Sequence[int] = (),
                   chunk_size: int = 1) -> dict[str, dict[str, torch.Tensor]]:
-    """Mean / std / min / max of ``observation.state`` and ``action`` over every frame.
+    """Mean / std / min / max of ``observation.state`` and ``action`` over every trained frame (from each
+    episode's ``train_start`` on).
 
     With ``relative_dims``, the action statistics are those of what the policy predicts: every chunk row
     (``chunk_size``) of every frame, minus the frame's state on those dims (:func:`relative_chunks`).
@@ -82,8 +112,8 @@ def compute_stats(episodes: Sequence[Episode], *, min_std: float = 1e-3, relativ
     """
     out: dict[str, dict[str, torch.Tensor]] = {}
     acts = ([relative_chunks(e, chunk_size, relative_dims) for e in episodes] if relative_dims
-            else [e.action for e in episodes])
-    for key, arrs in (("observation.state", [e.state for e in episodes]), ("action", acts)):
+            else [e.action[e.train_start:] for e in episodes])
+    for key, arrs in (("observation.state", [e.state[e.train_start:] for e in episodes]), ("action", acts)):
         x = np.concatenate(arrs, axis=0).astype(np.float64)
         out[key] = {
             "mean": torch.tensor(x.mean(0), dtype=torch.float32),
@@ -95,7 +125,8 @@ def compute_stats(episodes: Sequence[Episode], *, min_std: float = 1e-3, relativ
 
 
 class ChunkDataset:
-    """Samples (frame t, actions t .. t+chunk_size-1) over every frame of every episode.
+    """Samples (frame t, actions t .. t+chunk_size-1) over every trained frame (``t >= train_start``) of every
+    episode.
 
     ``dataset[i]`` returns a dict with ``observation.images.<camera>`` (3, S, S) float in [0, 1],
     ``observation.state`` (state_dim,), ``action`` (chunk_size, action_dim), ``action_is_pad``
@@ -109,7 +140,7 @@ class ChunkDataset:
         self.episodes = list(episodes)
         self.chunk_size = int(chunk_size)
         self.cameras = list(self.episodes[0].images)
-        self.index = np.asarray([(ei, t) for ei, e in enumerate(self.episodes) for t in range(e.length)],
+        self.index = np.asarray([(ei, t) for ei, e in enumerate(self.episodes) for t in range(e.train_start, e.length)],
                                 dtype=np.int64).reshape(-1, 2)
         # per episode: actions padded with the last action, and the pad mask, for fast slicing
         self._act = [np.concatenate([e.action, np.repeat(e.action[-1:], self.chunk_size - 1, axis=0)])
@@ -200,6 +231,8 @@ def write_demos(root: str | Path, episodes: Sequence[Episode], *, fps: float = 1
         })
         if e.cube_pos is not None:
             arrays["env.cube_positions"] = np.asarray(e.cube_pos, dtype=np.float32)
+        if e.train_start:
+            arrays["failed_grasp"] = np.arange(t) < e.train_start
         np.savez_compressed(root / rel, **arrays)  # type: ignore[arg-type]
         entries.append({"index": i, "file": rel, "seed": e.seed, "instruction": e.task, "success": True,
                         "length": t, "duration_s": t / fps})

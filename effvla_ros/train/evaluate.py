@@ -181,6 +181,7 @@ class EpisodeResult:
     grasp_dist_target_cm: float = math.nan  # at the first commanded close: jaw point to the instructed cube (xy)
     grasp_dist_other_cm: float = math.nan  # ... and to the other cube
     target_lift_cm: float = math.nan  # highest rise of the instructed cube above its start
+    closes: int = 0  # times the commanded gripper went from open to closed (2+: the policy grasped again)
 
 
 OUTCOMES: tuple[str, ...] = ("success", "no_grasp", "wrong_cube", "missed", "not_lifted", "not_placed")
@@ -249,6 +250,7 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting
     z0 = float(env.cube_positions()[target][2])
     lift = 0.0
     grasp: tuple[float, float] | None = None
+    closes, was_closed = 0, False
     for k in range(max_steps):
         if k == next_obs:
             images = env.render_all()
@@ -296,7 +298,10 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting
         assert cur is not None
         action = cur.actions[min(k - cur_start, h_chunk - 1)].detach().cpu()
         env.set_joint_targets(action.numpy().astype(np.float64))
-        if grasp is None and float(action[-1]) < grip_mid:
+        closed = float(action[-1]) < grip_mid
+        closes += closed and not was_closed
+        was_closed = closed
+        if grasp is None and closed:
             jaw, cubes = np.asarray(env.ik_point_pos)[:2], env.cube_positions()[:, :2]
             grasp = (100 * float(np.linalg.norm(jaw - cubes[target])), 100 * float(np.linalg.norm(jaw - cubes[other])))
         env.step_physics(n_phys)
@@ -309,7 +314,7 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting
     dt_cm, do_cm = grasp if grasp is not None else (math.nan, math.nan)
     outcome = classify_outcome(bool(env.success), dt_cm, do_cm, lift)
     return EpisodeResult(int(seed), instruction, bool(env.success), steps, len(stats.get("policy_s", [])), motion, per,
-                         outcome, dt_cm, do_cm, lift)
+                         outcome, dt_cm, do_cm, lift, int(closes))
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -334,6 +339,9 @@ def summarize(setting: EvalSetting, results: Sequence[EpisodeResult], *, default
         "inferences_per_episode": float(np.mean([r.inferences for r in results])) if n else math.nan,
         "per_inference": per,
         "outcomes": {o: sum(r.outcome == o for r in results) for o in OUTCOMES},
+        # episodes whose gripper closed more than once (a second grasp), and how many of them succeeded
+        "regrasp_episodes": sum(r.closes >= 2 for r in results),
+        "regrasp_successes": sum(r.closes >= 2 and r.success for r in results),
         "episode_results": [dataclasses.asdict(r) for r in results],
     }
 
@@ -419,7 +427,8 @@ def evaluate_parallel(checkpoint: str, settings: Sequence[EvalSetting], seeds: S
 def format_table(report: dict[str, Any]) -> str:
     """A fixed-width table: one row per setting."""
     cols = ["setting", "success", "len", "len_ok", "kept/tot", "reused", "enc MFLOP", "enc ms", "prefill ms",
-            "denoise ms", "exit", "exp.reuse", "failures: wrong/missed/no-lift/no-place/no-grasp"]
+            "denoise ms", "exit", "exp.reuse", "failures: wrong/missed/no-lift/no-place/no-grasp",
+            "re-grasp: ok/tried"]
     rows = []
     for s in report["settings"]:
         p = s["per_inference"]
@@ -433,6 +442,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{p.get('exit_layer', math.nan):.2f}", f"{p.get('expert_reused_layers', math.nan):.1f}",
             "/".join(str(s.get("outcomes", {}).get(o, "-"))
                      for o in ("wrong_cube", "missed", "not_lifted", "not_placed", "no_grasp")),
+            f"{s.get('regrasp_successes', '-')}/{s.get('regrasp_episodes', '-')}",
         ])
         if "prefill_flops" in p:
             rows[-1][8] += f" ({p['prefill_flops'] / 1e6:.1f}MF)"

@@ -57,19 +57,15 @@ def _norm_xy(xy: np.ndarray) -> np.ndarray:
 
 
 def _pose_targets(ep: Episode, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    g = ep.action[:, -1]
     out = np.zeros(N_POSE, np.float32)
     mask = np.zeros(N_POSE, bool)
-    closing = np.nonzero(np.diff(g) < -1e-3)[0]
-    if closing.size:
-        c = int(closing[0]) + 1
+    c, r = ep.grasp_frame(), ep.release_frame()
+    if c is not None:
         out[:5] = (ep.action[c, :5] - mean[:5]) / std[:5]
         mask[:5] = True
-        opening = np.nonzero(np.diff(g[c:]) > 1e-3)[0]
-        if opening.size:
-            r = c + int(opening[0])
-            out[5:] = (ep.action[r, :5] - mean[:5]) / std[:5]
-            mask[5:] = True
+    if r is not None:
+        out[5:] = (ep.action[r, :5] - mean[:5]) / std[:5]
+        mask[5:] = True
     return out, mask
 
 

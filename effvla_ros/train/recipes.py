@@ -22,6 +22,7 @@ class DemoSet:
     image_size: int = 64
     perturb: bool = False  # DART perturbations with the default Perturbation (gen-demos --perturb)
     aim_offset: tuple[float, float] = (0.0, 0.0)  # where the expert grasps (gen-demos --aim-offset), metres
+    regrasp: bool = False  # a failed first grasp, then the recovery, default Regrasp (gen-demos --regrasp)
 
     @property
     def name(self) -> str:
@@ -29,7 +30,8 @@ class DemoSet:
 
         dart = "_dart" if self.perturb else ""
         aim = "_aim{:+.1f}{:+.1f}mm".format(*(1000 * v for v in self.aim_offset)) if any(self.aim_offset) else ""
-        return f"so101v{SCENE_VERSION}_s{self.image_size}_seed{self.seed}_n{self.episodes}{dart}{aim}"
+        regrasp = "_regrasp" if self.regrasp else ""
+        return f"so101v{SCENE_VERSION}_s{self.image_size}_seed{self.seed}_n{self.episodes}{dart}{aim}{regrasp}"
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ def _complete(root: Path, ds: DemoSet) -> bool:
     return (len(eps) >= ds.episodes and int(index.get("image_size", -1)) == ds.image_size
             and gen.get("base_seed") == ds.seed and gen.get("scene_version") == SCENE_VERSION
             and (gen.get("perturb") is not None) == ds.perturb
+            and (gen.get("regrasp") is not None) == ds.regrasp
             and tuple(gen.get("aim_offset", (0.0, 0.0))) == tuple(map(float, ds.aim_offset))
             and all((root / e["file"]).exists() for e in eps[: ds.episodes]))
 
@@ -78,9 +81,11 @@ def ensure_demos(recipe: Recipe, demos_root: str | Path, *, workers: int = 2, pr
     for ds in recipe.demos:
         root = Path(demos_root) / ds.name
         if not _complete(root, ds):
-            from effvla_ros.sim.dataset import Perturbation, generate
+            from effvla_ros.sim.dataset import Perturbation, Regrasp, generate
 
-            log(f"recipe {recipe.name}: generating {ds.episodes} {'perturbed ' if ds.perturb else ''}demos "
+            kind = "perturbed " if ds.perturb else ""
+            kind += "re-grasp " if ds.regrasp else ""
+            log(f"recipe {recipe.name}: generating {ds.episodes} {kind}demos "
                 f"(seed {ds.seed}, {ds.image_size} px) "
                 f"in {root} with {workers} workers")
             bar = None
@@ -97,7 +102,8 @@ def ensure_demos(recipe: Recipe, demos_root: str | Path, *, workers: int = 2, pr
             try:
                 generate(root, ds.episodes, image_size=ds.image_size, seed=ds.seed, workers=max(1, workers),
                          perturb=Perturbation() if ds.perturb else None, aim_offset=ds.aim_offset,
-                         progress=cb)
+                         regrasp=Regrasp() if ds.regrasp else None,
+                         max_attempts=4 * ds.episodes + 10 if ds.regrasp else None, progress=cb)
             finally:
                 if bar is not None:
                     bar.close()

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from effvla_ros.core.smolvla import SmolVLAArch, SmolVLAPolicy, build_random_policy, build_tiny_tokenizer, save_policy
-from effvla_ros.core.smolvla.config import tiny_arch
+from effvla_ros.core.smolvla.config import ATTENTION_IMPLS, tiny_arch
 from effvla_ros.train.data import ChunkDataset, compute_stats, load_demos
 
 VLM_NAME = "effvla/so101_pickplace_vlm"
@@ -74,7 +74,7 @@ def small_arch(*, image_size: int = 64, cameras: tuple[str, ...] = ("scene", "wr
     return arch.replace(**changes) if changes else arch
 
 
-ATTENTION_CHOICES = ("eager", "fused")  # TrainConfig.attention / effvla train --attention
+ATTENTION_CHOICES = ATTENTION_IMPLS  # TrainConfig.attention / effvla train --attention
 
 
 @dataclass
@@ -173,18 +173,18 @@ def masked_flow_loss(per: torch.Tensor, action_is_pad: torch.Tensor, action_dim:
 
 
 def decision_frames(dataset: ChunkDataset, window: int = 0) -> np.ndarray:
-    """(len(dataset),) bool: the first ``window`` frames of each episode and the ``window`` frames from the
-    step where the commanded gripper angle first drops (the grasp; the transport starts). ``window`` 0:
-    the chunk size."""
+    """(len(dataset),) bool: the first ``window`` trained frames of each episode (from its ``train_start``)
+    and the ``window`` frames from the step where the commanded gripper angle first drops (the grasp; the
+    transport starts). ``window`` 0: the chunk size."""
     h = int(window) or dataset.chunk_size
     out = np.zeros(len(dataset), dtype=bool)
     ei, t = dataset.index[:, 0], dataset.index[:, 1]
-    out |= t < h
+    start = np.asarray([e.train_start for e in dataset.episodes], dtype=np.int64)[ei]
+    out |= t < start + h
     for k, e in enumerate(dataset.episodes):
-        g = e.action[:, -1]
-        closing = np.nonzero(np.diff(g) < -1e-3)[0]
-        if closing.size:
-            c = int(closing[0])
+        grasp = e.grasp_frame()
+        if grasp is not None:
+            c = grasp - 1  # the last open frame: its chunk starts the close
             out |= (ei == k) & (t >= c) & (t < c + h)
     return out
 
@@ -439,7 +439,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         history.append({"step": steps_done, "loss": float(np.mean(window)), "lr": lr,
                         "grad_norm": float("nan"), "wall_s": time.perf_counter() - t0})
     policy.weights.eval()
-    policy.fused_attention = False  # the returned policy infers as the runtime does (eager attention)
+    policy.fused_attention = policy.runtime.attention == "fused"  # the returned policy infers as its runtime says
     if ema is not None:
         ema.eval()
         policy.weights = ema  # the saved / returned weights are the EMA

@@ -24,6 +24,10 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+#: Attention of the VLM and action-expert layers (RuntimeConfig.attention, TrainConfig.attention): "eager" is
+#: LeRobot's path (fp32 logits, explicit softmax); "fused" runs torch's scaled_dot_product_attention with the same
+#: semantics (functional.fused_attention), which lets CUDA pick a memory-efficient kernel.
+ATTENTION_IMPLS = ("eager", "fused")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 # config.json key of SmolVLAArch.relative_action_dims (an effvla extension; written only when non-empty, so
 # absolute-action checkpoints keep LeRobot's exact config.json)
@@ -317,6 +321,9 @@ class RuntimeConfig(ConfigBase):
                            description="Euler denoising steps; 0 = the checkpoint's num_steps")
     count_flops: bool = param(False, description="count FLOPs per stage with FlopCounterMode (slow)")
     num_threads: int = param(0, min=0, max=256, description="torch CPU threads; 0 = leave as is")
+    attention: str = param("eager", choices=ATTENTION_IMPLS, read_only=True,
+                           description="VLM/expert attention: eager (LeRobot's path) or fused (torch SDPA, same "
+                                       "semantics; eager still runs where attention probabilities are needed)")
 
     def validate(self) -> None:
         if not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):

@@ -210,9 +210,9 @@ class SmolVLAPolicy:
         self.vlm_config = vlm_config
         self.tokenizer_options = dict(tokenizer_options or {})
         self.runtime = runtime or RuntimeConfig()
-        # Training only (``effvla train --attention fused``): the VLM and expert layers attend through
-        # torch's fused SDPA (:func:`~.functional.fused_attention`) instead of LeRobot's eager path, except
-        # where attention probabilities are asked for. Inference keeps the eager path (LeRobot parity).
+        # True: the VLM and expert layers attend through torch's fused SDPA (:func:`~.functional.fused_attention`)
+        # instead of LeRobot's eager path, except where attention probabilities are asked for. Set from
+        # ``RuntimeConfig.attention`` (eager by default) and by ``effvla train --attention fused`` while training.
         self.fused_attention = False
         self.apply_runtime(self.runtime)
         weights.eval()
@@ -229,6 +229,7 @@ class SmolVLAPolicy:
         self.weights.set_dtypes(to_dtype(runtime.vision_dtype), to_dtype(runtime.vlm_dtype),
                                 to_dtype(runtime.expert_dtype))
         self._flops_enabled = runtime.count_flops
+        self.fused_attention = runtime.attention == "fused"
 
     @property
     def num_steps(self) -> int:
