@@ -9,10 +9,11 @@ loss is the recipe's: flow matching plus the grounding heads (``flow_and_groundi
 gradient clipping, AdamW, EMA update. Rows:
 
 * ``before``: LeRobot's eager attention, ``torch.optim.AdamW`` with its default CPU implementation
-  (a Python loop over the parameter tensors) — how the bundled checkpoint was trained;
+  (a Python loop over the parameter tensors) — how the checkpoints bundled before 2026-11-23 were trained;
 * ``fused AdamW``: ``AdamW(fused=True)``, now always used by ``effvla train``;
 * ``fused AdamW + fused attention``: also ``effvla train --attention fused`` (torch SDPA in the VLM and
-  expert layers, :func:`effvla_ros.core.smolvla.functional.fused_attention`).
+  expert layers, :func:`effvla_ros.core.smolvla.functional.fused_attention`): how the bundled checkpoint
+  was trained (the ``so101`` recipe sets it).
 
 Each round times ``--steps`` steps of every row in turn (after warm-up steps) and the table reports the
 median step time over all rounds, and its ratio to ``before``. Also printed: the loss of the same batch,

@@ -22,7 +22,7 @@ after at most ``max_consecutive`` reuses. A step at which every layer is reused 
 suffix embedding and the output projection: whole-step velocity reuse with the cheap, exact parts
 (the new x_t and t) kept.
 
-Measured on the bundled checkpoint (``benchmarks/bench_policy.py``, docs/benchmarks.md): a layer's
+Measured on an earlier bundled checkpoint (``benchmarks/bench_policy.py``, docs/benchmarks.md): a layer's
 input changes by 12-37 % (relative L2) from one step to the next, so a fixed small threshold never
 fires, while the layers' residual updates mostly stay within cosine 0.95-0.998 of the previous
 step's. The updates drift smoothly (hence the linear prediction, which cut the action error of

@@ -57,8 +57,8 @@ CUBE_SENSORS: tuple[str, str] = ("block_pos", "block2_pos")
 # seeds 0-7 aimed around the centre, and seeds 8-15 aimed around (0, -0.8 cm), where every grasp aimed up
 # to 0.6 cm further off in any of 8 directions succeeded, and 71 of 72 at 1.0 cm. Demonstrations recorded
 # with this offset show a grasp with margin on every side; the bundled recipe does not use them (the policy
-# trained on them succeeded in 40/150 evaluation episodes against 45/150: on new layouts its grasps miss by
-# more than this margin).
+# trained on them succeeded in 40/150 evaluation episodes against 45/150 for the same recipe without them: on
+# new layouts its grasps missed by more than this margin).
 # ``gen-demos --aim-offset`` / ``record_episode(aim_offset=...)``; their default stays (0, 0).
 GRASP_AIM_OFFSET: tuple[float, float] = (0.0, -0.008)
 

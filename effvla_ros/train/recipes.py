@@ -46,12 +46,13 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "so101": Recipe(
         name="so101",
-        demos=(DemoSet(0, 200), DemoSet(10000, 200), DemoSet(20000, 400)),
+        demos=(DemoSet(0, 200), DemoSet(10000, 200), DemoSet(20000, 400), DemoSet(30000, 600),
+               DemoSet(40000, 600, perturb=True), DemoSet(60000, 600, regrasp=True)),
         train={"steps": 18000, "batch": 32, "lr": 5e-4, "warmup": 300, "seed": 0, "shift": 0, "ema": 0.999,
                "image_size": 64, "aux_weight": 1.0, "aux_pose": True, "decision_weight": 3.0, "threads": 1,
-               "save_every": 1000},
-        description="effvla_ros/assets/so101_pickplace: 800 scripted demos (64 px, seeds 0.., 10000.., 20000..), "
-                    "small SmolVLA from scratch with the training-only grounding loss",
+               "save_every": 1000, "attention": "fused"},
+        description="effvla_ros/assets/so101_pickplace: 2600 scripted demos (64 px; 1400 clean, 600 DART-perturbed, "
+                    "600 re-grasp), small SmolVLA from scratch with the training-only grounding loss",
     ),
 }
 
