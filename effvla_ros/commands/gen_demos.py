@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first episode (default 0)")
     parser.add_argument("--cameras", default="scene,wrist", help="comma-separated cameras (default scene,wrist)")
     parser.add_argument("--max-steps", type=int, default=200, help="frames per episode at most (10 Hz; default 200)")
-    parser.add_argument("--max-attempts", type=int, default=None, help="episodes to try at most (default 2N+10)")
+    parser.add_argument("--max-attempts", type=int, default=None, help="episodes to try at most (default 2N+10; 4N+10 with --regrasp)")
     parser.add_argument("--keep-failed", action="store_true", help="also write episodes the expert failed")
     parser.add_argument("--canonical", action="store_true",
                         help="canonical instruction wording only (no paraphrases)")
@@ -82,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
             cameras=cameras,
             max_steps=args.max_steps,
             keep_failed=args.keep_failed,
-            max_attempts=(args.max_attempts if args.max_attempts is not None or not args.regrasp
-                          else 4 * args.episodes + 10),
+            max_attempts=args.max_attempts,
             paraphrase=not args.canonical,
             mesh_faces=args.mesh_faces,
             workers=max(1, args.workers),

@@ -14,6 +14,8 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from effvla_ros.core.smolvla.config import ATTENTION_IMPLS
+
     parser.add_argument("--checkpoint", required=True, help="LeRobot SmolVLA checkpoint directory")
     parser.add_argument("--observation", required=True, help="observation .safetensors (task in metadata 'task')")
     parser.add_argument("--noise", default=None, help="noise .safetensors with key 'noise' (default: random)")
@@ -27,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vlm-dtype", default=None, help="override the VLM text dtype")
     parser.add_argument("--expert-dtype", default=None, help="override the expert dtype")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    parser.add_argument("--attention", default="eager", choices=["eager", "fused"],
+    parser.add_argument("--attention", default="eager", choices=ATTENTION_IMPLS,
                         help="VLM/expert attention: eager (LeRobot's path, default) or fused (torch SDPA)")
     parser.add_argument("--num-steps", type=int, default=0, help="denoising steps (0 = the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise when --noise is not given")

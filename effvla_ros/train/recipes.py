@@ -104,7 +104,7 @@ def ensure_demos(recipe: Recipe, demos_root: str | Path, *, workers: int = 2, pr
                 generate(root, ds.episodes, image_size=ds.image_size, seed=ds.seed, workers=max(1, workers),
                          perturb=Perturbation() if ds.perturb else None, aim_offset=ds.aim_offset,
                          regrasp=Regrasp() if ds.regrasp else None,
-                         max_attempts=4 * ds.episodes + 10 if ds.regrasp else None, progress=cb)
+                         progress=cb)
             finally:
                 if bar is not None:
                     bar.close()

@@ -54,7 +54,7 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, return_pro
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """:func:`eager_attention` through torch's fused ``scaled_dot_product_attention`` (a training speed-up).
+    """:func:`eager_attention` through torch's fused ``scaled_dot_product_attention``.
 
     Same inputs, output and semantics: fp32 logits and softmax (q, k, v upcast), a fully masked row gets
     uniform weights (the mask is an additive fp32 bias of ``finfo.min``, not a boolean mask, whose fully
@@ -62,7 +62,8 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     and in one gradient: through a fully masked row, ``where`` gives q and k none, the bias does. In the
     policy such rows are padded tokens, which no token attends to, so they receive no gradient either way.
     No probabilities. A training step of the ``so101`` recipe takes 0.87 of the eager step time on this
-    CPU (``benchmarks/bench_train_step.py``).
+    CPU (``benchmarks/bench_train_step.py``); at inference (``RuntimeConfig.attention``) this CPU showed no
+    measurable gain (docs/benchmarks.md).
     """
     b, h, lq, d = q.shape
     bias = torch.zeros(mask.shape, dtype=torch.float32, device=q.device)
