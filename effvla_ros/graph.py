@@ -1,8 +1,8 @@
 """The effvla_ros ROS 2 graph, described once in plain Python.
 
 ``describe_graph(...)`` returns which nodes run, from which executable/module, with which layered
-parameter files (``config/base.yaml`` < ``config/targets/<target>.yaml`` < the user's file <
-explicit overrides), which remappings, and whether they share one process. Both
+parameter files (``config/base.yaml`` < ``config/targets/<target>.yaml`` < ``config/sim.yaml`` with
+``sim=True`` < the user's file < explicit overrides), which remappings, and whether they share one process. Both
 ``launch/manipulation.launch.py`` (real ROS 2 with launch_ros) and ``effvla run`` (single-process
 bringup without ``launch``) build the graph from this description, so the wiring tested here is the
 wiring users launch.
@@ -118,12 +118,15 @@ def default_checkpoint() -> str | None:
     return str(p) if (p / "config.json").is_file() else None
 
 
-def params_files(target: str, user_file: str | os.PathLike[str] | None = None, root: Path | None = None) -> list[Path]:
-    """Layered parameter files: base < target < user."""
+def params_files(target: str, user_file: str | os.PathLike[str] | None = None, root: Path | None = None, *,
+                 sim: bool = False) -> list[Path]:
+    """Layered parameter files: base < target < sim (the simulated robot, with ``sim``) < user."""
     if target not in TARGETS:
         raise ValueError(f"target: {target!r} is not one of {list(TARGETS)}")
     root = root or share_dir()
     files = [root / "config" / "base.yaml", root / "config" / "targets" / f"{target}.yaml"]
+    if sim:
+        files.append(root / "config" / "sim.yaml")
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"parameter file {f} is missing (package share dir {root})")
@@ -189,7 +192,7 @@ def describe_graph(
         overrides["controller"] = controller
     return Graph(
         nodes=tuple(nodes),
-        params_files=tuple(params_files(target, params_file, root)),
+        params_files=tuple(params_files(target, params_file, root, sim=sim)),
         overrides=overrides,
         namespace=ns,
         single_process=single_process,

@@ -31,7 +31,10 @@ def test_closed_loop_episode_moves_the_simulated_arm(ckpt: Path, tmp_path: Path)
     params = tmp_path / "ci.yaml"
     params.write_text(
         "/**/sim_bridge:\n  ros__parameters:\n    image_size: 32\n    camera_rate: 10.0\n    real_time_factor: 1.0\n"
+        # a random policy's targets jump around: the real robot's limits (base.yaml) make the arm able
+        # to follow them (config/sim.yaml raises them for the bundled policy's step targets)
         "/**/chunk_executor:\n  ros__parameters:\n    watchdog_timeout: 3.0\n"
+        "    velocity_limits: [3.0, 3.0, 3.0, 3.0, 3.0, 6.0]\n    acceleration_limits: [20.0, 20.0, 20.0, 20.0, 20.0, 40.0]\n"
         "/**/policy:\n  ros__parameters:\n    max_observation_age_s: 5.0\n")
     graph = describe_graph("x86_cpu", sim=True, checkpoint=str(ckpt), params_file=params)
     assert [n.name for n in graph.nodes] == ["sim_bridge", "token_compressor", "policy", "chunk_executor"]

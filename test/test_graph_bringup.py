@@ -36,6 +36,17 @@ def test_graph_description_wiring() -> None:
     assert g.overrides["checkpoint"] == "/ckpt" and g.overrides["use_sim_time"] is False
     sim = describe_graph("x86_cpu", sim=True, checkpoint="/ckpt")
     assert sim.nodes[0].name == "sim_bridge" and sim.overrides["use_sim_time"] is True
+    # the simulated robot's layer comes after the target's, before the user's file
+    assert [f.name for f in sim.params_files] == ["base.yaml", "x86_cpu.yaml", "sim.yaml"]
+    from effvla_ros.core.executor import ExecutorConfig
+    from effvla_ros.replay.settings import node_params
+
+    real_ex = ExecutorConfig.from_dict(node_params(list(g.params_files), "chunk_executor"), strict=False)
+    sim_ex = ExecutorConfig.from_dict(node_params(list(sim.params_files), "chunk_executor"), strict=False)
+    assert real_ex.blend_time > 0.0 and sim_ex.blend_time == 0.0
+    assert max(sim_ex.velocity_limits) > max(real_ex.velocity_limits)
+    assert node_params(list(sim.params_files), "sim_bridge")["image_size"] == 64
+    assert "image_size" not in node_params(list(g.params_files), "sim_bridge")
     with pytest.raises(ValueError, match="target"):
         describe_graph("raspberry_pi")
     with pytest.raises(ValueError, match="cameras"):

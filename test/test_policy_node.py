@@ -132,4 +132,41 @@ def test_policy_node_end_to_end(tmp_path: Path, ckpt: Path) -> None:
             tok_pub.publish(missing)
             return len(chunks) > n_before
         wait_for(with_missing, timeout=60, period=0.1)
+        assert "JointState messages are unstamped" in proc.log()  # so far: the newest state, with a warning
+
+        # stamped joint states: the one of the images' instant is used; none within
+        # state_stamp_tolerance_s (0.05 s) at or before the images: the observation is skipped
+        def stamped(state_offset: float) -> None:
+            t[0] = max(t[0] + 0.001, time.time())
+            js = JointState(name=names, position=list(np.linspace(-0.5, 0.5, 6)))
+            ns = int(round((t[0] + state_offset) * 1e9))
+            js.header.stamp.sec, js.header.stamp.nanosec = divmod(ns, 1_000_000_000)
+            js_pub.publish(js)
+            for i, cam in enumerate(("camera1", "camera2")):
+                tok_pub.publish(_tokens(cam, t[0], [0, 2, 5, 7, 9, 12], seed=int(t[0] * 100) + i))
+
+        wait_for(lambda: (stamped(0.5) or True) and "no JointState within state_stamp_tolerance_s" in proc.log(),
+                 timeout=60, period=0.1)
+        time.sleep(1.0)  # a chunk of an earlier observation may still be on its way
+        n_skipped = len(chunks)
+        for _ in range(10):
+            stamped(0.5)  # only states newer than the images: nothing is published
+            time.sleep(0.1)
+        assert len(chunks) == n_skipped
+        wait_for(lambda: (stamped(0.0) or True) and len(chunks) > n_skipped, timeout=60, period=0.1)
+        c = chunks[-1]
+        assert abs(c.header.stamp.sec + 1e-9 * c.header.stamp.nanosec - t[0]) < 5.0
         assert proc.alive()
+
+
+def test_state_at_pairs_the_joint_state_of_the_images_instant() -> None:
+    from effvla_ros.nodes.policy import state_at
+
+    stamps = [0.0, 0.02, 0.04, 0.06]
+    assert state_at(stamps, 0.04, 0.05) == 2  # same instant
+    assert state_at(stamps, 0.05, 0.05) == 2  # the newest at or before the images, not the nearest (0.06)
+    assert state_at([0.06, 0.0, 0.04], 0.05, 0.05) == 2  # arrival order does not matter
+    assert state_at([0.1, 0.3], 0.2, 0.15) == 0
+    assert state_at(stamps, 0.2, 0.05) is None  # all too old, a newer one may still arrive: wait
+    assert state_at([], 0.2, 0.05) is None
+    assert state_at([0.0, 0.5], 0.2, 0.05) == -1  # too old before, newer after: skip this observation

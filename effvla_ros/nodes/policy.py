@@ -7,7 +7,9 @@ in-process token compressor — plus ``instruction`` (std_msgs/String), ``joint_
 ``~/action_chunk`` (effvla_ros/ActionChunk) and ``/diagnostics``.
 
 Inference runs in its own thread; subscriptions only store the newest message (stale observations
-are dropped: latest wins). A new chunk is started when ``execution_horizon`` actions of the current
+are dropped: latest wins). The state of an observation is the newest JointState stamped at or before
+its images (within ``state_stamp_tolerance_s``), as in the training data and in ``effvla replay``: the
+newest JointState at inference time is ahead of the images by the encoder's latency. A new chunk is started when ``execution_horizon`` actions of the current
 one will have elapsed by the time it arrives (measured latency), or back to back when inference is
 slower. Real-time chunking guides every chunk toward the still-unexecuted part of the one the
 executor is running, with the delay d measured from latency (a high percentile, in control steps)
@@ -87,6 +89,10 @@ class PolicyNodeConfig(ConfigBase):
     execution_horizon: int = param(25, min=1, max=1000,
                                    description="actions of a chunk executed before the next chunk should take over")
     stamp_tolerance_s: float = param(0.05, min=0.0, max=5.0, description="max stamp spread across cameras")
+    state_stamp_tolerance_s: float = param(
+        0.05, min=0.0, max=5.0,
+        description="the state is the newest JointState stamped at or before the observation (as in training and "
+                    "replay) and at most this much older; 0: the newest JointState whatever its stamp")
     max_observation_age_s: float = param(1.0, min=0.01, max=60.0,
                                          description="observations older than this at inference start are dropped")
     target: str = param("x86_cpu", choices=tuple(TARGETS), read_only=True,
@@ -99,6 +105,26 @@ class PolicyNodeConfig(ConfigBase):
     def validate(self) -> None:
         if not self.cameras:
             raise ValueError("cameras: at least one camera is needed")
+
+
+def state_at(stamps: list[float], obs_stamp: float, tolerance: float) -> int | None:
+    """Index of the joint state that goes with an observation stamped ``obs_stamp``: the newest one
+    stamped at or before it and at most ``tolerance`` older (images and state of one instant, as in the
+    training data and in ``effvla replay``). None: none yet, and no state newer than the observation
+    either (it may still arrive: wait); -1: none fits (skip the observation).
+
+    The newest state at inference time would not do: it is ahead of the images by the encoder's and
+    the queue's latency, tenths of a second of arm motion the policy never saw in training.
+    """
+    best = -1
+    for i, st in enumerate(stamps):
+        if st <= obs_stamp + 1e-6 and (best < 0 or st >= stamps[best]):
+            best = i
+    if best >= 0 and obs_stamp - stamps[best] <= tolerance + 1e-6:
+        return best
+    if not stamps or max(stamps) <= obs_stamp + 1e-6:
+        return None
+    return -1
 
 
 @dataclass
@@ -162,6 +188,7 @@ class PolicyNode(Node):
         self._images: dict[str, Image] = {}
         self._image_tokens: dict[str, tuple[float, CameraTokens]] = {}
         self._state: JointState | None = None
+        self._states: deque[tuple[float, JointState]] = deque(maxlen=1024)  # (stamp, msg), arrival order
         self._instruction: str | None = None
         self._feedback: ExecutionFeedback | None = None
         self._dirty = False
@@ -172,7 +199,7 @@ class PolicyNode(Node):
         self._lat_hist: deque[float] = deque(maxlen=100)
         self._last: dict[str, Any] = {}
         self.counts = {"chunks": 0, "dropped_stale": 0, "rejected_tokens": 0, "rejected_state": 0,
-                       "nonfinite_output": 0, "errors": 0}
+                       "unsynced_state": 0, "nonfinite_output": 0, "errors": 0}
 
         self.pub = self.create_publisher(ActionChunk, "~/action_chunk", PIPELINE_QOS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -224,6 +251,7 @@ class PolicyNode(Node):
     def _on_state(self, msg: JointState) -> None:
         with self._cv:
             self._state = msg
+            self._states.append((stamp_to_sec(msg.header.stamp), msg))
 
     def _on_feedback(self, msg: ExecutionFeedback) -> None:
         with self._cv:
@@ -235,6 +263,8 @@ class PolicyNode(Node):
             self._reset_pending = True
             self._tokens.clear()
             self._images.clear()
+            self._states.clear()
+            self._state = None
             self._feedback = None
             self._cv.notify()
 
@@ -254,6 +284,7 @@ class PolicyNode(Node):
             dirty, self._dirty = self._dirty, False
             instruction = self._instruction
             state_msg = self._state
+            states = list(self._states)
             feedback = self._feedback
             tokens = dict(self._tokens)
             images = dict(self._images)
@@ -297,7 +328,13 @@ class PolicyNode(Node):
             due = self._chunks[-1].stamp + cfg.execution_horizon * dt - lat
             if now < due:
                 return  # the current chunk still covers the horizon
-        state = self._state_vector(state_msg)
+        synced = self._state_at(obs_stamp, states, state_msg)
+        if synced is None:
+            return
+        if synced is False:
+            self._last_obs_stamp = obs_stamp
+            return
+        state = self._state_vector(synced)
         if state is None:
             return
         self.runner.set_instruction(instruction)
@@ -379,6 +416,29 @@ class PolicyNode(Node):
             return None
         return CameraTokens(torch.from_numpy(arr), torch.tensor(list(msg.kept_indices), dtype=torch.long),
                             (int(msg.grid_height), int(msg.grid_width)))
+
+    def _state_at(self, obs_stamp: float, states: list[tuple[float, JointState]],
+                  newest: JointState) -> JointState | None | bool:
+        """The JointState paired with the observation (see :func:`state_at`). None: wait for it;
+        False: none fits, the observation is skipped (counted, throttled warning)."""
+        tol = self.node_params.config.state_stamp_tolerance_s
+        if tol <= 0.0:
+            return newest
+        if stamp_to_sec(newest.header.stamp) == 0.0:
+            self.get_logger().warning("JointState messages are unstamped (stamp 0): the newest is used, not the one "
+                                      "of the images' instant", throttle_duration_sec=10.0)
+            return newest
+        i = state_at([st for st, _ in states], obs_stamp, tol)
+        if i is not None and i >= 0:
+            return states[i][1]
+        if i is None:
+            return None
+        self.counts["unsynced_state"] += 1
+        before = [st for st, _ in states if st <= obs_stamp + 1e-6]
+        gap = f"the newest before it is {obs_stamp - max(before):.3f} s older" if before else "none is older"
+        self.get_logger().warning(f"no JointState within state_stamp_tolerance_s {tol} s at or before the "
+                                  f"observation ({gap}); observation skipped", throttle_duration_sec=2.0)
+        return False
 
     def _state_vector(self, msg: JointState) -> torch.Tensor | None:
         cfg = self.node_params.config
