@@ -162,7 +162,8 @@ def test_tiny_build_save_reload_round_trip(tmp_path):
     a = policy.predict_action_chunk(obs, noise=noise).actions
     b = reloaded.predict_action_chunk(obs, noise=noise).actions
     assert a.shape == (1, 10, 6)
-    assert torch.equal(a, b)
+    # same weights: bit-exact on the Intel AMX machine, 5e-7 apart on an AMD EPYC (kernels chosen by alignment)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # normalization statistics survive the round trip and matter
     assert torch.equal(reloaded.normalizer.stats["action"]["std"], stats["action"]["std"])
     assert (a - policy.predict_action_chunk(obs, noise=noise).actions_normalized).abs().max() > 0.1

@@ -16,8 +16,12 @@ from effvla_ros.core.smolvla import RuntimeConfig, load_policy
 
 GOLDEN = Path(__file__).parent / "data" / "golden_tiny"
 CAMS = ["camera1", "camera2"]
-FP32_TOL = 1e-5
-BF16_TOL = 1e-3  # same ops in the same order: observed bit-exact; bf16 rounding leaves room
+# The golden files come from LeRobot on an Intel AMX CPU, where our outputs were bit-exact. On an AMD EPYC
+# (no AMX) the kernels accumulate in another order: fp32 differs by up to 1.2e-5, and in bf16 one rounding
+# step of the last layer's keys (2^-8 relative: 0.0156 at |k| ~ 4) carries into the actions (3e-3).
+# A real fault (wrong weight, mask, position or scale) moves these by 0.1 or more.
+FP32_TOL = 5e-5
+BF16_TOL = 3e-2
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -145,12 +145,13 @@ def test_policy_node_end_to_end(tmp_path: Path, ckpt: Path) -> None:
             for i, cam in enumerate(("camera1", "camera2")):
                 tok_pub.publish(_tokens(cam, t[0], [0, 2, 5, 7, 9, 12], seed=int(t[0] * 100) + i))
 
-        wait_for(lambda: (stamped(0.5) or True) and "no JointState within state_stamp_tolerance_s" in proc.log(),
+        # (+100 s: no state of an earlier call ever falls at or just before a later observation)
+        wait_for(lambda: (stamped(100.0) or True) and "no JointState within state_stamp_tolerance_s" in proc.log(),
                  timeout=60, period=0.1)
         time.sleep(1.0)  # a chunk of an earlier observation may still be on its way
         n_skipped = len(chunks)
         for _ in range(10):
-            stamped(0.5)  # only states newer than the images: nothing is published
+            stamped(100.0)  # only states newer than the images: nothing is published
             time.sleep(0.1)
         assert len(chunks) == n_skipped
         wait_for(lambda: (stamped(0.0) or True) and len(chunks) > n_skipped, timeout=60, period=0.1)
