@@ -34,8 +34,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from effvla_ros.core.compression.compressor import TokenCompressor  # noqa: E402
-from effvla_ros.core.executor import ChunkExecutorCore, ExecutorConfig  # noqa: E402
-from effvla_ros.core.rtc import DelayEstimator, GuidanceTarget, align_previous_chunk  # noqa: E402
+from effvla_ros.core.executor import ChunkExecutorCore, ExecState, ExecutorConfig  # noqa: E402
+from effvla_ros.core.rtc import DelayEstimator, IssuedChunk, guidance_toward  # noqa: E402
 from effvla_ros.core.runner import PolicyRunner, compressed_to_camera_tokens  # noqa: E402
 from effvla_ros.core.smolvla import load_policy  # noqa: E402
 from effvla_ros.graph import TARGETS, default_checkpoint, params_files  # noqa: E402
@@ -73,7 +73,7 @@ def run_episode(policy, env, seed: int, setting: EvalSetting, ecfg: ExecutorConf
     delay = DelayEstimator(cfg["rtc"])
     core = ChunkExecutorCore(ecfg)
     follower = JointTrajectoryFollower(JOINT_NAMES, env.joint_targets(), now=0.0)
-    chunks: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []  # (id, stamp, x_final, state)
+    chunks: list[IssuedChunk] = []
     pending: list[tuple[float, dict]] = []  # (arrival time, ActionChunk fields)
     direct: tuple[float, np.ndarray] | None = None
     obs = None
@@ -93,20 +93,17 @@ def run_episode(policy, env, seed: int, setting: EvalSetting, ecfg: ExecutorConf
             obs = (t, cams, torch.as_tensor(env.joint_positions(), dtype=torch.float32))
         # the policy node: a new chunk once the current one's horizon minus the latency has elapsed
         if obs is not None and obs[0] > last_obs and not pending:
-            due = not chunks or t >= chunks[-1][1] + horizon * dt - (delay.latency() or 0.0) - 1e-9
+            due = not chunks or t >= chunks[-1].stamp + horizon * dt - (delay.latency() or 0.0) - 1e-9
             if due:
                 o_t, o_cams, state = obs
                 guidance = None
-                if cfg["rtc"].enabled and chunks:
-                    prev = chunks[-1]
-                    committed = 0
+                if cfg["rtc"].enabled and chunks:  # as PolicyNode._guidance, from the executor's feedback
+                    prev, committed_until, holding = chunks[-1], None, False
                     if fb is not None and fb.chunk_id:
-                        prev = {c[0]: c for c in chunks}.get(fb.chunk_id, prev)
-                        committed = max(0, math.ceil((fb.committed_until - o_t) / dt - 1e-6))
-                    aligned, valid = align_previous_chunk(prev[2], prev[1], o_t, dt, policy.arch.chunk_size)
-                    if valid > 0:
-                        d = delay.delay_steps(dt, available=valid, committed_steps=committed)
-                        guidance = GuidanceTarget(aligned, valid, d, prev[0], ref_state=prev[3])
+                        prev = next((c for c in chunks if c.chunk_id == fb.chunk_id), prev)
+                        committed_until, holding = fb.committed_until, fb.state is ExecState.HOLDING
+                    if not holding:
+                        guidance = guidance_toward(prev, o_t, dt, policy.arch.chunk_size, delay, committed_until)
                 res = runner.infer(o_cams, state, guidance=guidance, generator=gen)
                 last_obs = o_t
                 chunk_id += 1
@@ -117,7 +114,7 @@ def run_episode(policy, env, seed: int, setting: EvalSetting, ecfg: ExecutorConf
                     rtc_delay_steps=int(res.rtc_delay) if res.guided else 0,
                     rtc_prefix_chunk_id=int(guidance.source_chunk_id) if (guidance is not None and res.guided) else 0)))
                 delay.record(latency)
-                chunks.append((chunk_id, o_t, res.x_final.detach(), res.state))
+                chunks.append(IssuedChunk(chunk_id, o_t, res.x_final.detach(), res.state))
         while pending and t >= pending[0][0] - 1e-9:
             _, kw = pending.pop(0)
             if mode == "executor":

@@ -17,7 +17,6 @@ and the actions the executor reports as committed.
 """
 from __future__ import annotations
 
-import math
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
 from effvla_ros.core.compression.pruning import PruningConfig
 from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuseConfig
 from effvla_ros.core.params import ConfigBase, param
-from effvla_ros.core.rtc import DelayEstimator, GuidanceTarget, RTCConfig, align_previous_chunk
+from effvla_ros.core.rtc import DelayEstimator, GuidanceTarget, IssuedChunk, RTCConfig, guidance_toward
 from effvla_ros.core.runner import CameraTokens, InferenceConfig, PolicyRunner, compressed_to_camera_tokens
 from effvla_ros.core.smolvla.config import ATTENTION_IMPLS, DTYPES, RuntimeConfig
 from effvla_ros.core.target_check import TARGETS, check_checkpoint, enforce
@@ -127,14 +126,6 @@ def state_at(stamps: list[float], obs_stamp: float, tolerance: float) -> int | N
     return -1
 
 
-@dataclass
-class _Chunk:
-    chunk_id: int
-    stamp: float
-    x_final: torch.Tensor  # (H, max_action_dim) normalized
-    state: torch.Tensor | None = None  # (state_dim,) raw state it was predicted from (relative actions)
-
-
 class PolicyNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("policy", **kwargs)
@@ -187,14 +178,13 @@ class PolicyNode(Node):
         self._tokens: dict[str, VisualTokens] = {}
         self._images: dict[str, Image] = {}
         self._image_tokens: dict[str, tuple[float, CameraTokens]] = {}
-        self._state: JointState | None = None
         self._states: deque[tuple[float, JointState]] = deque(maxlen=1024)  # (stamp, msg), arrival order
         self._instruction: str | None = None
         self._feedback: ExecutionFeedback | None = None
         self._dirty = False
         self._reset_pending = False
         self._last_obs_stamp: float | None = None
-        self._chunks: deque[_Chunk] = deque(maxlen=8)
+        self._chunks: deque[IssuedChunk] = deque(maxlen=8)
         self._chunk_id = 0
         self._lat_hist: deque[float] = deque(maxlen=100)
         self._last: dict[str, Any] = {}
@@ -250,7 +240,6 @@ class PolicyNode(Node):
 
     def _on_state(self, msg: JointState) -> None:
         with self._cv:
-            self._state = msg
             self._states.append((stamp_to_sec(msg.header.stamp), msg))
 
     def _on_feedback(self, msg: ExecutionFeedback) -> None:
@@ -264,7 +253,6 @@ class PolicyNode(Node):
             self._tokens.clear()
             self._images.clear()
             self._states.clear()
-            self._state = None
             self._feedback = None
             self._cv.notify()
 
@@ -283,7 +271,6 @@ class PolicyNode(Node):
             reset, self._reset_pending = self._reset_pending, False
             dirty, self._dirty = self._dirty, False
             instruction = self._instruction
-            state_msg = self._state
             states = list(self._states)
             feedback = self._feedback
             tokens = dict(self._tokens)
@@ -305,7 +292,7 @@ class PolicyNode(Node):
             self.get_logger().warning("no instruction yet: waiting (publish a std_msgs/String on "
                                       f"{cfg.instruction_topic})", throttle_duration_sec=10.0)
             return
-        if state_msg is None:
+        if not states:
             self.get_logger().warning(f"no JointState yet on {cfg.joint_states_topic}: waiting",
                                       throttle_duration_sec=10.0)
             return
@@ -328,7 +315,7 @@ class PolicyNode(Node):
             due = self._chunks[-1].stamp + cfg.execution_horizon * dt - lat
             if now < due:
                 return  # the current chunk still covers the horizon
-        synced = self._state_at(obs_stamp, states, state_msg)
+        synced = self._state_at(obs_stamp, states)
         if synced is None:
             return
         if synced is False:
@@ -417,10 +404,11 @@ class PolicyNode(Node):
         return CameraTokens(torch.from_numpy(arr), torch.tensor(list(msg.kept_indices), dtype=torch.long),
                             (int(msg.grid_height), int(msg.grid_width)))
 
-    def _state_at(self, obs_stamp: float, states: list[tuple[float, JointState]],
-                  newest: JointState) -> JointState | None | bool:
-        """The JointState paired with the observation (see :func:`state_at`). None: wait for it;
-        False: none fits, the observation is skipped (counted, throttled warning)."""
+    def _state_at(self, obs_stamp: float, states: list[tuple[float, JointState]]) -> JointState | None | bool:
+        """The JointState paired with the observation (see :func:`state_at`) from the received ones
+        (``states``: (stamp, msg), arrival order, not empty). None: wait for it; False: none fits, the
+        observation is skipped (counted, throttled warning)."""
+        newest = states[-1][1]
         tol = self.node_params.config.state_stamp_tolerance_s
         if tol <= 0.0:
             return newest
@@ -472,21 +460,13 @@ class PolicyNode(Node):
         if not rtc.enabled or not self._chunks:
             return None
         prev = self._chunks[-1]
-        committed = 0
+        committed_until = None
         if fb is not None and fb.chunk_id != 0:
-            by_id = {c.chunk_id: c for c in self._chunks}
-            prev = by_id.get(fb.chunk_id, prev)
-            committed_until = stamp_to_sec(fb.committed_until)
-            committed = max(0, math.ceil((committed_until - obs_stamp) / dt - 1e-6))
             if fb.state == ExecutionFeedback.STATE_HOLDING:
                 return None  # the executor holds: nothing of the old chunk will run
-        if obs_stamp < prev.stamp:
-            return None
-        aligned, valid = align_previous_chunk(prev.x_final, prev.stamp, obs_stamp, dt, self.policy.arch.chunk_size)
-        if valid <= 0:
-            return None
-        d = self.delay.delay_steps(dt, available=valid, committed_steps=committed)
-        return GuidanceTarget(aligned, valid, d, prev.chunk_id, ref_state=prev.state)
+            prev = next((c for c in self._chunks if c.chunk_id == fb.chunk_id), prev)
+            committed_until = stamp_to_sec(fb.committed_until)
+        return guidance_toward(prev, obs_stamp, dt, self.policy.arch.chunk_size, self.delay, committed_until)
 
     def _publish(self, obs_stamp: float, res: Any, guidance: GuidanceTarget | None, dt: float) -> None:
         arch = self.policy.arch
@@ -513,7 +493,7 @@ class PolicyNode(Node):
         latency = self._now() - obs_stamp
         self.delay.record(latency)
         self._lat_hist.append(latency)
-        self._chunks.append(_Chunk(self._chunk_id, obs_stamp, res.x_final.detach().cpu(), res.state))
+        self._chunks.append(IssuedChunk(self._chunk_id, obs_stamp, res.x_final.detach().cpu(), res.state))
         self.counts["chunks"] += 1
         self._last = {"exit_layer": res.exit_layer, "steps": res.steps, "rtc_delay": msg.rtc_delay_steps,
                       "inference_ms": msg.inference_latency_ms, "prefill_ms": res.times["prefill_s"] * 1e3,
