@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from effvla_ros.core.compression.compressor import TokenCompressor
-from effvla_ros.core.compression.pruning import PruningConfig, select_tokens
+from effvla_ros.core.compression.pruning import PruningConfig, keep_mask_batch, select_tokens
 from effvla_ros.core.smolvla import build_random_policy
 from effvla_ros.core.smolvla.policy import VisualTokens
 from effvla_ros.sim.task import sample_task
@@ -37,6 +37,28 @@ def test_task_embeddings_are_the_compressors(policy):
     comp = TokenCompressor(policy)
     comp.set_instruction(text)
     torch.testing.assert_close(task_embeddings(policy, [text, text])[1], comp._task)
+
+
+@pytest.mark.parametrize("cfg", [PruningConfig(keep_ratio=0.5), PruningConfig(keep_ratio=0.1, min_tokens=6),
+                                 PruningConfig(keep_ratio=0.25, coverage_regions=3),
+                                 PruningConfig(mode="adaptive"), PruningConfig(keep_ratio=0.5, coverage_regions=0)])
+def test_batched_selection_equals_the_runtime_rule(cfg):
+    """keep_mask_batch (pruning-aware training) keeps exactly what select_tokens (the compressor) keeps, per row,
+    whatever the instruction length; a row without instruction tokens keeps everything."""
+    g = torch.Generator().manual_seed(0)
+    b, grid, d = 24, (6, 6), 16
+    vis = torch.randn(b, grid[0] * grid[1], d, generator=g)
+    lens = torch.randint(1, 9, (b,), generator=g)
+    lens[5] = 0
+    task = torch.randn(b, 8, d, generator=g)
+    mask = torch.arange(8)[None, :] < lens[:, None]
+    task = task * mask[..., None]
+    keep = keep_mask_batch(vis, task, mask, grid, cfg)
+    assert keep.shape == (b, 36) and keep[5].all()
+    for i in range(b):
+        ref = select_tokens(vis[i], task[i][mask[i]], grid, cfg)
+        assert torch.equal(torch.nonzero(keep[i]).flatten(), ref), i
+    assert not keep.all()  # something was pruned
 
 
 def test_mask_selects_the_runtime_tokens_and_equals_removing_them(policy):

@@ -180,14 +180,14 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
                             targets: torch.Tensor | None, mask: torch.Tensor | None, *, layer: int, camera: str,
                             noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
                             prune: tuple[Any, torch.Tensor] | None = None, wrist_camera: str | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+                            ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(masked flow-matching loss as :func:`~effvla_ros.train.trainer.masked_loss`, grounding loss, stats).
 
     One forward pass: the same computation as ``SmolVLAPolicy.flow_matching_loss`` (vision trained), with
     the scene camera's connector tokens and the state token's hidden state at the output of VLM layer
     ``layer`` fed to the heads. stats: ``aux_visual`` / ``aux_prefix`` / ``aux_target_goal`` / ``aux_pose``
-    mean squared errors (normalized units; ``aux_target_goal`` = the prefix head on the instructed cube
-    and place, ``aux_pose`` on the grasp / release poses, NaN where masked out). ``heads`` None: no
+    mean squared errors as 0-d tensors (normalized units; ``aux_target_goal`` = the prefix head on the
+    instructed cube and place, ``aux_pose`` on the grasp / release poses, NaN where masked out). ``heads`` None: no
     grounding loss (0). ``prune`` = (PruningConfig, apply (B,) bool): the samples where ``apply`` is set
     see only the visual tokens the runtime pruning keeps (:mod:`effvla_ros.train.prune_aware`); the visual
     head still reads every scene token. ``wrist_camera``: the camera whose tokens feed ``heads.wrist``
@@ -231,15 +231,17 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
     l_vis = _masked_mse(pv, targets[:, :nv], mask[:, :nv])
     l_pre = _masked_mse(pp, targets, mask)
     aux = l_vis + l_pre
-    stats = {"aux_visual": float(l_vis.detach()), "aux_prefix": float(l_pre.detach())}
+    # stats stay tensors (no wait for a GPU each step); the trainer averages them when it logs
+    stats = {"aux_visual": l_vis.detach(), "aux_prefix": l_pre.detach()}
     if heads.wrist is not None and wrist_camera is not None:
         pw = heads.wrist(enc.tokens[wrist_camera].flatten(1))
         l_wr = _masked_mse(pw, targets[:, -N_REL:], mask[:, -N_REL:])
         aux = aux + l_wr
-        stats["aux_wrist"] = float(l_wr.detach())
+        stats["aux_wrist"] = l_wr.detach()
     with torch.no_grad():
-        stats["aux_target_goal"] = float(_masked_mse(pp[:, nv:N_XY], targets[:, nv:N_XY], mask[:, nv:N_XY]))
-        if bool(mask[:, N_XY:N_XY + N_POSE].any()):
-            stats["aux_pose"] = float(_masked_mse(pp[:, N_XY:N_XY + N_POSE], targets[:, N_XY:N_XY + N_POSE],
-                                                  mask[:, N_XY:N_XY + N_POSE]))
+        stats["aux_target_goal"] = _masked_mse(pp[:, nv:N_XY], targets[:, nv:N_XY], mask[:, nv:N_XY])
+        pose_mask = mask[:, N_XY:N_XY + N_POSE]
+        stats["aux_pose"] = torch.where(pose_mask.any(), _masked_mse(pp[:, N_XY:N_XY + N_POSE],
+                                                                     targets[:, N_XY:N_XY + N_POSE], pose_mask),
+                                        torch.full((), float("nan"), device=pp.device))
     return flow, aux, stats

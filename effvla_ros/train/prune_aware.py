@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from effvla_ros.core.compression.pruning import PruningConfig, instruction_queries, select_tokens
+from effvla_ros.core.compression.pruning import PruningConfig, instruction_queries, keep_mask_batch
 from effvla_ros.core.smolvla.policy import VisualTokens
 
 
@@ -43,16 +43,21 @@ def pruned_visual_tokens(policy: Any, tokens: Mapping[str, torch.Tensor], grid: 
                          ) -> dict[str, VisualTokens]:
     """camera -> :class:`VisualTokens` whose mask keeps, for the samples where ``apply`` (B,) is True, only the
     tokens the runtime pruning (``cfg``) selects for that sample's image and instruction; the other samples
-    keep every token. ``tokens``: camera -> (B, N, D) connector tokens (the gradient flows through them)."""
-    idx = [int(i) for i in torch.nonzero(apply).flatten()]
-    task_emb = task_embeddings(policy, [tasks[i] for i in idx]) if idx else []
+    keep every token. ``tokens``: camera -> (B, N, D) connector tokens (the gradient flows through them).
+    The selections of a batch are made together (:func:`keep_mask_batch`, equal to the runtime's per-image
+    :func:`select_tokens`)."""
+    idx = torch.nonzero(apply.cpu()).flatten()
     out: dict[str, VisualTokens] = {}
+    task_emb = task_mask = None
+    if len(idx):  # the instructions' token embeddings, padded: instruction_queries of each, in one call
+        ids, lmask = policy.tokenize([tasks[int(i)] for i in idx])
+        with torch.no_grad():
+            task_emb = policy.weights.text.embed_tokens(ids).float()  # (B', L, D)
+        task_mask = lmask.bool()  # (B', L)
     for cam, tok in tokens.items():
         b, n, _ = tok.shape
-        mask = torch.ones((b, n), dtype=torch.bool)
-        for i, emb in zip(idx, task_emb, strict=True):
-            keep = select_tokens(tok[i].detach(), emb, grid, cfg)
-            mask[i] = False
-            mask[i, keep] = True
-        out[cam] = VisualTokens(tok, mask=mask.to(tok.device))
+        mask = torch.ones((b, n), dtype=torch.bool, device=tok.device)
+        if task_emb is not None and task_mask is not None:
+            mask[idx.to(tok.device)] = keep_mask_batch(tok[idx.to(tok.device)].detach(), task_emb, task_mask, grid, cfg)
+        out[cam] = VisualTokens(tok, mask=mask)
     return out

@@ -111,6 +111,7 @@ class TrainConfig:
     prune_train: float = 0.0  # fraction of samples trained on the runtime-pruned prefix (0: off)
     prune_keep_ratio: float = 0.5  # pruning.keep_ratio used for those samples (the runtime default)
     attention: str = "eager"  # "fused": VLM / expert attention through torch SDPA while training (faster)
+    device: str = "cpu"  # torch device of the training step ("cuda": batches are built on the CPU and copied)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.color_swap <= 1.0:
@@ -129,6 +130,8 @@ class TrainConfig:
             raise ValueError("state_dropout: relative actions are labelled from the state, it cannot be dropped")
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention: must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device: must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.aux_wrist and self.aux_weight <= 0:
             raise ValueError("aux_wrist: needs aux_weight > 0 (it is a term of the grounding loss)")
 
@@ -274,6 +277,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             p.requires_grad_(True)
     else:
         policy = build_policy(dataset, cfg.image_size, cfg.seed, **cfg.arch_changes)
+    if cfg.device != "cpu":
+        policy.apply_runtime(dataclasses.replace(policy.runtime, device=cfg.device))
+    dev = policy.device
     policy.fused_attention = cfg.attention == "fused"
     params = [p for p in policy.weights.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
@@ -306,7 +312,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         nl = policy.arch.num_vlm_layers
         aux_layer = cfg.aux_layer % nl
         heads = GroundingHeads(int(n_tok), int(d_vlm),
-                               wrist_tokens=int(enc.tokens["wrist"].shape[1]) if cfg.aux_wrist else 0)
+                               wrist_tokens=int(enc.tokens["wrist"].shape[1]) if cfg.aux_wrist else 0).to(dev)
         log(f"train: grounding loss x{cfg.aux_weight} ({targets.num_with_targets}/{len(dataset.episodes)} "
             f"episodes with targets; heads on {aux_camera} tokens and VLM layer {aux_layer}, not saved)")
     head_params = list(heads.parameters()) if heads is not None else []
@@ -340,9 +346,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         log(f"train: {cfg.prune_train:.0%} of the samples see the pruned prefix (task relevance, keep ratio "
             f"{cfg.prune_keep_ratio})")
     ema = copy.deepcopy(policy.weights) if cfg.ema > 0 else None
+    ema_params: list[torch.Tensor] = []
+    live_params: list[torch.Tensor] = []
     if ema is not None:
         for p in ema.parameters():
             p.requires_grad_(False)
+        ema_params = list(ema.parameters())
+        live_params = [p.detach() for p in policy.weights.parameters()]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log(f"train: {len(episodes)} episodes, {len(dataset)} samples, {len(dataset.tasks)} instructions; "
@@ -353,8 +363,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
 
         bar = tqdm(total=cfg.steps, unit="step", desc="train", mininterval=2.0)
     history: list[dict[str, float]] = []
-    window: list[float] = []
-    aux_window: list[dict[str, float]] = []
+    window: list[torch.Tensor] = []  # per-step losses, kept on the device until logged (no wait per step)
+    aux_window: list[dict[str, torch.Tensor]] = []
     t0 = time.perf_counter()
     perm = rng.permutation(len(dataset))
     pos = 0
@@ -379,6 +389,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
                 drop = torch.from_numpy(rng.random(len(idx)) < cfg.state_dropout)
                 mean = policy.normalizer.stats["observation.state"]["mean"]
                 batch["observation.state"][drop] = mean.to(batch["observation.state"].dtype)
+            if dev.type != "cpu":
+                batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                if grounding is not None:
+                    grounding = (grounding[0].to(dev), grounding[1].to(dev))
             tf = (time.perf_counter() - t0) / (60 * cfg.max_minutes) if cfg.max_minutes > 0 else 0.0
             lr = lr_at(step, cfg, tf)
             for g in opt.param_groups:
@@ -395,10 +409,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
                                                                wrist_camera="wrist" if cfg.aux_wrist else None)
                 loss = flow + cfg.aux_weight * aux
                 aux_window.append(aux_stats)
-                loss_value = flow.detach().item()
+                loss_value = flow.detach()
             else:
                 loss = masked_loss(policy, batch)
-                loss_value = loss.detach().item()
+                loss_value = loss.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params + head_params, cfg.grad_clip)
@@ -406,15 +420,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             if ema is not None:
                 d = min(cfg.ema, (1 + step) / (10 + step))
                 with torch.no_grad():
-                    for pe, p in zip(ema.parameters(), policy.weights.parameters(), strict=True):
-                        pe.lerp_(p.detach(), 1 - d)
+                    torch._foreach_lerp_(ema_params, live_params, 1 - d)
             window.append(loss_value)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                rec = {"step": step + 1, "loss": float(np.mean(window)), "lr": lr,
+                rec = {"step": step + 1, "loss": _mean(window), "lr": lr,
                        "grad_norm": float(gnorm), "wall_s": time.perf_counter() - t0}
                 if aux_window:
                     for k in sorted({k for a in aux_window for k in a}):
-                        rec[k] = float(np.mean([a[k] for a in aux_window if k in a]))
+                        rec[k] = _mean([a[k] for a in aux_window if k in a])
                 history.append(rec)
                 window, aux_window = [], []
                 if bar is not None:
@@ -436,7 +449,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             bar.close()
     steps_done = step + 1
     if window:
-        history.append({"step": steps_done, "loss": float(np.mean(window)), "lr": lr,
+        history.append({"step": steps_done, "loss": _mean(window), "lr": lr,
                         "grad_norm": float("nan"), "wall_s": time.perf_counter() - t0})
     policy.weights.eval()
     policy.fused_attention = policy.runtime.attention == "fused"  # the returned policy infers as its runtime says
@@ -451,10 +464,17 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     return TrainResult(policy, out, steps_done, wall, final, history, n_params)
 
 
+def _mean(values: Sequence[torch.Tensor]) -> float:
+    """Mean of 0-d tensors (NaN entries left out; NaN if all are), as a float: one wait for the device."""
+    return float(torch.stack([v.float() for v in values]).nanmean())
+
+
 def _write_log(out: Path, cfg: TrainConfig, policy: SmolVLAPolicy, history: list[dict[str, float]], n_params: int,
                n_episodes: int, n_samples: int, steps: int, wall: float, *, final: bool) -> None:
     arch = dataclasses.asdict(policy.arch)
     rec = {"config": dataclasses.asdict(cfg), "arch": arch, "num_params": n_params, "episodes": n_episodes,
            "samples": n_samples, "steps": steps, "wall_s": wall, "final": final,
-           "torch_threads": torch.get_num_threads(), "history": history}
+           "torch_threads": torch.get_num_threads(),
+           "device_name": torch.cuda.get_device_name(policy.device) if policy.device.type == "cuda" else "cpu",
+           "history": history}
     (out / "train_log.json").write_text(json.dumps(rec, indent=1, default=str))

@@ -69,8 +69,8 @@ def _coverage(keep: torch.Tensor, token_score: torch.Tensor, grid: tuple[int, in
     gh, gw = grid
     if regions <= 0:
         return keep
-    rows = torch.arange(gh).repeat_interleave(gw)
-    cols = torch.arange(gw).repeat(gh)
+    rows = torch.arange(gh, device=keep.device).repeat_interleave(gw)
+    cols = torch.arange(gw, device=keep.device).repeat(gh)
     region = (rows * regions // gh) * regions + (cols * regions // gw)
     keep = keep.clone()
     for r in torch.unique(region).tolist():
@@ -95,12 +95,12 @@ def select_tokens(
     if n != grid[0] * grid[1]:
         raise ValueError(f"grid: {grid} does not match {n} tokens")
     if cfg.method == "none" or task is None or task.shape[0] == 0 or n <= cfg.min_tokens:
-        return torch.arange(n)
-    s = relevance_scores(visual, task)  # (N, N)
+        return torch.arange(n, device=visual.device)
+    s = relevance_scores(visual, task.to(visual.device))  # (N, N)
     best = s.argmax(dim=1)  # each query's best token
     votes = torch.bincount(best, minlength=n).float()
     token_score = s.max(dim=0).values  # best score any query gives token j
-    keep = torch.zeros(n, dtype=torch.bool)
+    keep = torch.zeros(n, dtype=torch.bool, device=visual.device)
     if cfg.mode == "adaptive":
         keep[best] = True
     else:
@@ -111,3 +111,55 @@ def select_tokens(
         keep[torch.topk(token_score, cfg.min_tokens).indices] = True
     keep = _coverage(keep, token_score, grid, cfg.coverage_regions)
     return keep.nonzero().flatten()
+
+
+def keep_mask_batch(
+    visual: torch.Tensor,
+    task: torch.Tensor,
+    task_mask: torch.Tensor,
+    grid: tuple[int, int],
+    cfg: PruningConfig,
+) -> torch.Tensor:
+    """:func:`select_tokens` for a batch, as a keep mask (B, N) bool, in a fixed number of tensor operations
+    (pruning-aware training on a GPU: no per-sample loop, no wait for the device).
+
+    visual: (B, N, d) connector tokens of one camera; task: (B, M, d) task-token embeddings, zero-padded,
+    with task_mask (B, M) bool marking the valid ones (a row without any keeps every token).
+    """
+    b, n, _ = visual.shape
+    if n != grid[0] * grid[1]:
+        raise ValueError(f"grid: {grid} does not match {n} tokens")
+    dev = visual.device
+    has_task = task_mask.any(dim=1)  # (B,)
+    if cfg.method == "none" or n <= cfg.min_tokens or task.shape[1] == 0:
+        return torch.ones((b, n), dtype=torch.bool, device=dev)
+    p = _rms(visual.float())  # (B, N, d)
+    t = _rms(task.float().to(dev))  # (B, M, d)
+    d = p.shape[-1]
+    logits = (p @ t.transpose(1, 2) / math.sqrt(d)).masked_fill(~task_mask.to(dev)[:, None, :], float("-inf"))
+    attn = torch.nan_to_num(torch.softmax(logits, dim=-1))  # (B, N, M); a row without task: 0
+    q = _rms(attn @ t)  # (B, N, d)
+    s = q @ p.transpose(1, 2) / math.sqrt(d)  # (B, N, N)
+    best = s.argmax(dim=2)  # (B, N) each query's best token
+    votes = torch.zeros((b, n), device=dev).scatter_add_(1, best, torch.ones((b, n), device=dev))
+    token_score = s.max(dim=1).values  # (B, N)
+    keep = torch.zeros((b, n), dtype=torch.bool, device=dev)
+    if cfg.mode == "adaptive":
+        keep.scatter_(1, best, True)
+    else:
+        k = max(cfg.min_tokens, int(round(cfg.keep_ratio * n)))
+        keep.scatter_(1, torch.topk(token_score + 1e-3 * votes, min(k, n), dim=1).indices, True)
+    short = keep.sum(dim=1) < cfg.min_tokens  # (B,)
+    extra = torch.zeros_like(keep).scatter_(1, torch.topk(token_score, cfg.min_tokens, dim=1).indices, True)
+    keep |= extra & short[:, None]
+    if cfg.coverage_regions > 0:
+        gh, gw = grid
+        rows = torch.arange(gh, device=dev).repeat_interleave(gw)
+        cols = torch.arange(gw, device=dev).repeat(gh)
+        region = (rows * cfg.coverage_regions // gh) * cfg.coverage_regions + (cols * cfg.coverage_regions // gw)
+        for r in torch.unique(region).tolist():
+            members = region == r  # (N,)
+            empty = ~(keep & members).any(dim=1)  # (B,)
+            top = token_score.masked_fill(~members, float("-inf")).argmax(dim=1)  # (B,)
+            keep[torch.arange(b, device=dev)[empty], top[empty]] = True
+    return keep | ~has_task[:, None]
