@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
                         help="attention while training: eager (LeRobot's path, default) or fused (torch SDPA, "
                              "faster; the checkpoint is the same kind and runs eager at inference)")
+    parser.add_argument("--prune-align", type=float, default=None,
+                        help="weight of the training-only relevance alignment loss: the pruning's scores of the scene "
+                             "tokens showing the instructed cube and place pulled to the top (0: off, default)")
     parser.add_argument("--device", default=None,
                         help="torch device of the training step: cpu (default) or cuda[:N] (a GPU; not needed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -100,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FIELDS = ("steps", "batch", "lr", "weight_decay", "warmup", "image_size", "seed", "shift", "state_dropout", "ema",
            "save_every", "max_episodes", "max_minutes", "threads", "save_dtype", "init", "aux_weight", "aux_pose",
            "aux_layer", "aux_wrist", "decision_weight", "color_swap", "prune_train", "prune_keep_ratio",
-           "decision_window", "attention", "device")
+           "decision_window", "attention", "prune_align", "device")
 
 
 def run(args: argparse.Namespace) -> int:

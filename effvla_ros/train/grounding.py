@@ -179,7 +179,8 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
 def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads | None,
                             targets: torch.Tensor | None, mask: torch.Tensor | None, *, layer: int, camera: str,
                             noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
-                            prune: tuple[Any, torch.Tensor] | None = None, wrist_camera: str | None = None
+                            prune: tuple[Any, torch.Tensor] | None = None, wrist_camera: str | None = None,
+                            relevance: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(masked flow-matching loss as :func:`~effvla_ros.train.trainer.masked_loss`, grounding loss, stats).
 
@@ -191,7 +192,10 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
     grounding loss (0). ``prune`` = (PruningConfig, apply (B,) bool): the samples where ``apply`` is set
     see only the visual tokens the runtime pruning keeps (:mod:`effvla_ros.train.prune_aware`); the visual
     head still reads every scene token. ``wrist_camera``: the camera whose tokens feed ``heads.wrist``
-    (``aux_wrist``: its MSE on the jaw-relative targets).
+    (``aux_wrist``: its MSE on the jaw-relative targets). ``relevance`` (B, K) token indices of ``camera``
+    (:mod:`effvla_ros.train.relevance`, -1: none): stats gets ``relevance_loss``, the relevance alignment
+    loss *with* its gradient (the caller weights it and adds it), and ``relevance_kept``, the fraction of those
+    tokens that the pruning keeps in the pruned samples.
     """
     from effvla_ros.train.trainer import masked_flow_loss
 
@@ -219,9 +223,19 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
                         layer_callback=grab)
     v_t = pol.velocity(cache, x_t, t)  # type: ignore[attr-defined]
     flow = masked_flow_loss(F.mse_loss(u_t, v_t, reduction="none"), batch["action_is_pad"], arch.action_dim)
+    rel_stats: dict[str, torch.Tensor] = {}
+    if relevance is not None:
+        from effvla_ros.core.smolvla.policy import VisualTokens
+        from effvla_ros.train.relevance import kept_fraction, relevance_loss
+
+        emb = pol.weights.text.embed_tokens(lang)  # type: ignore[attr-defined]  # (B, L, D), trained
+        rel_stats["relevance_loss"] = relevance_loss(enc.tokens[camera], emb, lmask.bool(), relevance)
+        if prune is not None and isinstance(visual[camera], VisualTokens) and visual[camera].mask is not None:
+            applied = prune[1].to(relevance.device)
+            rel_stats["relevance_kept"] = kept_fraction(visual[camera].mask[applied], relevance[applied])
 
     if heads is None or targets is None or mask is None:
-        return flow, torch.zeros((), dtype=flow.dtype), {}
+        return flow, torch.zeros((), dtype=flow.dtype, device=flow.device), rel_stats
     s0, s1 = cache.segments["state"]
     state_h = hidden["h"][:, s0]                                                # (B, D)
     vis = enc.tokens[camera].flatten(1)                                         # (B, N * D)
@@ -232,7 +246,7 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
     l_pre = _masked_mse(pp, targets, mask)
     aux = l_vis + l_pre
     # stats stay tensors (no wait for a GPU each step); the trainer averages them when it logs
-    stats = {"aux_visual": l_vis.detach(), "aux_prefix": l_pre.detach()}
+    stats = {"aux_visual": l_vis.detach(), "aux_prefix": l_pre.detach(), **rel_stats}
     if heads.wrist is not None and wrist_camera is not None:
         pw = heads.wrist(enc.tokens[wrist_camera].flatten(1))
         l_wr = _masked_mse(pw, targets[:, -N_REL:], mask[:, -N_REL:])

@@ -111,6 +111,7 @@ class TrainConfig:
     prune_train: float = 0.0  # fraction of samples trained on the runtime-pruned prefix (0: off)
     prune_keep_ratio: float = 0.5  # pruning.keep_ratio used for those samples (the runtime default)
     attention: str = "eager"  # "fused": VLM / expert attention through torch SDPA while training (faster)
+    prune_align: float = 0.0  # weight of the relevance alignment loss (effvla_ros.train.relevance; 0: off)
     device: str = "cpu"  # torch device of the training step ("cuda": batches are built on the CPU and copied)
 
     def __post_init__(self) -> None:
@@ -132,6 +133,8 @@ class TrainConfig:
             raise ValueError(f"attention: must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device: must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.prune_align < 0:
+            raise ValueError(f"prune_align: must be >= 0, got {self.prune_align}")
         if self.aux_wrist and self.aux_weight <= 0:
             raise ValueError("aux_wrist: needs aux_weight > 0 (it is a term of the grounding loss)")
 
@@ -225,6 +228,29 @@ def apply_color_swap(batch: dict, index_pairs: np.ndarray, colors: Sequence[tupl
             tg[i], mk[i] = permute_grounding(tg[i], mk[i], perm, COLOR_NAMES)
         changed += 1
     return changed
+
+
+def _relevance_targets(policy: SmolVLAPolicy, dataset: ChunkDataset, image_size: int) -> Any:
+    """The relevance alignment targets (:class:`~effvla_ros.train.relevance.RelevanceTargets`) of the scene
+    camera, projected with the simulated scene camera onto the connector's token grid."""
+    from effvla_ros.sim.env import SimConfig, TwoCubePickPlaceEnv
+    from effvla_ros.train.relevance import CameraModel, RelevanceTargets
+
+    arch = policy.arch
+    if "scene" not in arch.cameras:
+        raise ValueError("prune_align: needs a 'scene' camera")
+    if arch.resize_imgs_with_padding not in (None, (image_size, image_size)):
+        raise ValueError("prune_align: the images must reach the vision tower unresized")
+    side = arch.patches_per_side // arch.scale_factor
+    env = TwoCubePickPlaceEnv(SimConfig(image_size=16, cameras=["scene"]))  # the camera's pose only
+    try:
+        camera = CameraModel.from_env(env, "scene")
+    finally:
+        env.close()
+    out = RelevanceTargets(dataset.episodes, camera, image_size, (side, side))
+    if out.num_with_targets == 0:
+        raise ValueError("prune_align: needs demos with env.cube_positions and reproducible seeds")
+    return out
 
 
 def build_policy(dataset: ChunkDataset, image_size: int, seed: int, **arch_changes: Any) -> SmolVLAPolicy:
@@ -345,6 +371,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         prune_cfg = PruningConfig(keep_ratio=cfg.prune_keep_ratio)
         log(f"train: {cfg.prune_train:.0%} of the samples see the pruned prefix (task relevance, keep ratio "
             f"{cfg.prune_keep_ratio})")
+    rel_targets = None
+    if cfg.prune_align > 0:
+        rel_targets = _relevance_targets(policy, dataset, cfg.image_size)
+        log(f"train: relevance alignment x{cfg.prune_align} on the scene camera's tokens "
+            f"({rel_targets.num_with_targets}/{len(dataset.episodes)} episodes with targets)")
     ema = copy.deepcopy(policy.weights) if cfg.ema > 0 else None
     ema_params: list[torch.Tensor] = []
     live_params: list[torch.Tensor] = []
@@ -383,6 +414,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             batch = dataset.batch(idx, shift=cfg.shift, rng=rng)
             pairs = dataset.index[np.asarray(idx)]
             grounding = targets.batch(pairs) if targets is not None else None
+            relevance = rel_targets.batch(pairs).to(dev) if rel_targets is not None else None
             if cfg.color_swap > 0:
                 apply_color_swap(batch, pairs, swap_colors, cfg.color_swap, rng, grounding)
             if cfg.state_dropout > 0:
@@ -397,7 +429,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             lr = lr_at(step, cfg, tf)
             for g in opt.param_groups:
                 g["lr"] = lr
-            if grounding is not None or prune_cfg is not None:  # grounding: set exactly when the heads are
+            if grounding is not None or prune_cfg is not None or relevance is not None:  # grounding: set exactly
+                # when the heads are
                 from effvla_ros.train.grounding import flow_and_grounding_loss
 
                 tg, mk = grounding if grounding is not None else (None, None)
@@ -405,9 +438,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
                 if prune_cfg is not None:
                     prune = (prune_cfg, torch.from_numpy(rng.random(len(idx)) < cfg.prune_train))
                 flow, aux, aux_stats = flow_and_grounding_loss(policy, batch, heads, tg, mk, layer=int(aux_layer or 0),
-                                                               camera=str(aux_camera), prune=prune,
-                                                               wrist_camera="wrist" if cfg.aux_wrist else None)
+                                                               camera=str(aux_camera or "scene"), prune=prune,
+                                                               wrist_camera="wrist" if cfg.aux_wrist else None,
+                                                               relevance=relevance)
                 loss = flow + cfg.aux_weight * aux
+                if "relevance_loss" in aux_stats:
+                    rel = aux_stats.pop("relevance_loss")
+                    loss = loss + cfg.prune_align * rel
+                    aux_stats["relevance_loss"] = rel.detach()
                 aux_window.append(aux_stats)
                 loss_value = flow.detach()
             else:

@@ -113,6 +113,22 @@ def select_tokens(
     return keep.nonzero().flatten()
 
 
+def token_scores_batch(visual: torch.Tensor, task: torch.Tensor, task_mask: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`relevance_scores` for a batch, reduced as the selection uses them: (token_score (B, N), each
+    token's best score over all queries; best (B, N), each query's best token). visual (B, N, d); task (B, M, d)
+    zero-padded with task_mask (B, M) bool. Differentiable in ``visual`` and ``task`` (training-only relevance
+    alignment, :mod:`effvla_ros.train.relevance`)."""
+    p = _rms(visual.float())  # (B, N, d)
+    t = _rms(task.float())  # (B, M, d)
+    d = p.shape[-1]
+    logits = (p @ t.transpose(1, 2) / math.sqrt(d)).masked_fill(~task_mask[:, None, :], float("-inf"))
+    attn = torch.nan_to_num(torch.softmax(logits, dim=-1))  # (B, N, M); a row without task: 0
+    q = _rms(attn @ t)  # (B, N, d)
+    s = q @ p.transpose(1, 2) / math.sqrt(d)  # (B, N, N): row = query i, column = candidate j
+    return s.max(dim=1).values, s.argmax(dim=2)
+
+
 def keep_mask_batch(
     visual: torch.Tensor,
     task: torch.Tensor,
@@ -133,16 +149,8 @@ def keep_mask_batch(
     has_task = task_mask.any(dim=1)  # (B,)
     if cfg.method == "none" or n <= cfg.min_tokens or task.shape[1] == 0:
         return torch.ones((b, n), dtype=torch.bool, device=dev)
-    p = _rms(visual.float())  # (B, N, d)
-    t = _rms(task.float().to(dev))  # (B, M, d)
-    d = p.shape[-1]
-    logits = (p @ t.transpose(1, 2) / math.sqrt(d)).masked_fill(~task_mask.to(dev)[:, None, :], float("-inf"))
-    attn = torch.nan_to_num(torch.softmax(logits, dim=-1))  # (B, N, M); a row without task: 0
-    q = _rms(attn @ t)  # (B, N, d)
-    s = q @ p.transpose(1, 2) / math.sqrt(d)  # (B, N, N)
-    best = s.argmax(dim=2)  # (B, N) each query's best token
+    token_score, best = token_scores_batch(visual, task.to(dev), task_mask.to(dev))
     votes = torch.zeros((b, n), device=dev).scatter_add_(1, best, torch.ones((b, n), device=dev))
-    token_score = s.max(dim=1).values  # (B, N)
     keep = torch.zeros((b, n), dtype=torch.bool, device=dev)
     if cfg.mode == "adaptive":
         keep.scatter_(1, best, True)

@@ -1,0 +1,115 @@
+"""effvla_ros.train.relevance and --prune-align: the pruning's scores aligned with where the task is."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from effvla_ros.core.compression.pruning import PruningConfig, keep_mask_batch, token_scores_batch
+from effvla_ros.sim.env import SimConfig, TwoCubePickPlaceEnv
+from effvla_ros.sim.task import sample_task
+from effvla_ros.train.data import Episode, write_demos
+from effvla_ros.train.relevance import CameraModel, RelevanceTargets, kept_fraction, relevance_loss
+from effvla_ros.train.trainer import TrainConfig, train
+
+SIZE = 32
+
+# RGB of the cube colours as rendered (dominant channel): the projection must land on the cube
+DOMINANT = {"red": 0, "green": 1, "blue": 2}
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = TwoCubePickPlaceEnv(SimConfig(image_size=64, cameras=["scene"]), seed=0)
+    yield e
+    e.close()
+
+
+def test_projection_lands_on_the_rendered_cubes(env):
+    cam = CameraModel.from_env(env, "scene")
+    checked = 0
+    for seed in range(12):
+        env.reset(seed=seed)
+        img = env.render("scene").astype(int)
+        for k, color in enumerate(env.task.cube_colors):
+            u, v = cam.pixels(env.cube_positions()[k], 64)
+            px = img[int(v), int(u)]
+            if color in DOMINANT:
+                assert int(np.argmax(px)) == DOMINANT[color], (seed, color, px)
+                checked += 1
+            idx = cam.token_index(env.cube_positions()[k], 64, (4, 4))
+            assert idx == (int(v) // 16) * 4 + int(u) // 16
+    assert checked >= 6
+    assert cam.token_index(cam.pos + cam.mat[:, 2], 64, (4, 4)) == -1  # behind the camera: no token
+    assert np.isnan(cam.pixels(cam.pos + cam.mat[:, 2], 64)).all()
+
+
+def test_alignment_loss_moves_the_target_token_into_the_kept_set():
+    g = torch.Generator().manual_seed(0)
+    b, n, d = 16, 16, 32
+    vis = torch.randn(b, n, d, generator=g, requires_grad=True)
+    task = torch.randn(b, 6, d, generator=g)
+    mask = torch.ones(b, 6, dtype=torch.bool)
+    targets = torch.randint(0, n, (b, 2), generator=g)
+    targets[0, 1] = -1  # ignored
+    cfg = PruningConfig(keep_ratio=0.25, coverage_regions=0)
+    before = kept_fraction(keep_mask_batch(vis.detach(), task, mask, (4, 4), cfg), targets)
+    opt = torch.optim.Adam([vis], lr=0.05)
+    losses = []
+    for _ in range(60):
+        loss = relevance_loss(vis, task, mask, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    after = kept_fraction(keep_mask_batch(vis.detach(), task, mask, (4, 4), cfg), targets)
+    assert losses[-1] < 0.5 * losses[0]
+    assert float(after) == 1.0 and float(before) < 0.7
+    score, _ = token_scores_batch(vis.detach(), task, mask)
+    assert bool((score.argmax(1)[:, None] == targets).any(1).all())  # a target token scores highest in every row
+    # no valid target: zero loss, still differentiable
+    none = relevance_loss(vis, task, mask, torch.full((b, 2), -1))
+    none.backward()
+    assert float(none.detach()) == 0.0
+
+
+def _episode(t: int, seed: int) -> Episode:
+    spec = sample_task(seed)
+    rng = np.random.default_rng(seed)
+    state = np.cumsum(rng.normal(scale=0.05, size=(t, 6)), axis=0).astype(np.float32)
+    cubes = np.zeros((t, 2, 3), np.float32)
+    cubes[:, :, :2] = np.asarray(spec.cube_xy, np.float32)
+    cubes[:, :, 2] = 0.02
+    return Episode(images={c: rng.integers(0, 256, (t, SIZE, SIZE, 3), dtype=np.uint8) for c in ("scene", "wrist")},
+                   state=state, action=(state + 0.1).astype(np.float32), task=spec.instruction, seed=seed,
+                   cube_pos=cubes)
+
+
+def test_targets_and_training_with_alignment(env, tmp_path):
+    cam = CameraModel.from_env(env, "scene")
+    eps = [_episode(12, s) for s in range(3)]
+    tg = RelevanceTargets(eps + [Episode(eps[0].images, eps[0].state, eps[0].action, eps[0].task, seed=0)],
+                          cam, SIZE, (2, 2))
+    assert tg.num_with_targets == 3  # the last has no cube positions
+    b = tg.batch(np.array([[0, 0], [3, 5]]))
+    spec = sample_task(0)
+    assert int(b[0, 0]) == int(cam.token_index(eps[0].cube_pos[0, spec.target_cube], SIZE, (2, 2))) >= 0
+    assert b[1].tolist() == [-1, -1]
+
+    root = tmp_path / "demos"
+    write_demos(root, eps)
+    with pytest.raises(ValueError, match="prune_align"):
+        TrainConfig(data="x", out="y", prune_align=-1.0)
+    threads = torch.get_num_threads()
+    try:
+        res = train(TrainConfig(data=str(root), out=str(tmp_path / "al"), steps=4, batch=8, warmup=1, image_size=SIZE,
+                                ema=0.0, save_every=0, threads=1, prune_train=0.5, prune_align=0.5, log_every=2),
+                    progress=False, log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(np.isfinite(h["relevance_loss"]) and h["relevance_loss"] > 0 for h in res.history)
+    assert all(0.0 <= h["relevance_kept"] <= 1.0 for h in res.history)
+    cfg = json.loads((tmp_path / "al" / "train_log.json").read_text())["config"]
+    assert cfg["prune_align"] == 0.5
