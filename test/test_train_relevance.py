@@ -113,3 +113,19 @@ def test_targets_and_training_with_alignment(env, tmp_path):
     assert all(0.0 <= h["relevance_kept"] <= 1.0 for h in res.history)
     cfg = json.loads((tmp_path / "al" / "train_log.json").read_text())["config"]
     assert cfg["prune_align"] == 0.5
+
+
+def test_pruned_recipe_and_its_checkpoint():
+    from pathlib import Path
+
+    from effvla_ros.core.smolvla import load_policy
+    from effvla_ros.train.recipes import RECIPES
+
+    base, pruned = RECIPES["so101"], RECIPES["so101_pruned"]
+    assert pruned.demos == base.demos
+    assert pruned.train == {**base.train, "prune_train": 0.5, "prune_align": 0.2}
+    d = Path(__file__).resolve().parents[1] / "effvla_ros" / "assets" / "so101_pickplace_pruned"
+    log = json.loads((d / "train_log.json").read_text())["config"]
+    assert log["prune_train"] == 0.5 and log["prune_align"] == 0.2 and log["steps"] == 18000
+    policy = load_policy(d)
+    assert tuple(policy.arch.cameras) == ("scene", "wrist")

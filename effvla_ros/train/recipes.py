@@ -55,6 +55,13 @@ RECIPES: dict[str, Recipe] = {
                     "600 re-grasp), small SmolVLA from scratch with the training-only grounding loss",
     ),
 }
+# effvla_ros/assets/so101_pickplace_pruned: the same recipe trained for task-relevance pruning (half of the samples
+# on the runtime-pruned prefix, the pruning's scores aligned with the instructed cube and place).
+RECIPES["so101_pruned"] = Recipe(
+    name="so101_pruned", demos=RECIPES["so101"].demos,
+    train={**RECIPES["so101"].train, "prune_train": 0.5, "prune_align": 0.2},
+    description="effvla_ros/assets/so101_pickplace_pruned: the so101 recipe with --prune-train 0.5 --prune-align 0.2",
+)
 
 
 def _complete(root: Path, ds: DemoSet) -> bool:
