@@ -1,6 +1,7 @@
-"""Pruning-aware training's token selection: one image at a time (the runtime's ``select_tokens``, how
-``--prune-train`` selected until 2026-11-23) against the whole batch at once (``keep_mask_batch``, now) —
-side by side in one run, same inputs, and the kept sets compared.
+"""Pruning-aware training's token selection: one image at a time (the runtime's ``select_tokens``, the
+compressor's call per camera and inference; ``--prune-train`` looped over it until 2026-11-23) against the
+whole batch at once (``keep_mask_batch``, what training calls now, and what ``select_tokens`` calls with a
+batch of one) — side by side in one run, same inputs, and the kept sets compared.
 
     python benchmarks/bench_prune_selection.py [--batch 16] [--tokens 16] [--rounds 5] [--reps 20] [--threads 1]
 

@@ -1,6 +1,8 @@
 """Compression core: task-relevance pruning (LightVLA), coverage guard, change detection."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -26,11 +28,64 @@ def test_task_pruning_prefers_tokens_aligned_with_the_task() -> None:
     assert torch.all(kept[1:] > kept[:-1])  # ascending, unique
 
 
+def _reference_scores(vis: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+    """LightVLA's parameter-free queries written out token by token (the module docstring's formula)."""
+    def rms(x: torch.Tensor) -> torch.Tensor:
+        return x / torch.sqrt((x * x).mean() + 1e-6)
+
+    d = vis.shape[1]
+    p = [rms(v) for v in vis]
+    t = [rms(x) for x in task]
+    s = torch.zeros(len(p), len(p))
+    for i, pi in enumerate(p):
+        w = torch.softmax(torch.stack([torch.dot(pi, tj) / math.sqrt(d) for tj in t]), 0)
+        q = rms(sum(wj * tj for wj, tj in zip(w, t, strict=True)))
+        for j, pj in enumerate(p):
+            s[i, j] = torch.dot(q, pj) / math.sqrt(d)
+    return s
+
+
+def _reference_select(vis: torch.Tensor, task: torch.Tensor, grid: tuple[int, int], cfg: PruningConfig) -> list[int]:
+    """The selection rule in plain Python: top-k by best score (votes break near-ties) or the union of each
+    query's best token, at least min_tokens, then every coverage block keeps its best token."""
+    n = vis.shape[0]
+    s = _reference_scores(vis, task)
+    best = [int(s[i].argmax()) for i in range(n)]
+    score = [float(s[:, j].max()) for j in range(n)]
+    if cfg.mode == "adaptive":
+        keep = set(best)
+    else:
+        k = max(cfg.min_tokens, round(cfg.keep_ratio * n))
+        keep = set(sorted(range(n), key=lambda j: -(score[j] + 1e-3 * best.count(j)))[:k])
+    if len(keep) < cfg.min_tokens:
+        keep |= set(sorted(range(n), key=lambda j: -score[j])[:cfg.min_tokens])
+    r, (gh, gw) = cfg.coverage_regions, grid
+    for block in range(r * r):
+        members = [j for j in range(n) if (j // gw * r // gh) * r + (j % gw * r // gw) == block]
+        if members and not keep & set(members):
+            keep.add(max(members, key=lambda j: score[j]))
+    return sorted(keep)
+
+
+@pytest.mark.parametrize("cfg", [PruningConfig(keep_ratio=0.5), PruningConfig(keep_ratio=0.1, min_tokens=6),
+                                 PruningConfig(keep_ratio=0.25, coverage_regions=3), PruningConfig(mode="adaptive"),
+                                 PruningConfig(mode="adaptive", coverage_regions=0, min_tokens=12),
+                                 PruningConfig(keep_ratio=0.5, coverage_regions=0),
+                                 PruningConfig(keep_ratio=0.1, min_tokens=1, coverage_regions=8)])  # empty blocks
+def test_selection_follows_the_written_out_rule(cfg) -> None:
+    for seed in range(6):
+        vis, task = _tokens(10 + seed, n=36, d=16), _tokens(40 + seed, n=1 + seed, d=16)
+        torch.testing.assert_close(relevance_scores(vis, task), _reference_scores(vis, task), atol=1e-5, rtol=1e-5)
+        kept = select_tokens(vis, task, (6, 6), cfg).tolist()
+        assert kept == _reference_select(vis, task, (6, 6), cfg), seed
+        assert len(kept) >= cfg.min_tokens
+
+
 def test_adaptive_mode_keeps_union_of_argmax() -> None:
     vis, task = _tokens(1), _tokens(2, n=6)
     cfg = PruningConfig(mode="adaptive", coverage_regions=0, min_tokens=1)
     kept = select_tokens(vis, task, (8, 8), cfg)
-    expected = torch.unique(relevance_scores(vis, task).argmax(1))
+    expected = torch.unique(_reference_scores(vis, task).argmax(1))
     assert kept.tolist() == expected.tolist()
     assert 1 <= len(kept) < 64
 

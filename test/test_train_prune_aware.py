@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from effvla_ros.core.compression.compressor import TokenCompressor
-from effvla_ros.core.compression.pruning import PruningConfig, keep_mask_batch, select_tokens
+from effvla_ros.core.compression.pruning import PruningConfig, instruction_queries, keep_mask_batch, select_tokens
 from effvla_ros.core.smolvla import build_random_policy
 from effvla_ros.core.smolvla.policy import VisualTokens
 from effvla_ros.sim.task import sample_task
 from effvla_ros.train.data import Episode, write_demos
-from effvla_ros.train.prune_aware import pruned_visual_tokens, task_embeddings
+from effvla_ros.train.prune_aware import pruned_visual_tokens
 from effvla_ros.train.trainer import TrainConfig, policy_tokenizer, small_arch, train
 
 SIZE = 32
@@ -32,19 +32,26 @@ def _images(b: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {c: torch.rand(b, 3, SIZE, SIZE, generator=g) for c in ("scene", "wrist")}
 
 
-def test_task_embeddings_are_the_compressors(policy):
-    text = sample_task(3).instruction
-    comp = TokenCompressor(policy)
-    comp.set_instruction(text)
-    torch.testing.assert_close(task_embeddings(policy, [text, text])[1], comp._task)
+def test_training_queries_are_the_compressors(policy):
+    """The batch's embedded instructions (what pruning-aware training scores against) hold, at their valid
+    positions, exactly the compressor's relevance queries."""
+    texts = [sample_task(3).instruction, sample_task(8).instruction]
+    ids, lmask = policy.tokenize(texts)
+    emb = policy.weights.text.embed_tokens(ids)
+    for i, text in enumerate(texts):
+        comp = TokenCompressor(policy)
+        comp.set_instruction(text)
+        torch.testing.assert_close(emb[i][lmask[i].bool()].float(), comp._task)
+        torch.testing.assert_close(comp._task, instruction_queries(policy, text))
 
 
 @pytest.mark.parametrize("cfg", [PruningConfig(keep_ratio=0.5), PruningConfig(keep_ratio=0.1, min_tokens=6),
                                  PruningConfig(keep_ratio=0.25, coverage_regions=3),
                                  PruningConfig(mode="adaptive"), PruningConfig(keep_ratio=0.5, coverage_regions=0)])
 def test_batched_selection_equals_the_runtime_rule(cfg):
-    """keep_mask_batch (pruning-aware training) keeps exactly what select_tokens (the compressor) keeps, per row,
-    whatever the instruction length; a row without instruction tokens keeps everything."""
+    """keep_mask_batch on a batch (pruning-aware training) keeps exactly what select_tokens (the compressor, one
+    image and its unpadded instruction) keeps, per row, whatever the instruction length and padding; a row
+    without instruction tokens keeps everything."""
     g = torch.Generator().manual_seed(0)
     b, grid, d = 24, (6, 6), 16
     vis = torch.randn(b, grid[0] * grid[1], d, generator=g)
@@ -68,18 +75,19 @@ def test_mask_selects_the_runtime_tokens_and_equals_removing_them(policy):
         enc = policy.encode_images(_images(b))
     cfg = PruningConfig(keep_ratio=0.5)
     apply = torch.tensor([True, False, True])
-    vis = pruned_visual_tokens(policy, enc.tokens, enc.grid, tasks, apply, cfg)
+    lang, lmask = policy.tokenize(tasks)
+    with torch.no_grad():
+        emb = policy.weights.text.embed_tokens(lang)
+    vis = pruned_visual_tokens(enc.tokens, enc.grid, emb, lmask, apply, cfg)
     n = enc.tokens["scene"].shape[1]
     for cam in ("scene", "wrist"):
         m = vis[cam].mask
         assert m[1].all()  # not selected for pruning: every token
         for i in (0, 2):
-            emb = task_embeddings(policy, [tasks[i]])[0]
-            keep = select_tokens(enc.tokens[cam][i], emb, enc.grid, cfg)
+            keep = select_tokens(enc.tokens[cam][i], instruction_queries(policy, tasks[i]), enc.grid, cfg)
             assert torch.equal(torch.nonzero(m[i]).flatten(), keep)
             assert round(0.5 * n) <= int(m[i].sum()) < n
     # the masked prefix gives the velocity of the prefix with the pruned tokens removed (the runtime's path)
-    lang, lmask = policy.tokenize(tasks)
     state = policy.prepare_state(torch.zeros(b, 6))
     x_t = torch.randn(b, policy.arch.chunk_size, policy.arch.max_action_dim, generator=torch.Generator().manual_seed(1))
     t = torch.full((b,), 0.4)

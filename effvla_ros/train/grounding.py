@@ -83,6 +83,21 @@ def episode_spec(ep: Episode) -> TaskSpec | None:
     return None
 
 
+def episode_layout(ep: Episode) -> tuple[TaskSpec, np.ndarray] | None:
+    """(task spec, cube positions (T, 2, 3) float64 of every frame) of a recorded episode, or None when the
+    episode has no recorded cube positions, no seed, or its seed does not reproduce its instruction and its
+    first frame's cube layout (the privileged information the training-only losses use)."""
+    if ep.cube_pos is None:
+        return None
+    spec = episode_spec(ep)
+    if spec is None:
+        return None
+    cubes = np.asarray(ep.cube_pos, dtype=np.float64)  # (T, 2, 3)
+    if not np.allclose(cubes[0, :, :2], np.asarray(spec.cube_xy), atol=5e-3):
+        return None
+    return spec, cubes
+
+
 def grounding_targets(ep: Episode, action_stats: tuple[np.ndarray, np.ndarray] | None = None,
                       jaw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """(targets (T, N_TARGETS) float32, mask (T, N_TARGETS) bool) of an episode, or None when the episode
@@ -90,14 +105,10 @@ def grounding_targets(ep: Episode, action_stats: tuple[np.ndarray, np.ndarray] |
     The pose targets are filled (and unmasked) only with ``action_stats`` = (mean, std) of the actions, the
     relative targets only with ``jaw`` (T, 3), the jaw point of every frame (forward kinematics of the
     recorded joint positions, :meth:`~effvla_ros.sim.env.TwoCubePickPlaceEnv.jaw_points`)."""
-    if ep.cube_pos is None:
+    layout = episode_layout(ep)
+    if layout is None:
         return None
-    spec = episode_spec(ep)
-    if spec is None:
-        return None
-    cubes = np.asarray(ep.cube_pos, dtype=np.float32)[:, :, :2]          # (T, 2, 2)
-    if not np.allclose(cubes[0], np.asarray(spec.cube_xy, dtype=np.float32), atol=5e-3):
-        return None
+    spec, cubes = layout[0], layout[1][:, :, :2].astype(np.float32)    # (T, 2, 2)
     t = ep.length
     tgt = np.zeros((t, len(TARGET_NAMES), 2), dtype=np.float32)
     mask = np.zeros((t, len(TARGET_NAMES)), dtype=bool)
@@ -214,21 +225,24 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
         if info.layer_idx == layer:  # type: ignore[attr-defined]
             hidden["h"] = info.hidden_out  # type: ignore[attr-defined]
 
+    pruning = prune is not None and bool(prune[1].any())
+    # the instructions' token embeddings for the pruning's relevance queries (and their alignment loss, which
+    # trains them); the prefix embeds its language tokens itself
+    emb = pol.weights.text.embed_tokens(lang) if pruning or relevance is not None else None  # type: ignore[attr-defined]  # (B, L, D)
     visual: dict[str, Any] = dict(enc.tokens)
-    if prune is not None and bool(prune[1].any()):
+    if pruning and prune is not None and emb is not None:
         from effvla_ros.train.prune_aware import pruned_visual_tokens
 
-        visual = dict(pruned_visual_tokens(pol, enc.tokens, enc.grid, tasks, prune[1], prune[0]))
+        visual = dict(pruned_visual_tokens(enc.tokens, enc.grid, emb, lmask, prune[1], prune[0]))
     cache = pol.prefill(visual, lang, lmask, pol.prepare_state(state), grad=True,  # type: ignore[attr-defined]
                         layer_callback=grab)
     v_t = pol.velocity(cache, x_t, t)  # type: ignore[attr-defined]
     flow = masked_flow_loss(F.mse_loss(u_t, v_t, reduction="none"), batch["action_is_pad"], arch.action_dim)
     rel_stats: dict[str, torch.Tensor] = {}
-    if relevance is not None:
+    if relevance is not None and emb is not None:
         from effvla_ros.core.smolvla.policy import VisualTokens
         from effvla_ros.train.relevance import kept_fraction, relevance_loss
 
-        emb = pol.weights.text.embed_tokens(lang)  # type: ignore[attr-defined]  # (B, L, D), trained
         rel_stats["relevance_loss"] = relevance_loss(enc.tokens[camera], emb, lmask.bool(), relevance)
         if prune is not None and isinstance(visual[camera], VisualTokens) and visual[camera].mask is not None:
             applied = prune[1].to(relevance.device)

@@ -22,42 +22,31 @@ checkpoint of that recipe trained without it; too few successes to conclude.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 
-from effvla_ros.core.compression.pruning import PruningConfig, instruction_queries, keep_mask_batch
+from effvla_ros.core.compression.pruning import PruningConfig, keep_mask_batch
 from effvla_ros.core.smolvla.policy import VisualTokens
 
 
-def task_embeddings(policy: Any, tasks: Sequence[str]) -> list[torch.Tensor]:
-    """Per instruction: the compressor's relevance query set (:func:`instruction_queries`), each distinct
-    instruction computed once."""
-    out = {text: instruction_queries(policy, text) for text in dict.fromkeys(tasks)}
-    return [out[t] for t in tasks]
-
-
-def pruned_visual_tokens(policy: Any, tokens: Mapping[str, torch.Tensor], grid: tuple[int, int],
-                         tasks: Sequence[str], apply: torch.Tensor, cfg: PruningConfig
-                         ) -> dict[str, VisualTokens]:
+def pruned_visual_tokens(tokens: Mapping[str, torch.Tensor], grid: tuple[int, int], task_emb: torch.Tensor,
+                         task_mask: torch.Tensor, apply: torch.Tensor, cfg: PruningConfig) -> dict[str, VisualTokens]:
     """camera -> :class:`VisualTokens` whose mask keeps, for the samples where ``apply`` (B,) is True, only the
     tokens the runtime pruning (``cfg``) selects for that sample's image and instruction; the other samples
-    keep every token. ``tokens``: camera -> (B, N, D) connector tokens (the gradient flows through them).
-    The selections of a batch are made together (:func:`keep_mask_batch`, equal to the runtime's per-image
-    :func:`select_tokens`)."""
-    idx = torch.nonzero(apply.cpu()).flatten()
+    keep every token. ``tokens``: camera -> (B, N, D) connector tokens (the gradient flows through them);
+    ``task_emb`` (B, L, D) the instructions' token embeddings (the batch's tokenized instructions through the
+    VLM's embedding table, as the compressor's :func:`~effvla_ros.core.compression.pruning.instruction_queries`),
+    valid where ``task_mask`` (B, L) bool. The selections of a batch are made together
+    (:func:`keep_mask_batch`, the rule the runtime's per-image ``select_tokens`` calls); no gradient flows
+    through them."""
+    idx = torch.nonzero(apply).flatten()
     out: dict[str, VisualTokens] = {}
-    task_emb = task_mask = None
-    if len(idx):  # the instructions' token embeddings, padded: instruction_queries of each, in one call
-        ids, lmask = policy.tokenize([tasks[int(i)] for i in idx])
-        with torch.no_grad():
-            task_emb = policy.weights.text.embed_tokens(ids).float()  # (B', L, D)
-        task_mask = lmask.bool()  # (B', L)
     for cam, tok in tokens.items():
         b, n, _ = tok.shape
         mask = torch.ones((b, n), dtype=torch.bool, device=tok.device)
-        if task_emb is not None and task_mask is not None:
-            mask[idx.to(tok.device)] = keep_mask_batch(tok[idx.to(tok.device)].detach(), task_emb, task_mask, grid, cfg)
+        if len(idx):
+            i = idx.to(tok.device)
+            mask[i] = keep_mask_batch(tok[i].detach(), task_emb[i].detach().float(), task_mask[i].bool(), grid, cfg)
         out[cam] = VisualTokens(tok, mask=mask)
     return out

@@ -70,16 +70,12 @@ def relevance_token_targets(ep: Episode, camera: CameraModel, size: int, grid: t
     """(T, 2) int64 of an episode: per frame, the scene token showing the instructed cube and the one showing
     the instructed place (-1: outside the image), or None when the episode has no recorded cube positions or
     its seed does not reproduce its task."""
-    from effvla_ros.train.grounding import episode_spec
+    from effvla_ros.train.grounding import episode_layout
 
-    if ep.cube_pos is None:
+    layout = episode_layout(ep)
+    if layout is None:
         return None
-    spec = episode_spec(ep)
-    if spec is None:
-        return None
-    cubes = np.asarray(ep.cube_pos, dtype=np.float64)  # (T, 2, 3)
-    if not np.allclose(cubes[0, :, :2], np.asarray(spec.cube_xy), atol=5e-3):
-        return None
+    spec, cubes = layout  # cubes (T, 2, 3)
     cube = camera.token_index(cubes[:, spec.target_cube], size, grid)  # (T,)
     goal = np.array([*spec.goal_xy, cubes[0, spec.target_cube, 2]])
     place = np.full(ep.length, int(camera.token_index(goal, size, grid)))

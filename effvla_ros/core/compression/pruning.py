@@ -18,6 +18,7 @@ original positions semantics (masked = removed in SmolVLA, see the policy core).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -47,13 +48,22 @@ def _rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def relevance_scores(visual: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-    """LightVLA query-token scores S (N, N): row = query (from visual token i), column = candidate j."""
-    p = _rms(visual.float())  # (N, d)
-    t = _rms(task.float())  # (M, d)
+    """LightVLA query-token scores S (N, N) of one camera: row = query (from visual token i), column =
+    candidate j. visual (N, d), task (M, d); :func:`relevance_scores_batch` for a batch of one."""
+    ones = torch.ones((1, task.shape[0]), dtype=torch.bool, device=visual.device)
+    return relevance_scores_batch(visual[None], task[None].to(visual.device), ones)[0]
+
+
+def relevance_scores_batch(visual: torch.Tensor, task: torch.Tensor, task_mask: torch.Tensor) -> torch.Tensor:
+    """S (B, N, N) for a batch (module docstring): visual (B, N, d); task (B, M, d) zero-padded, valid where
+    task_mask (B, M) bool (a row without any task token scores 0 everywhere). Differentiable."""
+    p = _rms(visual.float())  # (B, N, d)
+    t = _rms(task.float())  # (B, M, d)
     d = p.shape[-1]
-    attn = torch.softmax(p @ t.T / math.sqrt(d), dim=-1)  # (N, M)
-    q = _rms(attn @ t)  # (N, d)
-    return q @ p.T / math.sqrt(d)  # (N, N)
+    logits = (p @ t.transpose(1, 2) / math.sqrt(d)).masked_fill(~task_mask[:, None, :], float("-inf"))
+    attn = torch.nan_to_num(torch.softmax(logits, dim=-1))  # (B, N, M); a row without task: 0
+    q = _rms(attn @ t)  # (B, N, d)
+    return q @ p.transpose(1, 2) / math.sqrt(d)  # (B, N, N): row = query i, column = candidate j
 
 
 @torch.no_grad()
@@ -65,19 +75,14 @@ def instruction_queries(policy: Any, text: str) -> torch.Tensor:
     return emb[mask[0]].float()
 
 
-def _coverage(keep: torch.Tensor, token_score: torch.Tensor, grid: tuple[int, int], regions: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def _blocks(grid: tuple[int, int], regions: int, device: torch.device) -> torch.Tensor:
+    """(regions^2, N) bool: which tokens of the row-major grid lie in each block of the coverage guard."""
     gh, gw = grid
-    if regions <= 0:
-        return keep
-    rows = torch.arange(gh, device=keep.device).repeat_interleave(gw)
-    cols = torch.arange(gw, device=keep.device).repeat(gh)
-    region = (rows * regions // gh) * regions + (cols * regions // gw)
-    keep = keep.clone()
-    for r in torch.unique(region).tolist():
-        members = (region == r).nonzero().flatten()
-        if not keep[members].any():
-            keep[members[token_score[members].argmax()]] = True
-    return keep
+    rows = torch.arange(gh, device=device).repeat_interleave(gw)
+    cols = torch.arange(gw, device=device).repeat(gh)
+    block = (rows * regions // gh) * regions + (cols * regions // gw)  # (N,)
+    return block[None, :] == torch.arange(regions * regions, device=device)[:, None]
 
 
 def select_tokens(
@@ -86,7 +91,8 @@ def select_tokens(
     grid: tuple[int, int],
     cfg: PruningConfig,
 ) -> torch.Tensor:
-    """Indices (ascending, int64) of the visual tokens to keep for one camera.
+    """Indices (ascending, int64) of the visual tokens to keep for one camera: :func:`keep_mask_batch` for a
+    batch of one (the token compressor's call; the rule is written once, there).
 
     visual: (N, d) connector tokens of one camera (N = grid h x w); task: (M, d) task-token
     embeddings in the same space (None: no instruction yet -> keep everything).
@@ -94,38 +100,19 @@ def select_tokens(
     n = visual.shape[0]
     if n != grid[0] * grid[1]:
         raise ValueError(f"grid: {grid} does not match {n} tokens")
-    if cfg.method == "none" or task is None or task.shape[0] == 0 or n <= cfg.min_tokens:
+    if task is None or task.shape[0] == 0:
         return torch.arange(n, device=visual.device)
-    s = relevance_scores(visual, task.to(visual.device))  # (N, N)
-    best = s.argmax(dim=1)  # each query's best token
-    votes = torch.bincount(best, minlength=n).float()
-    token_score = s.max(dim=0).values  # best score any query gives token j
-    keep = torch.zeros(n, dtype=torch.bool, device=visual.device)
-    if cfg.mode == "adaptive":
-        keep[best] = True
-    else:
-        k = max(cfg.min_tokens, int(round(cfg.keep_ratio * n)))
-        rank = token_score + 1e-3 * votes  # votes only break near-ties
-        keep[torch.topk(rank, min(k, n)).indices] = True
-    if int(keep.sum()) < cfg.min_tokens:
-        keep[torch.topk(token_score, cfg.min_tokens).indices] = True
-    keep = _coverage(keep, token_score, grid, cfg.coverage_regions)
+    task_mask = torch.ones((1, task.shape[0]), dtype=torch.bool, device=visual.device)
+    keep = keep_mask_batch(visual[None], task[None].to(visual.device), task_mask, grid, cfg)[0]  # (N,)
     return keep.nonzero().flatten()
 
 
 def token_scores_batch(visual: torch.Tensor, task: torch.Tensor, task_mask: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`relevance_scores` for a batch, reduced as the selection uses them: (token_score (B, N), each
-    token's best score over all queries; best (B, N), each query's best token). visual (B, N, d); task (B, M, d)
-    zero-padded with task_mask (B, M) bool. Differentiable in ``visual`` and ``task`` (training-only relevance
-    alignment, :mod:`effvla_ros.train.relevance`)."""
-    p = _rms(visual.float())  # (B, N, d)
-    t = _rms(task.float())  # (B, M, d)
-    d = p.shape[-1]
-    logits = (p @ t.transpose(1, 2) / math.sqrt(d)).masked_fill(~task_mask[:, None, :], float("-inf"))
-    attn = torch.nan_to_num(torch.softmax(logits, dim=-1))  # (B, N, M); a row without task: 0
-    q = _rms(attn @ t)  # (B, N, d)
-    s = q @ p.transpose(1, 2) / math.sqrt(d)  # (B, N, N): row = query i, column = candidate j
+    """:func:`relevance_scores_batch` reduced as the selection uses them: (token_score (B, N), each token's best
+    score over all queries; best (B, N), each query's best token). Differentiable in ``visual`` and ``task``
+    (training-only relevance alignment, :mod:`effvla_ros.train.relevance`)."""
+    s = relevance_scores_batch(visual, task, task_mask)  # (B, N, N)
     return s.max(dim=1).values, s.argmax(dim=2)
 
 
@@ -136,8 +123,9 @@ def keep_mask_batch(
     grid: tuple[int, int],
     cfg: PruningConfig,
 ) -> torch.Tensor:
-    """:func:`select_tokens` for a batch, as a keep mask (B, N) bool, in a fixed number of tensor operations
-    (pruning-aware training on a GPU: no per-sample loop, no wait for the device).
+    """The selection rule (module docstring) for a batch, as a keep mask (B, N) bool, in a fixed number of
+    tensor operations: the runtime's :func:`select_tokens` is this with B = 1, pruning-aware training calls it
+    on whole batches (no per-sample loop, no wait for a GPU).
 
     visual: (B, N, d) connector tokens of one camera; task: (B, M, d) task-token embeddings, zero-padded,
     with task_mask (B, M) bool marking the valid ones (a row without any keeps every token).
@@ -160,14 +148,9 @@ def keep_mask_batch(
     short = keep.sum(dim=1) < cfg.min_tokens  # (B,)
     extra = torch.zeros_like(keep).scatter_(1, torch.topk(token_score, cfg.min_tokens, dim=1).indices, True)
     keep |= extra & short[:, None]
-    if cfg.coverage_regions > 0:
-        gh, gw = grid
-        rows = torch.arange(gh, device=dev).repeat_interleave(gw)
-        cols = torch.arange(gw, device=dev).repeat(gh)
-        region = (rows * cfg.coverage_regions // gh) * cfg.coverage_regions + (cols * cfg.coverage_regions // gw)
-        for r in torch.unique(region).tolist():
-            members = region == r  # (N,)
-            empty = ~(keep & members).any(dim=1)  # (B,)
-            top = token_score.masked_fill(~members, float("-inf")).argmax(dim=1)  # (B,)
-            keep[torch.arange(b, device=dev)[empty], top[empty]] = True
+    if cfg.coverage_regions > 0:  # every block of the grid keeps at least its best-scoring token
+        members = _blocks(grid, cfg.coverage_regions, dev)  # (R, N)
+        top = token_score[:, None, :].masked_fill(~members, float("-inf")).argmax(dim=2)  # (B, R)
+        empty = ~(keep[:, None, :] & members).any(dim=2) & members.any(dim=1)  # (B, R)
+        keep |= torch.zeros((b, n), device=dev).scatter_add_(1, top, empty.float()) > 0  # (a block without tokens adds 0)
     return keep | ~has_task[:, None]
