@@ -47,6 +47,12 @@ def test_graph_description_wiring() -> None:
     assert max(sim_ex.velocity_limits) > max(real_ex.velocity_limits)
     assert node_params(list(sim.params_files), "sim_bridge")["image_size"] == 64
     assert "image_size" not in node_params(list(g.params_files), "sim_bridge")
+    # the pruned checkpoint's file turns the default pruning back on over sim.yaml's "none"
+    pruned = describe_graph("x86_cpu", sim=True, checkpoint="/ckpt", params_file=REPO / "config" / "sim_pruned.yaml")
+    assert [f.name for f in pruned.params_files][-2:] == ["sim.yaml", "sim_pruned.yaml"]
+    assert node_params(list(sim.params_files), "token_compressor")["pruning.method"] == "none"
+    comp = node_params(list(pruned.params_files), "token_compressor")
+    assert comp["pruning.method"] == "task" and comp["pruning.keep_ratio"] == 0.5 and comp["reuse.enabled"] is True
     with pytest.raises(ValueError, match="target"):
         describe_graph("raspberry_pi")
     with pytest.raises(ValueError, match="cameras"):
