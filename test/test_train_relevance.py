@@ -122,7 +122,8 @@ def test_pruned_recipe_and_its_checkpoint():
     from effvla_ros.train.recipes import RECIPES
 
     base, pruned = RECIPES["so101"], RECIPES["so101_pruned"]
-    assert pruned.demos == base.demos
+    assert pruned.demos == base.demos[:6] and sum(d.episodes for d in pruned.demos) == 2600  # what it was trained on
+    assert sum(d.episodes for d in base.demos) == 3200 and sum(d.regrasp for d in base.demos) == 2
     assert pruned.train == {**base.train, "prune_train": 0.5, "prune_align": 0.2}
     d = Path(__file__).resolve().parents[1] / "effvla_ros" / "assets" / "so101_pickplace_pruned"
     log = json.loads((d / "train_log.json").read_text())["config"]

@@ -47,18 +47,19 @@ RECIPES: dict[str, Recipe] = {
     "so101": Recipe(
         name="so101",
         demos=(DemoSet(0, 200), DemoSet(10000, 200), DemoSet(20000, 400), DemoSet(30000, 600),
-               DemoSet(40000, 600, perturb=True), DemoSet(60000, 600, regrasp=True)),
+               DemoSet(40000, 600, perturb=True), DemoSet(60000, 600, regrasp=True),
+               DemoSet(70000, 600, regrasp=True)),
         train={"steps": 18000, "batch": 32, "lr": 5e-4, "warmup": 300, "seed": 0, "shift": 0, "ema": 0.999,
                "image_size": 64, "aux_weight": 1.0, "aux_pose": True, "decision_weight": 3.0, "threads": 1,
                "save_every": 1000, "attention": "fused"},
-        description="effvla_ros/assets/so101_pickplace: 2600 scripted demos (64 px; 1400 clean, 600 DART-perturbed, "
-                    "600 re-grasp), small SmolVLA from scratch with the training-only grounding loss",
+        description="effvla_ros/assets/so101_pickplace: 3200 scripted demos (64 px; 1400 clean, 600 DART-perturbed, "
+                    "1200 re-grasp), small SmolVLA from scratch with the training-only grounding loss",
     ),
 }
 # effvla_ros/assets/so101_pickplace_pruned: the same recipe trained for task-relevance pruning (half of the samples
 # on the runtime-pruned prefix, the pruning's scores aligned with the instructed cube and place).
 RECIPES["so101_pruned"] = Recipe(
-    name="so101_pruned", demos=RECIPES["so101"].demos,
+    name="so101_pruned", demos=RECIPES["so101"].demos[:6],  # the 2600 demos of the so101 recipe until 2026-11-23
     train={**RECIPES["so101"].train, "prune_train": 0.5, "prune_align": 0.2},
     description="effvla_ros/assets/so101_pickplace_pruned: the so101 recipe with --prune-train 0.5 --prune-align 0.2",
 )
