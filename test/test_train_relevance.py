@@ -46,6 +46,53 @@ def test_projection_lands_on_the_rendered_cubes(env):
     assert np.isnan(cam.pixels(cam.pos + cam.mat[:, 2], 64)).all()
 
 
+def test_wrist_camera_along_recorded_joint_positions():
+    """The wrist camera placed by forward kinematics at recorded joint positions is the camera MuJoCo renders
+    from there, and the instructed cube projected through it lands on the cube in the wrist image."""
+    import mujoco
+    from lerobot_env_so101.scripted import PickPlaceController
+
+    env = TwoCubePickPlaceEnv(SimConfig(image_size=64, cameras=["scene", "wrist"]), seed=0)
+    try:
+        env.reset(seed=3)  # the red cube
+        ctrl = PickPlaceController()
+        qs, poses, images, cubes, both = [], [], [], [], []
+        for _ in range(40):
+            env.step(env.expert_action(ctrl))
+            mujoco.mj_forward(env._model, env._data)  # derived quantities (camera poses) of the state reached
+            qs.append(env.joint_positions())
+            poses.append(CameraModel.from_env(env, "wrist"))
+            images.append(env.render("wrist").astype(int))
+            both.append(env.cube_positions())
+            cubes.append(both[-1][env.task.target_cube])
+        q = np.stack(qs)
+        cam = CameraModel.along(env, q, "wrist")
+        assert cam.pos.shape == (40, 3) and cam.mat.shape == (40, 3, 3)
+        np.testing.assert_allclose(cam.pos, np.stack([p.pos for p in poses]), atol=1e-9)
+        np.testing.assert_allclose(cam.mat, np.stack([p.mat for p in poses]), atol=1e-9)
+        np.testing.assert_array_equal(env.joint_positions(), q[-1])  # the simulation state is restored
+        assert np.ptp(cam.pos, axis=0).max() > 0.02  # it moved with the arm
+        scene_pos, _ = env.camera_poses(q, "scene")
+        np.testing.assert_allclose(scene_pos, np.broadcast_to(CameraModel.from_env(env, "scene").pos, (40, 3)))
+        uv = cam.pixels(np.stack(cubes), 64)  # (40, 2): frame t's cube through frame t's camera
+        color = DOMINANT.get(env.task.cube_colors[env.task.target_cube])
+        inside = [t for t in range(40) if np.isfinite(uv[t]).all() and (2 <= uv[t]).all() and (uv[t] < 62).all()]
+        assert len(inside) >= 10
+        assert color is not None  # the instructed cube has a dominant channel
+        hits = sum(int(np.argmax(images[t][int(uv[t, 1]), int(uv[t, 0])])) == color for t in inside)
+        assert hits >= 0.8 * len(inside), (hits, len(inside))
+        idx = cam.token_index(np.stack(cubes), 64, (4, 4))
+        assert [int(i) for i in idx[inside]] == [int(uv[t, 1]) // 16 * 4 + int(uv[t, 0]) // 16 for t in inside]
+        # the targets of a moving camera: one pose per frame, from the episode (a function of it)
+        ep = Episode(images={}, state=q.astype(np.float32), action=q.astype(np.float32), task=env.task.instruction,
+                     seed=3, cube_pos=np.stack(both).astype(np.float32))
+        tg = RelevanceTargets([ep], lambda e: CameraModel.along(env, e.state, "wrist"), 64, (4, 4))
+        assert tg.num_with_targets == 1
+        np.testing.assert_array_equal(tg.targets[0][:, 0], idx)
+    finally:
+        env.close()
+
+
 def test_alignment_loss_moves_the_target_token_into_the_kept_set():
     g = torch.Generator().manual_seed(0)
     b, n, d = 16, 16, 32
@@ -102,17 +149,21 @@ def test_targets_and_training_with_alignment(env, tmp_path):
     write_demos(root, eps)
     with pytest.raises(ValueError, match="prune_align"):
         TrainConfig(data="x", out="y", prune_align=-1.0)
+    with pytest.raises(ValueError, match="prune_align_wrist"):
+        TrainConfig(data="x", out="y", prune_align_wrist=-0.1)
     threads = torch.get_num_threads()
     try:
         res = train(TrainConfig(data=str(root), out=str(tmp_path / "al"), steps=4, batch=8, warmup=1, image_size=SIZE,
-                                ema=0.0, save_every=0, threads=1, prune_train=0.5, prune_align=0.5, log_every=2),
+                                ema=0.0, save_every=0, threads=1, prune_train=0.5, prune_align=0.5, log_every=2,
+                                prune_align_wrist=0.25),
                     progress=False, log=lambda s: None)
     finally:
         torch.set_num_threads(threads)
     assert all(np.isfinite(h["relevance_loss"]) and h["relevance_loss"] > 0 for h in res.history)
     assert all(0.0 <= h["relevance_kept"] <= 1.0 for h in res.history)
+    assert all(np.isfinite(h["relevance_loss_wrist"]) and 0.0 <= h["relevance_kept_wrist"] <= 1.0 for h in res.history)
     cfg = json.loads((tmp_path / "al" / "train_log.json").read_text())["config"]
-    assert cfg["prune_align"] == 0.5
+    assert cfg["prune_align"] == 0.5 and cfg["prune_align_wrist"] == 0.25
 
 
 def test_pruned_recipe_and_its_checkpoint():
@@ -122,11 +173,14 @@ def test_pruned_recipe_and_its_checkpoint():
     from effvla_ros.train.recipes import RECIPES
 
     base, pruned = RECIPES["so101"], RECIPES["so101_pruned"]
-    assert pruned.demos == base.demos[:6] and sum(d.episodes for d in pruned.demos) == 2600  # what it was trained on
-    assert sum(d.episodes for d in base.demos) == 3200 and sum(d.regrasp for d in base.demos) == 2
-    assert pruned.train == {**base.train, "prune_train": 0.5, "prune_align": 0.2}
+    assert pruned.demos == base.demos and sum(d.episodes for d in pruned.demos) == 3200  # what it was trained on
+    assert sum(d.regrasp for d in base.demos) == 2
+    assert pruned.train == {**base.train, "prune_train": 0.5, "prune_align": 0.2, "prune_align_wrist": 0.2}
     d = Path(__file__).resolve().parents[1] / "effvla_ros" / "assets" / "so101_pickplace_pruned"
-    log = json.loads((d / "train_log.json").read_text())["config"]
-    assert log["prune_train"] == 0.5 and log["prune_align"] == 0.2 and log["steps"] == 18000
+    tlog = json.loads((d / "train_log.json").read_text())
+    log = tlog["config"]
+    assert all(log[k] == v for k, v in pruned.train.items()), {k: log[k] for k in pruned.train}
+    assert tlog["episodes"] == 3200
+    assert sorted(Path(p).name for p in log["data"].split(",")) == sorted(ds.name for ds in pruned.demos)
     policy = load_policy(d)
     assert tuple(policy.arch.cameras) == ("scene", "wrist")

@@ -203,19 +203,35 @@ class TwoCubePickPlaceEnv(SO101GymEnv):
         """(T, 6) joint positions (order :data:`JOINT_NAMES`) -> (T, 3) world positions of the jaw point
         (:attr:`ik_point_pos`, the point the scripted expert puts on a cube to grasp it), by forward kinematics.
         The simulation state is restored afterwards."""
+        return self._forward_kinematics(joint_positions, lambda: self.ik_point_pos)[0]
+
+    def camera_poses(self, joint_positions: np.ndarray, camera: str) -> tuple[np.ndarray, np.ndarray]:
+        """(T, 6) joint positions -> the pose of ``camera`` in each: world position (T, 3) and orientation
+        (T, 3, 3) (columns = the camera's x right, y up, z backwards), by forward kinematics (the ``wrist``
+        camera moves with the arm; ``scene`` does not). The simulation state is restored afterwards."""
+        d = self._data
+        pos, mat = self._forward_kinematics(
+            joint_positions, lambda: np.array(d.cam(camera).xpos), lambda: np.array(d.cam(camera).xmat).reshape(3, 3))
+        return pos, mat
+
+    def _forward_kinematics(self, joint_positions: np.ndarray, *read: Any) -> list[np.ndarray]:
+        """For each row of (T, 6) joint positions: set them, run the kinematics, call every ``read()``; one
+        (T, ...) array per reader. The simulation state is restored afterwards."""
         q = np.asarray(joint_positions, dtype=np.float64).reshape(-1, len(JOINT_NAMES))
         m, d = self._model, self._data
         saved = d.qpos.copy()
-        out = np.empty((q.shape[0], 3))
+        rows: list[list[np.ndarray]] = [[] for _ in read]
         try:
-            for i, qi in enumerate(q):
+            for qi in q:
                 d.qpos[self._joint_qpos_adr] = qi
                 mujoco.mj_kinematics(m, d)
-                out[i] = self.ik_point_pos
+                mujoco.mj_camlight(m, d)
+                for out, r in zip(rows, read):
+                    out.append(np.asarray(r(), dtype=np.float64))
         finally:
             d.qpos[:] = saved
             mujoco.mj_forward(m, d)
-        return out
+        return [np.stack(out) if out else np.empty((0, *np.shape(r()))) for out, r in zip(rows, read)]
 
     def joint_positions(self) -> np.ndarray:
         return self._data.qpos[self._joint_qpos_adr].astype(np.float64)

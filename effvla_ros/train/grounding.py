@@ -29,7 +29,7 @@ inference model and its LeRobot layout are unchanged):
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -191,7 +191,7 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
                             targets: torch.Tensor | None, mask: torch.Tensor | None, *, layer: int, camera: str,
                             noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
                             prune: tuple[Any, torch.Tensor] | None = None, wrist_camera: str | None = None,
-                            relevance: torch.Tensor | None = None
+                            relevance: Mapping[str, torch.Tensor] | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(masked flow-matching loss as :func:`~effvla_ros.train.trainer.masked_loss`, grounding loss, stats).
 
@@ -203,10 +203,11 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
     grounding loss (0). ``prune`` = (PruningConfig, apply (B,) bool): the samples where ``apply`` is set
     see only the visual tokens the runtime pruning keeps (:mod:`effvla_ros.train.prune_aware`); the visual
     head still reads every scene token. ``wrist_camera``: the camera whose tokens feed ``heads.wrist``
-    (``aux_wrist``: its MSE on the jaw-relative targets). ``relevance`` (B, K) token indices of ``camera``
-    (:mod:`effvla_ros.train.relevance`, -1: none): stats gets ``relevance_loss``, the relevance alignment
-    loss *with* its gradient (the caller weights it and adds it), and ``relevance_kept``, the fraction of those
-    tokens that the pruning keeps in the pruned samples.
+    (``aux_wrist``: its MSE on the jaw-relative targets). ``relevance``: camera -> (B, K) token indices of that
+    camera (:mod:`effvla_ros.train.relevance`, -1: none): per camera, stats gets ``relevance_loss`` (the scene
+    camera; ``relevance_loss_<camera>`` for the others), the relevance alignment loss *with* its gradient (the
+    caller weights it and adds it), and ``relevance_kept`` (``relevance_kept_<camera>``), the fraction of
+    those tokens that the pruning keeps in the pruned samples.
     """
     from effvla_ros.train.trainer import masked_flow_loss
 
@@ -243,10 +244,12 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
         from effvla_ros.core.smolvla.policy import VisualTokens
         from effvla_ros.train.relevance import kept_fraction, relevance_loss
 
-        rel_stats["relevance_loss"] = relevance_loss(enc.tokens[camera], emb, lmask.bool(), relevance)
-        if prune is not None and isinstance(visual[camera], VisualTokens) and visual[camera].mask is not None:
-            applied = prune[1].to(relevance.device)
-            rel_stats["relevance_kept"] = kept_fraction(visual[camera].mask[applied], relevance[applied])
+        for cam, rel in relevance.items():
+            key = "" if cam == "scene" else f"_{cam}"
+            rel_stats[f"relevance_loss{key}"] = relevance_loss(enc.tokens[cam], emb, lmask.bool(), rel)
+            if prune is not None and isinstance(visual[cam], VisualTokens) and visual[cam].mask is not None:
+                applied = prune[1].to(rel.device)
+                rel_stats[f"relevance_kept{key}"] = kept_fraction(visual[cam].mask[applied], rel[applied])
 
     if heads is None or targets is None or mask is None:
         return flow, torch.zeros((), dtype=flow.dtype, device=flow.device), rel_stats

@@ -57,11 +57,13 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 # effvla_ros/assets/so101_pickplace_pruned: the same recipe trained for task-relevance pruning (half of the samples
-# on the runtime-pruned prefix, the pruning's scores aligned with the instructed cube and place).
+# on the runtime-pruned prefix, the pruning's scores aligned with the instructed cube and place in the scene camera
+# and, through forward kinematics of the recorded joint positions, in the wrist camera).
 RECIPES["so101_pruned"] = Recipe(
-    name="so101_pruned", demos=RECIPES["so101"].demos[:6],  # the 2600 demos of the so101 recipe until 2026-11-23
-    train={**RECIPES["so101"].train, "prune_train": 0.5, "prune_align": 0.2},
-    description="effvla_ros/assets/so101_pickplace_pruned: the so101 recipe with --prune-train 0.5 --prune-align 0.2",
+    name="so101_pruned", demos=RECIPES["so101"].demos,
+    train={**RECIPES["so101"].train, "prune_train": 0.5, "prune_align": 0.2, "prune_align_wrist": 0.2},
+    description="effvla_ros/assets/so101_pickplace_pruned: the so101 recipe with --prune-train 0.5 --prune-align 0.2 "
+                "--prune-align-wrist 0.2",
 )
 
 

@@ -11,11 +11,14 @@ through the fixed scene camera onto the connector's token grid, a cross-entropy 
 camera's tokens, with each token's selection score (:func:`~effvla_ros.core.compression.pruning.token_scores_batch`)
 as logits, pulls the score of the token that shows the instructed cube, and of the one that shows the
 place, to the top. The gradient reaches the vision tower, the connector and the text embeddings; the
-checkpoint holds no new parameter, and the compressor runs unchanged.
+checkpoint holds no new parameter, and the compressor runs unchanged. ``--prune-align-wrist`` does the same
+for the wrist camera, which moves with the arm: its pose in each frame comes from forward kinematics of the
+frame's recorded joint positions (:meth:`CameraModel.along`), and its targets are the tokens showing the
+instructed cube (in the jaws once grasped) and the place when they are in view.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +33,8 @@ from effvla_ros.train.data import Episode
 @dataclass(frozen=True)
 class CameraModel:
     """A MuJoCo pinhole camera: world position ``pos`` (3,), orientation ``mat`` (3, 3) (columns = the camera's
-    x right, y up, z backwards, in world coordinates) and vertical field of view ``fovy_deg``."""
+    x right, y up, z backwards, in world coordinates) and vertical field of view ``fovy_deg``. A moving camera
+    (:meth:`along`) has one pose per frame: ``pos`` (T, 3), ``mat`` (T, 3, 3), projecting points (T, 3)."""
 
     pos: np.ndarray
     mat: np.ndarray
@@ -43,10 +47,17 @@ class CameraModel:
         return cls(np.array(d.cam(camera).xpos, dtype=np.float64),
                    np.array(d.cam(camera).xmat, dtype=np.float64).reshape(3, 3), float(m.cam(camera).fovy[0]))
 
+    @classmethod
+    def along(cls, env: Any, joint_positions: np.ndarray, camera: str = "wrist") -> CameraModel:
+        """The camera ``camera`` of a :class:`~effvla_ros.sim.env.TwoCubePickPlaceEnv` at each of the arm's
+        (T, 6) joint positions (forward kinematics: the wrist camera of a recorded episode, frame by frame)."""
+        pos, mat = env.camera_poses(joint_positions, camera)
+        return cls(pos, mat, float(env._model.cam(camera).fovy[0]))
+
     def pixels(self, points: np.ndarray, size: int) -> np.ndarray:
         """World points (..., 3) -> (..., 2) image coordinates (column u, row v; row 0 at the top, as rendered)
         in a ``size`` x ``size`` image; NaN for points behind the camera."""
-        pc = (np.asarray(points, dtype=np.float64) - self.pos) @ self.mat  # (..., 3) camera frame
+        pc = np.einsum("...i,...ij->...j", np.asarray(points, dtype=np.float64) - self.pos, self.mat)  # camera frame
         depth = -pc[..., 2]
         f = (size / 2) / np.tan(np.deg2rad(self.fovy_deg) / 2)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -67,9 +78,9 @@ class CameraModel:
 
 
 def relevance_token_targets(ep: Episode, camera: CameraModel, size: int, grid: tuple[int, int]) -> np.ndarray | None:
-    """(T, 2) int64 of an episode: per frame, the scene token showing the instructed cube and the one showing
-    the instructed place (-1: outside the image), or None when the episode has no recorded cube positions or
-    its seed does not reproduce its task."""
+    """(T, 2) int64 of an episode: per frame, the token of ``camera`` (fixed, or one pose per frame) showing
+    the instructed cube and the one showing the instructed place (-1: outside the image), or None when the
+    episode has no recorded cube positions or its seed does not reproduce its task."""
     from effvla_ros.train.grounding import episode_layout
 
     layout = episode_layout(ep)
@@ -78,19 +89,22 @@ def relevance_token_targets(ep: Episode, camera: CameraModel, size: int, grid: t
     spec, cubes = layout  # cubes (T, 2, 3)
     cube = camera.token_index(cubes[:, spec.target_cube], size, grid)  # (T,)
     goal = np.array([*spec.goal_xy, cubes[0, spec.target_cube, 2]])
-    place = np.full(ep.length, int(camera.token_index(goal, size, grid)))
+    place = camera.token_index(np.broadcast_to(goal, (ep.length, 3)), size, grid)  # (T,)
     return np.stack([cube, place], axis=1)
 
 
 class RelevanceTargets:
     """Per-episode :func:`relevance_token_targets` of a :class:`~effvla_ros.train.data.ChunkDataset`'s
-    episodes, batched by sample (episodes without: -1, no loss)."""
+    episodes, batched by sample (episodes without: -1, no loss). ``camera``: the fixed camera, or a function
+    of the episode giving its camera frame by frame (:meth:`CameraModel.along` its recorded joint positions)."""
 
-    def __init__(self, episodes: Sequence[Episode], camera: CameraModel, size: int, grid: tuple[int, int]) -> None:
+    def __init__(self, episodes: Sequence[Episode], camera: CameraModel | Callable[[Episode], CameraModel],
+                 size: int, grid: tuple[int, int]) -> None:
         self.targets: list[np.ndarray] = []
         self.num_with_targets = 0
         for ep in episodes:
-            r = relevance_token_targets(ep, camera, size, grid)
+            cam = camera if isinstance(camera, CameraModel) else camera(ep)
+            r = relevance_token_targets(ep, cam, size, grid)
             if r is None:
                 r = np.full((ep.length, 2), -1, dtype=np.int64)
             else:

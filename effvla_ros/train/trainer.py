@@ -112,6 +112,7 @@ class TrainConfig:
     prune_keep_ratio: float = 0.5  # pruning.keep_ratio used for those samples (the runtime default)
     attention: str = "eager"  # "fused": VLM / expert attention through torch SDPA while training (faster)
     prune_align: float = 0.0  # weight of the relevance alignment loss (effvla_ros.train.relevance; 0: off)
+    prune_align_wrist: float = 0.0  # the same on the wrist camera's tokens (its pose by forward kinematics)
     device: str = "cpu"  # torch device of the training step ("cuda": batches are built on the CPU and copied)
 
     def __post_init__(self) -> None:
@@ -135,6 +136,8 @@ class TrainConfig:
             raise ValueError(f"device: must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.prune_align < 0:
             raise ValueError(f"prune_align: must be >= 0, got {self.prune_align}")
+        if self.prune_align_wrist < 0:
+            raise ValueError(f"prune_align_wrist: must be >= 0, got {self.prune_align_wrist}")
         if self.aux_wrist and self.aux_weight <= 0:
             raise ValueError("aux_wrist: needs aux_weight > 0 (it is a term of the grounding loss)")
 
@@ -230,26 +233,30 @@ def apply_color_swap(batch: dict, index_pairs: np.ndarray, colors: Sequence[tupl
     return changed
 
 
-def _relevance_targets(policy: SmolVLAPolicy, dataset: ChunkDataset, image_size: int) -> Any:
-    """The relevance alignment targets (:class:`~effvla_ros.train.relevance.RelevanceTargets`) of the scene
-    camera, projected with the simulated scene camera onto the connector's token grid."""
+def _relevance_targets(policy: SmolVLAPolicy, dataset: ChunkDataset, image_size: int, camera: str = "scene") -> Any:
+    """The relevance alignment targets (:class:`~effvla_ros.train.relevance.RelevanceTargets`) of ``camera``,
+    projected with the simulated camera onto the connector's token grid: the fixed ``scene`` camera, or the
+    ``wrist`` camera at each frame's recorded joint positions."""
     from effvla_ros.sim.env import SimConfig, TwoCubePickPlaceEnv
     from effvla_ros.train.relevance import CameraModel, RelevanceTargets
 
     arch = policy.arch
-    if "scene" not in arch.cameras:
-        raise ValueError("prune_align: needs a 'scene' camera")
+    flag = "prune_align" if camera == "scene" else f"prune_align_{camera}"
+    if camera not in arch.cameras:
+        raise ValueError(f"{flag}: needs a {camera!r} camera")
     if arch.resize_imgs_with_padding not in (None, (image_size, image_size)):
-        raise ValueError("prune_align: the images must reach the vision tower unresized")
+        raise ValueError(f"{flag}: the images must reach the vision tower unresized")
     side = arch.patches_per_side // arch.scale_factor
-    env = TwoCubePickPlaceEnv(SimConfig(image_size=16, cameras=["scene"]))  # the camera's pose only
+    env = TwoCubePickPlaceEnv(SimConfig(image_size=16, cameras=["scene"]))  # poses and kinematics only
     try:
-        camera = CameraModel.from_env(env, "scene")
+        model = CameraModel.from_env(env, camera)
+        moving = camera != "scene"
+        out = RelevanceTargets(dataset.episodes, (lambda ep: CameraModel.along(env, ep.state, camera)) if moving
+                               else model, image_size, (side, side))
     finally:
         env.close()
-    out = RelevanceTargets(dataset.episodes, camera, image_size, (side, side))
     if out.num_with_targets == 0:
-        raise ValueError("prune_align: needs demos with env.cube_positions and reproducible seeds")
+        raise ValueError(f"{flag}: needs demos with env.cube_positions and reproducible seeds")
     return out
 
 
@@ -371,11 +378,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         prune_cfg = PruningConfig(keep_ratio=cfg.prune_keep_ratio)
         log(f"train: {cfg.prune_train:.0%} of the samples see the pruned prefix (task relevance, keep ratio "
             f"{cfg.prune_keep_ratio})")
-    rel_targets = None
-    if cfg.prune_align > 0:
-        rel_targets = _relevance_targets(policy, dataset, cfg.image_size)
-        log(f"train: relevance alignment x{cfg.prune_align} on the scene camera's tokens "
-            f"({rel_targets.num_with_targets}/{len(dataset.episodes)} episodes with targets)")
+    rel_targets: dict[str, Any] = {}
+    align = {"scene": cfg.prune_align, "wrist": cfg.prune_align_wrist}
+    for cam, weight in align.items():
+        if weight > 0:
+            rel_targets[cam] = _relevance_targets(policy, dataset, cfg.image_size, cam)
+            log(f"train: relevance alignment x{weight} on the {cam} camera's tokens "
+                f"({rel_targets[cam].num_with_targets}/{len(dataset.episodes)} episodes with targets)")
     ema = copy.deepcopy(policy.weights) if cfg.ema > 0 else None
     ema_params: list[torch.Tensor] = []
     live_params: list[torch.Tensor] = []
@@ -414,7 +423,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             batch = dataset.batch(idx, shift=cfg.shift, rng=rng)
             pairs = dataset.index[np.asarray(idx)]
             grounding = targets.batch(pairs) if targets is not None else None
-            relevance = rel_targets.batch(pairs).to(dev) if rel_targets is not None else None
+            relevance = {c: r.batch(pairs).to(dev) for c, r in rel_targets.items()} or None
             if cfg.color_swap > 0:
                 apply_color_swap(batch, pairs, swap_colors, cfg.color_swap, rng, grounding)
             if cfg.state_dropout > 0:
@@ -442,10 +451,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
                                                                wrist_camera="wrist" if cfg.aux_wrist else None,
                                                                relevance=relevance)
                 loss = flow + cfg.aux_weight * aux
-                if "relevance_loss" in aux_stats:
-                    rel = aux_stats.pop("relevance_loss")
-                    loss = loss + cfg.prune_align * rel
-                    aux_stats["relevance_loss"] = rel.detach()
+                for cam in rel_targets:
+                    key = "relevance_loss" if cam == "scene" else f"relevance_loss_{cam}"
+                    rel = aux_stats.pop(key)
+                    loss = loss + align[cam] * rel
+                    aux_stats[key] = rel.detach()
                 aux_window.append(aux_stats)
                 loss_value = flow.detach()
             else:
