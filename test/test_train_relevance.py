@@ -175,12 +175,42 @@ def test_pruned_recipe_and_its_checkpoint():
     base, pruned = RECIPES["so101"], RECIPES["so101_pruned"]
     assert pruned.demos == base.demos and sum(d.episodes for d in pruned.demos) == 3200  # what it was trained on
     assert sum(d.regrasp for d in base.demos) == 2
-    assert pruned.train == {**base.train, "prune_train": 0.5, "prune_align": 0.2, "prune_align_wrist": 0.2}
-    d = Path(__file__).resolve().parents[1] / "effvla_ros" / "assets" / "so101_pickplace_pruned"
+    assets = Path(__file__).resolve().parents[1] / "effvla_ros" / "assets"
+    # a fine-tune of the bundled default checkpoint, in two stages
+    assert pruned.train == {**base.train, "init": str(assets / "so101_pickplace"), "steps": 6000, "warmup": 100,
+                            "prune_train": 0.75, "prune_align": 0.2, "prune_align_wrist": 0.2}
+    assert pruned.stages == ({"lr": 2e-4}, {"lr": 1e-4})
+    assert (assets / "so101_pickplace" / "model.safetensors").is_file()
+    d = assets / "so101_pickplace_pruned"
+    # each stage's training log holds the recipe's settings for that stage (the runs' own checkouts and
+    # output directories lay elsewhere: the first stage's init is compared by its asset name)
+    stage1 = json.loads((d / "train_log_stage1.json").read_text())["config"]
+    assert Path(stage1["init"]).parent.name == "assets" and Path(stage1["init"]).name == "so101_pickplace"
     tlog = json.loads((d / "train_log.json").read_text())
     log = tlog["config"]
-    assert all(log[k] == v for k, v in pruned.train.items()), {k: log[k] for k in pruned.train}
+    assert log["init"] and Path(log["init"]).name != "so101_pickplace"  # the first stage's output
+    for cfg, stage in ((stage1, pruned.stages[0]), (log, pruned.stages[1])):
+        want = {**pruned.train, **stage}
+        assert all(cfg[k] == v for k, v in want.items() if k != "init"), {k: cfg[k] for k in want}
     assert tlog["episodes"] == 3200
     assert sorted(Path(p).name for p in log["data"].split(",")) == sorted(ds.name for ds in pruned.demos)
     policy = load_policy(d)
     assert tuple(policy.arch.cameras) == ("scene", "wrist")
+
+
+def test_stage_plan_chains_the_stages():
+    from effvla_ros.train.recipes import DemoSet, Recipe, stage_plan
+
+    base = {"lr": 5e-4, "steps": 100, "init": None, "prune_train": 0.0}
+    single = Recipe(name="one", demos=(DemoSet(0, 2),), train={"steps": 50})
+    assert stage_plan(single, base, {}, "/o") == [({"lr": 5e-4, "steps": 50, "init": None, "prune_train": 0.0}, "/o")]
+    assert stage_plan(None, base, {"steps": 7}, "/o") == [({**base, "steps": 7}, "/o")]
+    staged = Recipe(name="two", demos=(DemoSet(0, 2),), train={"init": "/ckpt", "prune_train": 0.75},
+                    stages=({"lr": 2e-4}, {"lr": 1e-4}))
+    plan = stage_plan(staged, base, {"steps": 9}, "/o")
+    assert [out for _, out in plan] == ["/o_stage1", "/o"]
+    assert plan[0][0] == {"lr": 2e-4, "steps": 9, "init": "/ckpt", "prune_train": 0.75}
+    assert plan[1][0] == {"lr": 1e-4, "steps": 9, "init": "/o_stage1", "prune_train": 0.75}  # from stage 1
+    # the command line overrides every stage's value; an explicit init starts the first stage only
+    plan = stage_plan(staged, base, {"lr": 3e-4, "init": "/mine"}, "/o")
+    assert [v["lr"] for v, _ in plan] == [3e-4, 3e-4] and [v["init"] for v, _ in plan] == ["/mine", "/o_stage1"]

@@ -10,7 +10,8 @@ incl. ``vlm/``) to ``--out`` every ``--save-every`` steps and at the end, plus `
 ``--recipe NAME`` (:mod:`effvla_ros.train.recipes`) takes the demonstrations and settings of a named
 recipe: ``effvla train --recipe so101 --out DIR`` generates the recipe's demos into ``--demos-root``
 (when not already there) and trains the bundled ``so101_pickplace`` checkpoint; options given
-explicitly override the recipe's values.
+explicitly override the recipe's values. A recipe in stages (``so101_pruned``) runs one training per stage,
+each starting from the one before (``recipes.stage_plan``).
 """
 from __future__ import annotations
 
@@ -110,16 +111,14 @@ _FIELDS = ("steps", "batch", "lr", "weight_decay", "warmup", "image_size", "seed
 
 
 def run(args: argparse.Namespace) -> int:
-    from effvla_ros.train.recipes import RECIPES, ensure_demos
+    from effvla_ros.train.recipes import RECIPES, ensure_demos, stage_plan
     from effvla_ros.train.trainer import TrainConfig, train
 
     recipe = RECIPES[args.recipe] if args.recipe else None
     defaults = TrainConfig(data="", out="")
-    values = {f: getattr(defaults, f) for f in _FIELDS}
-    if recipe is not None:
-        values.update(recipe.train)
-    values.update({f: getattr(args, f) for f in _FIELDS if getattr(args, f) is not None})
-    if values["steps"] < 1 or values["batch"] < 1:
+    explicit = {f: getattr(args, f) for f in _FIELDS if getattr(args, f) is not None}
+    plan = stage_plan(recipe, {f: getattr(defaults, f) for f in _FIELDS}, explicit, args.out)
+    if any(v["steps"] < 1 or v["batch"] < 1 for v, _ in plan):
         print("effvla train: --steps and --batch must be positive", file=sys.stderr)
         return 2
     data = args.data
@@ -128,7 +127,6 @@ def run(args: argparse.Namespace) -> int:
             print("effvla train: --data (or --recipe) is required", file=sys.stderr)
             return 2
         data = ensure_demos(recipe, args.demos_root, workers=args.gen_workers, progress=not args.no_progress)
-    values["warmup"] = max(1, min(values["warmup"], values["steps"] // 10))
     arch = dict(recipe.arch) if recipe is not None else {}
     if args.patch_size is not None:
         arch["patch_size"] = args.patch_size
@@ -140,11 +138,14 @@ def run(args: argparse.Namespace) -> int:
         arch["n_action_steps"] = args.n_action_steps
     if args.relative_actions:
         arch["relative_action_dims"] = (0, 1, 2, 3, 4)
-    values["arch_changes"] = arch
-    cfg = TrainConfig(data=",".join(str(d) for d in data), out=str(args.out), **values)
-    try:
-        train(cfg, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"effvla train: {e}", file=sys.stderr)
-        return 2
+    for k, (values, out) in enumerate(plan):
+        values["warmup"] = max(1, min(values["warmup"], values["steps"] // 10))
+        if len(plan) > 1:
+            print(f"effvla train: stage {k + 1} of {len(plan)} (init {values['init']}) -> {out}")
+        cfg = TrainConfig(data=",".join(str(d) for d in data), out=str(out), arch_changes=dict(arch), **values)
+        try:
+            train(cfg, progress=not args.no_progress)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"effvla train: {e}", file=sys.stderr)
+            return 2
     return 0

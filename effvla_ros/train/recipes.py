@@ -4,6 +4,9 @@
 checkpoint in one command: the recipe's demonstration sets are generated (scripted expert, deterministic
 per seed) into ``--demos-root`` unless a complete set is already there, then training runs with the
 recipe's settings (any option given explicitly on the command line overrides the recipe's value).
+``effvla train --recipe so101_pruned --out DIR`` fine-tunes the bundled ``so101_pickplace`` (its ``init``), in two
+stages (``Recipe.stages``, the first written to ``DIR_stage1``), into ``effvla_ros/assets/so101_pickplace_pruned``;
+after retraining ``so101``, pass its output as ``--init``.
 """
 from __future__ import annotations
 
@@ -41,6 +44,28 @@ class Recipe:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
     arch: dict[str, Any] = field(default_factory=dict)  # small_arch changes (TrainConfig.arch_changes)
     description: str = ""
+    # Training continued in stages: each stage's TrainConfig fields over ``train``; every stage after the first
+    # starts from the one before (its ``init``). Empty: one run with ``train``.
+    stages: tuple[dict[str, Any], ...] = ()
+
+
+def stage_plan(recipe: Recipe | None, base: dict[str, Any], explicit: dict[str, Any],
+               out: str | Path) -> list[tuple[dict[str, Any], str]]:
+    """The training runs of a recipe: (TrainConfig fields, output directory) per stage, in order.
+
+    Precedence per stage: ``explicit`` (the command line) > the stage's fields > ``recipe.train`` > ``base``
+    (the defaults). Stages before the last write to ``<out>_stage<k>``, the last to ``out``; a stage after the
+    first starts from the previous stage's output (an explicit ``init`` applies to the first stage only).
+    """
+    train = dict(recipe.train) if recipe is not None else {}
+    stages = (recipe.stages if recipe is not None else ()) or ({},)
+    plan: list[tuple[dict[str, Any], str]] = []
+    for k, stage in enumerate(stages):
+        values = {**base, **train, **stage, **explicit}
+        if k > 0:
+            values["init"] = plan[-1][1]
+        plan.append((values, str(out) if k == len(stages) - 1 else f"{out}_stage{k + 1}"))
+    return plan
 
 
 RECIPES: dict[str, Recipe] = {
@@ -56,14 +81,21 @@ RECIPES: dict[str, Recipe] = {
                     "1200 re-grasp), small SmolVLA from scratch with the training-only grounding loss",
     ),
 }
-# effvla_ros/assets/so101_pickplace_pruned: the same recipe trained for task-relevance pruning (half of the samples
-# on the runtime-pruned prefix, the pruning's scores aligned with the instructed cube and place in the scene camera
-# and, through forward kinematics of the recorded joint positions, in the wrist camera).
+# The bundled checkpoints (``effvla_ros/assets/<name>``); a recipe that fine-tunes one starts from it (``init``).
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+# effvla_ros/assets/so101_pickplace_pruned: the bundled so101 checkpoint fine-tuned for task-relevance pruning on
+# the same demos (three quarters of the samples on the runtime-pruned prefix, the pruning's scores aligned with
+# the instructed cube and place in the scene camera and, through forward kinematics of the recorded joint
+# positions, in the wrist camera): two stages of 6000 steps, the second at half the learning rate.
 RECIPES["so101_pruned"] = Recipe(
     name="so101_pruned", demos=RECIPES["so101"].demos,
-    train={**RECIPES["so101"].train, "prune_train": 0.5, "prune_align": 0.2, "prune_align_wrist": 0.2},
-    description="effvla_ros/assets/so101_pickplace_pruned: the so101 recipe with --prune-train 0.5 --prune-align 0.2 "
-                "--prune-align-wrist 0.2",
+    train={**RECIPES["so101"].train, "init": str(ASSETS / "so101_pickplace"), "steps": 6000, "warmup": 100,
+           "prune_train": 0.75, "prune_align": 0.2, "prune_align_wrist": 0.2},
+    stages=({"lr": 2e-4}, {"lr": 1e-4}),
+    description="effvla_ros/assets/so101_pickplace_pruned: effvla_ros/assets/so101_pickplace fine-tuned on the so101 "
+                "demos with --prune-train 0.75 --prune-align 0.2 --prune-align-wrist 0.2, 6000 steps at lr 2e-4 "
+                "then 6000 at 1e-4",
 )
 
 
