@@ -204,8 +204,9 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
     see only the visual tokens the runtime pruning keeps (:mod:`effvla_ros.train.prune_aware`); the visual
     head still reads every scene token. ``wrist_camera``: the camera whose tokens feed ``heads.wrist``
     (``aux_wrist``: its MSE on the jaw-relative targets). ``relevance``: camera -> (B, K) token indices of that
-    camera (:mod:`effvla_ros.train.relevance`, -1: none): per camera, stats gets ``relevance_loss`` (the scene
-    camera; ``relevance_loss_<camera>`` for the others), the relevance alignment loss *with* its gradient (the
+    camera (:mod:`effvla_ros.train.relevance`, -1: none): per camera, stats gets ``relevance_loss`` (named by
+    :func:`~effvla_ros.train.relevance.stat_name`: ``relevance_loss_<camera>`` but for the scene camera), the
+    relevance alignment loss *with* its gradient (the
     caller weights it and adds it), and ``relevance_kept`` (``relevance_kept_<camera>``), the fraction of
     those tokens that the pruning keeps in the pruned samples.
     """
@@ -242,14 +243,13 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
     rel_stats: dict[str, torch.Tensor] = {}
     if relevance is not None and emb is not None:
         from effvla_ros.core.smolvla.policy import VisualTokens
-        from effvla_ros.train.relevance import kept_fraction, relevance_loss
+        from effvla_ros.train.relevance import kept_fraction, relevance_loss, stat_name
 
         for cam, rel in relevance.items():
-            key = "" if cam == "scene" else f"_{cam}"
-            rel_stats[f"relevance_loss{key}"] = relevance_loss(enc.tokens[cam], emb, lmask.bool(), rel)
+            rel_stats[stat_name("relevance_loss", cam)] = relevance_loss(enc.tokens[cam], emb, lmask.bool(), rel)
             if prune is not None and isinstance(visual[cam], VisualTokens) and visual[cam].mask is not None:
                 applied = prune[1].to(rel.device)
-                rel_stats[f"relevance_kept{key}"] = kept_fraction(visual[cam].mask[applied], rel[applied])
+                rel_stats[stat_name("relevance_kept", cam)] = kept_fraction(visual[cam].mask[applied], rel[applied])
 
     if heads is None or targets is None or mask is None:
         return flow, torch.zeros((), dtype=flow.dtype, device=flow.device), rel_stats

@@ -116,6 +116,12 @@ class RelevanceTargets:
         return torch.from_numpy(np.stack([self.targets[ei][t] for ei, t in index_pairs]))
 
 
+def stat_name(stat: str, camera: str) -> str:
+    """The training-log name of a relevance statistic (``relevance_loss``, ``relevance_kept``) of ``camera``:
+    unsuffixed for the scene camera (the logs before the wrist alignment), ``<stat>_<camera>`` otherwise."""
+    return stat if camera == "scene" else f"{stat}_{camera}"
+
+
 def relevance_loss(visual: torch.Tensor, task: torch.Tensor, task_mask: torch.Tensor,
                    targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the selection scores of one camera's tokens toward the target tokens.

@@ -248,11 +248,10 @@ def _relevance_targets(policy: SmolVLAPolicy, dataset: ChunkDataset, image_size:
         raise ValueError(f"{flag}: the images must reach the vision tower unresized")
     side = arch.patches_per_side // arch.scale_factor
     env = TwoCubePickPlaceEnv(SimConfig(image_size=16, cameras=["scene"]))  # poses and kinematics only
-    try:
-        model = CameraModel.from_env(env, camera)
-        moving = camera != "scene"
-        out = RelevanceTargets(dataset.episodes, (lambda ep: CameraModel.along(env, ep.state, camera)) if moving
-                               else model, image_size, (side, side))
+    try:  # the fixed scene camera, or the wrist camera at each episode's recorded joint positions
+        cam = CameraModel.from_env(env, camera) if camera == "scene" else (
+            lambda ep: CameraModel.along(env, ep.state, camera))
+        out = RelevanceTargets(dataset.episodes, cam, image_size, (side, side))
     finally:
         env.close()
     if out.num_with_targets == 0:
@@ -378,6 +377,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         prune_cfg = PruningConfig(keep_ratio=cfg.prune_keep_ratio)
         log(f"train: {cfg.prune_train:.0%} of the samples see the pruned prefix (task relevance, keep ratio "
             f"{cfg.prune_keep_ratio})")
+    from effvla_ros.train.relevance import stat_name
+
     rel_targets: dict[str, Any] = {}
     align = {"scene": cfg.prune_align, "wrist": cfg.prune_align_wrist}
     for cam, weight in align.items():
@@ -452,7 +453,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
                                                                relevance=relevance)
                 loss = flow + cfg.aux_weight * aux
                 for cam in rel_targets:
-                    key = "relevance_loss" if cam == "scene" else f"relevance_loss_{cam}"
+                    key = stat_name("relevance_loss", cam)
                     rel = aux_stats.pop(key)
                     loss = loss + align[cam] * rel
                     aux_stats[key] = rel.detach()
