@@ -48,7 +48,7 @@ def episode_observations(n: int, size: int, cameras: list[str], seed: int = 5) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=32)
-    ap.add_argument("--checkpoint", default=None, help="default: effvla_ros/assets/so101_pickplace")
+    ap.add_argument("--checkpoint", default=None, help="default: the bundled default, effvla_ros/assets/so101_pickplace_pruned")
     ap.add_argument("--real-size", action="store_true", help="part 1 on the real SmolVLA-450M shapes (random weights)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ratio", type=float, default=0.7, help="VLM exit calibration: p_k ~ ratio^k (DeeR)")

@@ -47,12 +47,21 @@ def test_graph_description_wiring() -> None:
     assert max(sim_ex.velocity_limits) > max(real_ex.velocity_limits)
     assert node_params(list(sim.params_files), "sim_bridge")["image_size"] == 64
     assert "image_size" not in node_params(list(g.params_files), "sim_bridge")
-    # the pruned checkpoint's file turns the default pruning back on over sim.yaml's "none"
-    pruned = describe_graph("x86_cpu", sim=True, checkpoint="/ckpt", params_file=REPO / "config" / "sim_pruned.yaml")
-    assert [f.name for f in pruned.params_files][-2:] == ["sim.yaml", "sim_pruned.yaml"]
-    assert node_params(list(sim.params_files), "token_compressor")["pruning.method"] == "none"
-    comp = node_params(list(pruned.params_files), "token_compressor")
+    # the simulated robot keeps base.yaml's default compression (the bundled checkpoint was trained for it);
+    # the unpruned checkpoint's file turns pruning off over it and keeps temporal reuse
+    comp = node_params(list(sim.params_files), "token_compressor")
     assert comp["pruning.method"] == "task" and comp["pruning.keep_ratio"] == 0.5 and comp["reuse.enabled"] is True
+    unpruned = describe_graph("x86_cpu", sim=True, checkpoint="/ckpt",
+                              params_file=REPO / "config" / "sim_unpruned.yaml")
+    assert [f.name for f in unpruned.params_files][-2:] == ["sim.yaml", "sim_unpruned.yaml"]
+    comp = node_params(list(unpruned.params_files), "token_compressor")
+    assert comp["pruning.method"] == "none" and comp["reuse.enabled"] is True
+    # without --checkpoint: the bundled checkpoint trained for that compression
+    from effvla_ros.graph import default_checkpoint
+
+    bundled = default_checkpoint()
+    assert bundled is not None and Path(bundled).name == "so101_pickplace_pruned"
+    assert describe_graph("x86_cpu", sim=True).overrides["checkpoint"] == bundled
     with pytest.raises(ValueError, match="target"):
         describe_graph("raspberry_pi")
     with pytest.raises(ValueError, match="cameras"):

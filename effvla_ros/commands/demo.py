@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     graph = graph_from_args(args)
     if "checkpoint" not in graph.overrides:
         raise ValueError("checkpoint: no --checkpoint given and the bundled checkpoint "
-                         "effvla_ros/assets/so101_pickplace is missing")
+                         "effvla_ros/assets/so101_pickplace_pruned is missing")
     print(f"effvla demo: {args.episodes} episodes, target {args.target}, checkpoint {graph.overrides['checkpoint']}")
     print("  graph: " + " -> ".join(n.name for n in graph.nodes) + " (one process, real DDS on loopback)")
     t_start = time.perf_counter()

@@ -11,7 +11,9 @@ are dropped: latest wins). The state of an observation is the newest JointState 
 its images (within ``state_stamp_tolerance_s``), as in the training data and in ``effvla replay``: the
 newest JointState at inference time is ahead of the images by the encoder's latency. A new chunk is started when ``execution_horizon`` actions of the current
 one will have elapsed by the time it arrives (measured latency), or back to back when inference is
-slower. Real-time chunking guides every chunk toward the still-unexecuted part of the one the
+slower; with ``align_to_observations`` already on the arrival of the last observation before that time
+(``core/schedule.py``), so that the chunk is computed from a fresh observation, not one up to a camera period
+old. Real-time chunking guides every chunk toward the still-unexecuted part of the one the
 executor is running, with the delay d measured from latency (a high percentile, in control steps)
 and the actions the executor reports as committed.
 """
@@ -37,6 +39,7 @@ from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuseConfig
 from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.core.rtc import DelayEstimator, GuidanceTarget, IssuedChunk, RTCConfig, guidance_toward
 from effvla_ros.core.runner import CameraTokens, InferenceConfig, PolicyRunner, compressed_to_camera_tokens
+from effvla_ros.core.schedule import ChunkScheduler
 from effvla_ros.core.smolvla.config import ATTENTION_IMPLS, DTYPES, RuntimeConfig
 from effvla_ros.core.target_check import TARGETS, check_checkpoint, enforce
 from effvla_ros.msg import ActionChunk, ExecutionFeedback, VisualTokens
@@ -87,6 +90,10 @@ class PolicyNodeConfig(ConfigBase):
                        description="control rate the policy was trained at: action i targets stamp + i/fps")
     execution_horizon: int = param(25, min=1, max=1000,
                                    description="actions of a chunk executed before the next chunk should take over")
+    align_to_observations: bool = param(
+        True, description="start the next chunk on an observation's arrival when the next observation would come "
+                          "after the chunk is due, instead of at the due time on an observation up to one camera "
+                          "period old (core/schedule.py)")
     stamp_tolerance_s: float = param(0.05, min=0.0, max=5.0, description="max stamp spread across cameras")
     state_stamp_tolerance_s: float = param(
         0.05, min=0.0, max=5.0,
@@ -185,6 +192,7 @@ class PolicyNode(Node):
         self._reset_pending = False
         self._last_obs_stamp: float | None = None
         self._chunks: deque[IssuedChunk] = deque(maxlen=8)
+        self._schedule = ChunkScheduler()
         self._chunk_id = 0
         self._lat_hist: deque[float] = deque(maxlen=100)
         self._last: dict[str, Any] = {}
@@ -278,6 +286,7 @@ class PolicyNode(Node):
             self._images.clear()
         if reset:
             self._chunks.clear()
+            self._schedule.reset()
             self._image_tokens.clear()
             self.runner.prefix_reuse.reset()
             if self.compressor is not None:
@@ -300,9 +309,10 @@ class PolicyNode(Node):
         if obs is None:
             return
         obs_stamp, cams = obs
+        now = self._now()
+        self._schedule.observe(obs_stamp, now)
         if self._last_obs_stamp is not None and obs_stamp <= self._last_obs_stamp:
             return  # nothing new
-        now = self._now()
         if now - obs_stamp > cfg.max_observation_age_s:
             self.counts["dropped_stale"] += 1
             self.get_logger().warning(f"observation is {now - obs_stamp:.2f} s old (> max_observation_age_s "
@@ -310,11 +320,10 @@ class PolicyNode(Node):
             self._last_obs_stamp = obs_stamp
             return
         dt = 1.0 / cfg.fps
-        if self._chunks:
-            lat = self.delay.latency() or 0.0
-            due = self._chunks[-1].stamp + cfg.execution_horizon * dt - lat
-            if now < due:
-                return  # the current chunk still covers the horizon
+        if not self._schedule.should_start(now, self._chunks[-1].stamp if self._chunks else None,
+                                           cfg.execution_horizon * dt, self.delay.latency() or 0.0,
+                                           align=cfg.align_to_observations):
+            return  # the current chunk still covers the horizon
         synced = self._state_at(obs_stamp, states)
         if synced is None:
             return

@@ -5,7 +5,8 @@ checkpoint in one command: the recipe's demonstration sets are generated (script
 per seed) into ``--demos-root`` unless a complete set is already there, then training runs with the
 recipe's settings (any option given explicitly on the command line overrides the recipe's value).
 ``effvla train --recipe so101_pruned --out DIR`` fine-tunes the bundled ``so101_pickplace`` (its ``init``), in two
-stages (``Recipe.stages``, the first written to ``DIR_stage1``), into ``effvla_ros/assets/so101_pickplace_pruned``;
+stages (``Recipe.stages``, the first written to ``DIR_stage1``), into ``effvla_ros/assets/so101_pickplace_pruned``
+(the bundled default checkpoint);
 after retraining ``so101``, pass its output as ``--init``.
 """
 from __future__ import annotations
