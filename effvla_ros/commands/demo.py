@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from effvla_ros.commands.run import add_graph_arguments, graph_from_args
+from effvla_ros.graph import DEFAULT_CHECKPOINT
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     graph = graph_from_args(args)
     if "checkpoint" not in graph.overrides:
         raise ValueError("checkpoint: no --checkpoint given and the bundled checkpoint "
-                         "effvla_ros/assets/so101_pickplace_pruned is missing")
+                         f"effvla_ros/assets/{DEFAULT_CHECKPOINT} is missing")
     print(f"effvla demo: {args.episodes} episodes, target {args.target}, checkpoint {graph.overrides['checkpoint']}")
     print("  graph: " + " -> ".join(n.name for n in graph.nodes) + " (one process, real DDS on loopback)")
     t_start = time.perf_counter()
