@@ -94,8 +94,8 @@ def test_threshold_decides_on_change_since_last_computation() -> None:
     fake.run_steps(reuse, 7, inputs)
     # step 1: 0.1 < 0.15 reuse; step 2: 0.21 vs step 0 -> compute; step 3 reuse; 4 compute; 5 reuse; 6 compute
     assert [s for s, _ in fake.calls] == [0, 2, 4, 6]
-    assert reuse.changes[(1, 0)] == pytest.approx(0.1, rel=1e-5)
-    assert relative_change(torch.full((3,), 1.1), torch.ones(3)) == pytest.approx(0.1, rel=1e-5)
+    assert float(reuse.changes[(1, 0)]) == pytest.approx(0.1, rel=1e-5)
+    assert float(relative_change(torch.full((3,), 1.1), torch.ones(3))) == pytest.approx(0.1, rel=1e-5)
 
 
 def test_linear_prediction_is_exact_for_linear_updates() -> None:

@@ -27,7 +27,8 @@ from effvla_ros.core.early_exit import (
     relative_change,
     token_similarity,
 )
-from effvla_ros.core.smolvla.policy import ExpertLayerContext, PrefillLayerInfo, SmolVLAPolicy
+from effvla_ros.core.smolvla.policy import SmolVLAPolicy
+from effvla_ros.core.stages import ExpertLayerContext, PrefillLayerInfo
 
 Observation = tuple[Mapping[str, torch.Tensor], torch.Tensor, str]  # images (3,H,W) [0,1], state, instruction
 
@@ -60,7 +61,7 @@ def collect(policy: SmolVLAPolicy, observations: Iterable[Observation], exit_lay
         if prev is not None and instruction == prev_instr and prev_mask is not None \
                 and prev_mask.shape == cache.pad_mask.shape:
             valid = cache.pad_mask & prev_mask
-            rows.append([token_similarity(hidden[k], prev[k], valid) for k in exit_layers])
+            rows.append([float(token_similarity(hidden[k], prev[k], valid)) for k in exit_layers])
         prev, prev_instr, prev_mask = hidden, instruction, cache.pad_mask
         if expert_steps > 0:
             inputs: dict[int, list[torch.Tensor]] = {i: [] for i in expert_layers}
@@ -76,7 +77,7 @@ def collect(policy: SmolVLAPolicy, observations: Iterable[Observation], exit_lay
                 m = torch.zeros(expert_steps, expert_steps, dtype=torch.float64)
                 for a in range(expert_steps):
                     for b in range(a + 1, expert_steps):
-                        m[a, b] = relative_change(hs[b], hs[a])
+                        m[a, b] = float(relative_change(hs[b], hs[a]))
                 changes[i].append(m)
     if exit_layers and not rows:
         raise ValueError("calibration data: need at least two consecutive observations with the same instruction")

@@ -36,13 +36,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from effvla_ros.core.params import ConfigBase, param
-from effvla_ros.core.smolvla.policy import ExpertLayerContext, PrefillLayerInfo, PrefillStop, PrefixCache
+from effvla_ros.core.stages import ExpertLayerContext, ExpertPlan, PrefixCache
+
+if TYPE_CHECKING:
+    from effvla_ros.core.backends.base import StageBackend
 
 
 @dataclass
@@ -118,10 +121,13 @@ class ExpertReuseConfig(ConfigBase):
         return thr
 
 
-def token_similarity(a: Tensor, b: Tensor, valid: Tensor) -> float:
-    """Mean cosine similarity of matching tokens. a, b: (B, P, D); valid: (B, P) bool."""
+def token_similarity(a: Tensor, b: Tensor, valid: Tensor) -> Tensor:
+    """Mean cosine similarity of matching tokens, a 0-d fp32 tensor on the tokens' device (no host sync;
+    1.0 when no token is valid). a, b: (B, P, D); valid: (B, P) bool."""
     cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)  # (B, P)
-    return float(cos[valid].mean()) if bool(valid.any()) else 1.0
+    w = valid.to(cos.dtype)
+    n = w.sum()
+    return torch.where(n > 0, (cos * w).sum() / n.clamp(min=1.0), torch.ones_like(n))
 
 
 def _layout_key(cache: PrefixCache, lang: Tensor) -> tuple[Any, ...]:
@@ -131,7 +137,12 @@ def _layout_key(cache: PrefixCache, lang: Tensor) -> tuple[Any, ...]:
 
 
 class PrefixReuse:
-    """State of VLM early exit: the last fully computed prefix and its hidden states at exit layers."""
+    """State of VLM early exit: the last fully computed prefix and its hidden states at exit layers.
+
+    :meth:`prefill` runs a backend's prefill in segments that end at the exit layers; at each boundary the
+    similarity is computed on the device and compared with the threshold, the one host synchronization per
+    exit point (never inside a segment, so a compiled or graph-captured segment runs uninterrupted).
+    """
 
     def __init__(self, cfg: EarlyExitConfig, num_layers: int) -> None:
         self.num_layers = num_layers
@@ -140,7 +151,7 @@ class PrefixReuse:
         self._hidden: dict[int, Tensor] = {}
         self._layout: tuple[Any, ...] | None = None
         self.consecutive = 0
-        self.last_similarities: dict[int, float] = {}
+        self.last_similarities: dict[int, Tensor] = {}
 
     def configure(self, cfg: EarlyExitConfig) -> None:
         self.cfg = cfg
@@ -150,36 +161,37 @@ class PrefixReuse:
     def reset(self) -> None:
         self.full, self._hidden, self._layout, self.consecutive = None, {}, None, 0
 
-    def callback(self, lang_tokens: Tensor, record_only: bool = False):  # type: ignore[no-untyped-def]
-        """A ``layer_callback`` for :meth:`SmolVLAPolicy.prefill` for one observation."""
+    def segments(self, exit_points: tuple[int, ...] | None = None) -> list[tuple[int, int]]:
+        """Layer segments [start, stop) of one prefill: they end after every exit layer (those in
+        ``exit_points``, the backend's, when given) while early exit is enabled; one segment otherwise."""
+        cuts = sorted(k + 1 for k in self._thr if exit_points is None or k in exit_points) if self.cfg.enabled else []
+        bounds = [0, *cuts, self.num_layers]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def prefill(self, backend: StageBackend, cache: PrefixCache, lang_tokens: Tensor) -> None:
+        """Fill ``cache`` (from :meth:`StageBackend.begin_prefill`) segment by segment; exit early (the later
+        layers' K/V from the last full prefix) when the hidden states at an exit layer are similar enough to that
+        prefix's. A full computation becomes the new reference."""
         self.last_similarities = {}
+        layout = _layout_key(cache, lang_tokens)
+        can_exit = (self.cfg.enabled and self.full is not None and layout == self._layout
+                    and self.consecutive < self.cfg.max_consecutive_reuses)
         hidden: dict[int, Tensor] = {}
-        state: dict[str, Any] = {"layout": None}
-
-        def cb(info: PrefillLayerInfo) -> PrefillStop | None:
-            k = info.layer_idx
-            if state["layout"] is None:
-                state["layout"] = _layout_key(info.cache, lang_tokens)
-            if k in self._thr or record_only:
-                hidden[k] = info.hidden_out.detach()
-            can_exit = (self.cfg.enabled and not record_only and self.full is not None and k in self._thr
-                        and k in self._hidden and state["layout"] == self._layout
-                        and self.consecutive < self.cfg.max_consecutive_reuses)
-            if can_exit:
-                sim = token_similarity(info.hidden_out, self._hidden[k], info.cache.pad_mask)
+        for start, stop in self.segments(backend.caps.exit_layers):
+            backend.prefill(cache, start, stop)
+            k = stop - 1
+            if stop == self.num_layers or k not in self._thr or cache.hidden is None:
+                continue
+            hidden[k] = cache.hidden.detach()
+            if can_exit and k in self._hidden:
+                sim = token_similarity(cache.hidden, self._hidden[k], cache.pad_mask)
                 self.last_similarities[k] = sim
-                if sim >= self._thr[k]:
-                    self.consecutive += 1
+                if bool(sim >= self._thr[k]):  # the decision: one host sync per exit point
                     assert self.full is not None
-                    return PrefillStop(reuse=self.full)
-            if k == self.num_layers - 1:  # full computation: becomes the reference
-                self.full = info.cache
-                self._hidden = hidden
-                self._layout = state["layout"]
-                self.consecutive = 0
-            return None
-
-        return cb
+                    self.consecutive += 1
+                    cache.reuse_from(self.full, k)
+                    return
+        self.full, self._hidden, self._layout, self.consecutive = cache, hidden, layout, 0
 
 
 @dataclass
@@ -192,16 +204,18 @@ class _LayerCache:
     consecutive: int = 0  # reuses since the last computation
 
 
-def relative_change(h: Tensor, ref: Tensor) -> float:
-    """||h - ref|| / ||ref|| over the whole tensor (the expert reuse criterion)."""
-    return float((h - ref).float().norm() / (ref.float().norm() + 1e-12))
+def relative_change(h: Tensor, ref: Tensor) -> Tensor:
+    """||h - ref|| / ||ref|| over the whole tensor (the expert reuse criterion), a 0-d fp32 tensor on the device."""
+    return (h - ref).float().norm() / (ref.float().norm() + 1e-12)
 
 
-class ExpertReuse:
-    """Per-denoise state of expert feature reuse; ``hook`` is an ``expert_layer_hook``.
+class ExpertReuse(ExpertPlan):
+    """Per-denoise state of expert feature reuse: the :class:`ExpertPlan` of every denoising step.
 
     ``layers``: the VLM layer indices that have an expert layer (``policy.expert_layer_indices()``), in
-    order; thresholds are given per position in that list.
+    order; thresholds are given per position in that list. Which layers a step may reuse (``full_steps``,
+    ``final_steps``, ``max_consecutive``) is known before the step; whether it does is the threshold test on
+    the layer's input, computed on the device and read once per eligible layer (a host sync on a GPU).
     """
 
     def __init__(self, cfg: ExpertReuseConfig, layers: list[int] | None = None) -> None:
@@ -223,22 +237,31 @@ class ExpertReuse:
         self.computed = 0
         self.reused = 0
         self.steps_with_reuse: set[int] = set()
-        self.changes: dict[tuple[int, int], float] = {}  # (step, layer) -> relative input change tested
+        self.changes: dict[tuple[int, int], Tensor] = {}  # (step, layer) -> relative input change tested
+
+    def plan(self, step: int) -> ExpertPlan | None:
+        """The plan of denoising step ``step``: this object while reuse is enabled, None (compute all) otherwise."""
+        return self if self.cfg.enabled else None
 
     def predict(self, c: _LayerCache, step: int) -> Tensor:
         if self.cfg.extrapolate and c.prev_delta is not None and c.prev_step is not None and c.step != c.prev_step:
             return c.delta + (c.delta - c.prev_delta) * ((step - c.step) / (c.step - c.prev_step))
         return c.delta
 
-    def hook(self, ctx: ExpertLayerContext) -> Tensor:
+    def eligible(self, layer_idx: int, step: int) -> bool:
+        """Whether the rule allows reusing ``layer_idx`` at ``step`` (before its threshold test)."""
+        c = self._cache.get(layer_idx)
+        return (self.cfg.enabled and c is not None and step >= self.cfg.full_steps
+                and (self.num_steps <= 0 or step < self.num_steps - self.cfg.final_steps)
+                and c.consecutive < self.cfg.max_consecutive)
+
+    def layer(self, ctx: ExpertLayerContext) -> Tensor:
         i, h, s = ctx.layer_idx, ctx.hidden, ctx.step
         c = self._cache.get(i)
-        if (self.cfg.enabled and c is not None and s >= self.cfg.full_steps
-                and (self.num_steps <= 0 or s < self.num_steps - self.cfg.final_steps)
-                and c.consecutive < self.cfg.max_consecutive):
+        if c is not None and self.eligible(i, s):
             rel = relative_change(h, c.hidden)
             self.changes[(s, i)] = rel
-            if rel < self._thr.get(i, self._default_thr):
+            if bool(rel < self._thr.get(i, self._default_thr)):
                 c.consecutive += 1
                 self.reused += 1
                 self.steps_with_reuse.add(s)
@@ -252,6 +275,8 @@ class ExpertReuse:
             c.hidden, c.step, c.delta, c.consecutive = h.detach(), s, delta, 0
         self.computed += 1
         return out
+
+    hook = layer  # the name of the expert-layer hook this replaced (tests, calibration)
 
 
 # ---------------------------------------------------------------------------------- calibration

@@ -4,6 +4,10 @@ denoising steps, and real-time chunking guidance toward the previous chunk.
 
 This is the ROS-free core of the ``policy`` node and of offline replay/evaluation: the node only
 converts messages into :class:`CameraTokens` / tensors and publishes :class:`InferenceResult`.
+The techniques are written here once, against the stage seam (:mod:`effvla_ros.core.backends`): the
+prefill runs in segments that end at the exit layers (:class:`PrefixReuse`), the denoising is the shared
+Euler integrator (:func:`effvla_ros.core.flow.euler_integrate`) over the backend's ``velocity`` with an
+expert plan per step (:class:`ExpertReuse`) and the RTC guidance as its guide.
 """
 from __future__ import annotations
 
@@ -14,10 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from effvla_ros.core.backends.base import StageBackend, make_backend
 from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuse, ExpertReuseConfig, PrefixReuse
+from effvla_ros.core.flow import Guide, euler_integrate
 from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.core.rtc import GuidanceTarget, RTCConfig, guided_velocity, soft_mask
-from effvla_ros.core.smolvla.policy import SmolVLAPolicy, StepInfo, VisualTokens
+from effvla_ros.core.smolvla.policy import SmolVLAPolicy
+from effvla_ros.core.stages import StageStats, VisualTokens, measure
 
 
 @dataclass
@@ -56,17 +63,27 @@ class InferenceResult:
 
 
 class PolicyRunner:
+    """Policy inferences on one backend (default: the eager reference), with the state the techniques keep
+    between them (the last full prefix for early exit; the instruction's tokens). Settings change live with
+    :meth:`configure`; a setting the backend cannot apply is refused there (``CapabilityError`` naming it)."""
+
     def __init__(self, policy: SmolVLAPolicy, *, inference: InferenceConfig | None = None,
                  early_exit: EarlyExitConfig | None = None, expert_reuse: ExpertReuseConfig | None = None,
-                 rtc: RTCConfig | None = None) -> None:
+                 rtc: RTCConfig | None = None, backend: StageBackend | str = "eager") -> None:
         self.policy = policy
+        self.backend = make_backend(backend, policy) if isinstance(backend, str) else backend
         self.inference = inference or InferenceConfig()
         self.rtc = rtc or RTCConfig()
         self.prefix_reuse = PrefixReuse(early_exit or EarlyExitConfig(), policy.arch.num_vlm_layers)
         self.expert_layers = policy.expert_layer_indices()
         self.expert_reuse = ExpertReuse(expert_reuse or ExpertReuseConfig(), self.expert_layers)
+        self._check()
         self.instruction: str | None = None
         self._lang: tuple[Tensor, Tensor] | None = None
+
+    def _check(self) -> None:
+        self.backend.caps.check(early_exit=self.prefix_reuse.cfg.enabled, expert_reuse=self.expert_reuse.cfg.enabled,
+                                vjp=self.rtc.enabled and self.rtc.guidance == "vjp")
 
     # ------------------------------------------------------------------ configuration
     def configure(self, *, inference: InferenceConfig | None = None, early_exit: EarlyExitConfig | None = None,
@@ -80,6 +97,7 @@ class PolicyRunner:
             self.expert_reuse.configure(expert_reuse)
         if rtc is not None:
             self.rtc = rtc
+        self._check()
 
     def set_instruction(self, text: str) -> None:
         if text != self.instruction:
@@ -123,49 +141,57 @@ class PolicyRunner:
             raise ValueError(f"state has {state.shape[-1]} values, the checkpoint expects {pol.arch.state_dim}")
         if not torch.isfinite(state).all():
             raise ValueError("state contains NaN/Inf")
-        pol._flops_enabled = self.inference.count_flops  # per-stage counting in the policy core
+        be, count = self.backend, self.inference.count_flops
         t0 = time.perf_counter()
         visual = self.visual_inputs(cameras)
         lang, lmask = self._lang
-        st = pol.prepare_state(state.reshape(1, -1))
-        cb = self.prefix_reuse.callback(lang)
-        cache = pol.prefill(visual, lang, lmask, st, layer_callback=cb)
+        stats: list[StageStats] = []
+        with measure(pol.device, stats, count):                                    # stage 2: prefill
+            cache = be.begin_prefill(visual, lang, lmask, pol.prepare_state(state.reshape(1, -1)))
+            self.prefix_reuse.prefill(be, cache, lang)
         exit_layer = (cache.exit_layer + 1) if cache.exit_layer is not None else pol.arch.num_vlm_layers
 
-        self.expert_reuse.reset(self.inference.num_steps)
-        step_cb = None
+        n_steps = self.inference.num_steps
+        self.expert_reuse.reset(n_steps)
+        guide: Guide | None = None
         delay = 0
         if guidance is not None and self.rtc.enabled and guidance.valid > 0:
-            h = pol.arch.chunk_size
             delay = min(guidance.delay, guidance.valid)
-            mask = soft_mask(h, delay, guidance.valid, self.rtc.schedule).to(pol.device)
+            mask = soft_mask(pol.arch.chunk_size, delay, guidance.valid, self.rtc.schedule).to(pol.device)
             target = self._rebase(guidance, state)
             rtc = self.rtc
 
-            def step_cb(info: StepInfo) -> Tensor:
-                def vfn(x: Tensor, t: float) -> Tensor:
-                    return info.velocity_fn(x, torch.full((x.shape[0],), float(t), device=x.device))
-                return guided_velocity(info.x_t, info.t, vfn, target, mask, rtc, v_t=info.v_t)
+            def guide(step: int, t: float, x: Tensor, v: Tensor) -> Tensor:
+                def vfn(x_in: Tensor, t_in: float) -> Tensor:
+                    return be.velocity(cache, x_in, torch.full((x_in.shape[0],), float(t_in), device=x_in.device))
+                return guided_velocity(x, t, vfn, target, mask, rtc, v_t=v)
 
-        den = pol.denoise(cache, noise, self.inference.num_steps, step_callback=step_cb,
-                          expert_layer_hook=self.expert_reuse.hook if self.expert_reuse.cfg.enabled else None,
-                          generator=generator)
-        actions = pol.to_absolute(den.actions, state.reshape(1, -1))[0]
+        def velocity(x: Tensor, t: Tensor, step: int) -> Tensor:
+            return be.velocity(cache, x, t, step=step, plan=self.expert_reuse.plan(step))
+
+        if noise is None:
+            noise = pol.draw_noise(1, generator)
+        with measure(pol.device, stats, count):                                    # stage 3: denoise
+            x = euler_integrate(velocity, noise.to(pol.device), n_steps, guide=guide)
+        den_actions, _ = pol.decode_actions(x)
+        prefill_stats, denoise_stats = stats
+        actions = pol.to_absolute(den_actions, state.reshape(1, -1))[0]
         if not torch.isfinite(actions).all():
             raise FloatingPointError("policy produced NaN/Inf actions")
-        assert cache.stats is not None and den.stats is not None
-        times = {"prefill_s": cache.stats.wall_s, "denoise_s": den.stats.wall_s, "total_s": time.perf_counter() - t0}
+        times = {"prefill_s": prefill_stats.wall_s, "denoise_s": denoise_stats.wall_s,
+                 "total_s": time.perf_counter() - t0}
         flops: dict[str, int] = {}
-        if cache.stats.flops is not None and den.stats.flops is not None:
-            flops = {"prefill": cache.stats.flops, "denoise": den.stats.flops}
+        if prefill_stats.flops is not None and denoise_stats.flops is not None:
+            flops = {"prefill": prefill_stats.flops, "denoise": denoise_stats.flops}
         n_layers = len(self.expert_layers)
-        computed = self.expert_reuse.computed if self.expert_reuse.cfg.enabled else n_layers * self.inference.num_steps
+        computed = self.expert_reuse.computed if self.expert_reuse.cfg.enabled else n_layers * n_steps
         return InferenceResult(
-            actions=actions, x_final=den.x_final[0], exit_layer=exit_layer, steps=self.inference.num_steps,
+            actions=actions, x_final=x[0], exit_layer=exit_layer, steps=n_steps,
             reused_expert_layers=self.expert_reuse.reused if self.expert_reuse.cfg.enabled else 0,
             computed_expert_layers=computed, steps_with_reuse=len(self.expert_reuse.steps_with_reuse),
-            rtc_delay=delay, guided=step_cb is not None, times=times, flops=flops,
-            similarities=dict(self.prefix_reuse.last_similarities), state=state.detach().reshape(-1).clone())
+            rtc_delay=delay, guided=guide is not None, times=times, flops=flops,
+            similarities={k: float(v) for k, v in self.prefix_reuse.last_similarities.items()},
+            state=state.detach().reshape(-1).clone())
 
     def _rebase(self, guidance: GuidanceTarget, state: Tensor) -> Tensor:
         """The guidance target in this inference's action space. For relative actions the previous chunk is

@@ -10,8 +10,8 @@ For each new camera frame::
 
 Every call reports kept and reused tokens, the encoder FLOPs actually spent (counted with
 ``torch.utils.flop_counter`` on the operations run) against a full encode, and the wall time.
-With reuse off, the full encode is the policy core's own ``encode_images`` (bit-exact with the
-policy's in-process path); with patch-level reuse on, keyframes run through the Eventful encoder
+With reuse off, the full encode is the stage backend's ``encode`` (for the eager backend the policy
+core's own encoder, bit-exact with the policy's in-process path); with patch-level reuse on, keyframes run through the Eventful encoder
 so that its per-layer cache is filled (equal to the policy's encoder within float rounding).
 """
 from __future__ import annotations
@@ -24,8 +24,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from effvla_ros.core import flops as _flops  # noqa: F401  (counts CPU SDPA attention too)
+from effvla_ros.core.backends.base import StageBackend, make_backend
 from effvla_ros.core.compression.change import ChangeDecision, ChangeDetector
-from effvla_ros.core.compression.eventful import EventfulState, EventfulVisionEncoder, dilate
+from effvla_ros.core.compression.eventful import EventfulState, dilate
 from effvla_ros.core.compression.pruning import PruningConfig, instruction_queries, select_tokens
 from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.core.smolvla.policy import SmolVLAPolicy
@@ -74,23 +75,37 @@ class TokenCompressor:
     """Per-camera encoder with temporal reuse + token pruning, on a :class:`SmolVLAPolicy`'s weights."""
 
     def __init__(self, policy: SmolVLAPolicy, pruning: PruningConfig | None = None,
-                 reuse: ReuseConfig | None = None, *, count_flops: bool = True) -> None:
+                 reuse: ReuseConfig | None = None, *, count_flops: bool = True,
+                 backend: StageBackend | str = "eager") -> None:
         """``count_flops``: count every encode with ``torch.utils.flop_counter`` (exact, slower: its
         dispatch overhead is ~5x a tiny encode). Off, the first full pass per camera is counted and
         later passes are accounted analytically: full passes as that count, partial passes as that
-        count times the fraction of patches recomputed (the per-token share of the layers)."""
+        count times the fraction of patches recomputed (the per-token share of the layers).
+        ``backend``: the stage backend whose ``encode`` runs full passes (patch-level reuse needs
+        ``caps.partial_encode``; refused otherwise, naming ``reuse.patch_level``)."""
         self.policy = policy
+        self.backend = make_backend(backend, policy) if isinstance(backend, str) else backend
         self.count_flops = count_flops
         self.pruning = pruning or PruningConfig()
         self.reuse = reuse or ReuseConfig()
-        self.eventful = EventfulVisionEncoder(policy.weights.vision, policy.weights.connector)
+        self._check(self.reuse)
         self._cams: dict[str, _CameraState] = {}
         self._task: torch.Tensor | None = None
         self.instruction: str | None = None
 
     # ------------------------------------------------------------------ configuration
+    def _check(self, reuse: ReuseConfig) -> None:
+        self.backend.caps.check(patch_reuse=reuse.enabled and reuse.patch_level)
+
+    @property
+    def eventful(self) -> Any:
+        """The backend's patch-reuse encoder (:class:`~effvla_ros.core.compression.eventful.EventfulVisionEncoder`)."""
+        return self.backend.eventful_encoder()
+
     def configure(self, pruning: PruningConfig | None = None, reuse: ReuseConfig | None = None) -> None:
         """Apply new settings from the next frame on (live tuning)."""
+        if reuse is not None:
+            self._check(reuse)
         if pruning is not None:
             self.pruning = pruning
         if reuse is not None:
@@ -133,7 +148,8 @@ class TokenCompressor:
         vision: Any = self.policy.weights.vision
         vdtype = vision.embeddings.patch_embedding.weight.dtype
         pixels = pixels.to(vdtype)
-        patch_grid = self.eventful.patch_grid(pixels)
+        p = self.policy.arch.patch_size
+        patch_grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
         s = self.policy.arch.scale_factor
         grid = (patch_grid[0] // s, patch_grid[1] // s)
         n_tokens = grid[0] * grid[1]
@@ -168,8 +184,8 @@ class TokenCompressor:
                 (tokens, state), flops = self._count(lambda: self.eventful.encode_full(pixels), known)
                 st.eventful = state
             else:
-                enc, flops = self._count(lambda: self.policy.encode_images({camera: image[None]}), known)
-                tokens = enc.tokens[camera][0]
+                enc, flops = self._count(lambda: self.backend.encode(pixels), known)
+                tokens = enc[0]
                 st.eventful = None
             st.full_flops.setdefault(patch_grid, flops)
         st.detector.commit(model_img, decision if decision is not None and kind != "full"

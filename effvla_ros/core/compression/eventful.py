@@ -27,12 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from effvla_ros.core.smolvla.layers import siglip_layer
+
 
 @dataclass
 class _LayerCache:
     x_in: torch.Tensor  # (N, d) layer input
-    k: torch.Tensor  # (H, N, hd)
-    v: torch.Tensor  # (H, N, hd)
+    k: torch.Tensor  # (1, H, N, hd)
+    v: torch.Tensor  # (1, H, N, hd)
 
 
 @dataclass
@@ -79,33 +81,18 @@ class EventfulVisionEncoder:
         return x + emb.position_embedding(pos)
 
     @staticmethod
-    def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-        n, d = x.shape
-        return x.view(n, n_heads, d // n_heads).transpose(0, 1)  # (H, n, hd)
-
-    def _layer(self, layer: Any, x: torch.Tensor, cache: _LayerCache | None,
+    def _layer(layer: Any, x: torch.Tensor, cache: _LayerCache | None,
                idx: torch.Tensor | None) -> tuple[torch.Tensor, _LayerCache]:
-        """One encoder layer. Full when idx is None, else only rows idx (x holds those rows)."""
-        attn = layer.self_attn
-        nh = attn.num_heads
-        h = layer.layer_norm1(x)
-        q = self._heads(attn.q_proj(h), nh)
-        k_new = self._heads(attn.k_proj(h), nh)
-        v_new = self._heads(attn.v_proj(h), nh)
+        """One encoder layer (:func:`~effvla_ros.core.smolvla.layers.siglip_layer`, the full encode's code). Full
+        when idx is None, else only rows idx (x holds those rows; their queries attend to every token)."""
         if idx is None or cache is None:
-            k, v = k_new, v_new
+            y, k, v = siglip_layer(layer, x[None])
             x_in = x
         else:
-            k, v = cache.k.clone(), cache.v.clone()
-            k[:, idx], v[:, idx] = k_new, v_new
+            y, k, v = siglip_layer(layer, x[None], rows=idx, cached_k=cache.k, cached_v=cache.v)
             x_in = cache.x_in.clone()
             x_in[idx] = x
-        # the changed tokens' queries attend to every token (as the vision model's own sdpa path)
-        o = nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], scale=attn.scale)[0]  # (H, n, hd)
-        o = o.transpose(0, 1).reshape(x.shape[0], -1)  # (n, d)
-        y = x + attn.out_proj(o)
-        y = y + layer.mlp(layer.layer_norm2(y))
-        return y, _LayerCache(x_in, k, v)
+        return y[0], _LayerCache(x_in, k, v)
 
     def _connector_rows(self, final: torch.Tensor, grid: tuple[int, int], rows: torch.Tensor | None,
                         prev_tokens: torch.Tensor | None) -> torch.Tensor:

@@ -8,7 +8,7 @@ Quick start::
                                        "task": "pick up the cube"}, noise=noise)
     out.actions  # (B, chunk_size, action_dim)
 
-Stages: ``encode_images`` -> ``prefill`` -> ``denoise`` (see :mod:`.policy` for the hooks).
+Stages: ``encode_images`` -> ``prefill`` -> ``denoise`` (see :mod:`.policy`; the stage types are in :mod:`effvla_ros.core.stages`).
 """
 from .checkpoint import (
     CheckpointError,
@@ -24,23 +24,22 @@ from .policy import (
     ChunkResult,
     DenoiseResult,
     ExpertLayerContext,
+    ExpertPlan,
     ImageEncoding,
-    PrefillLayerContext,
     PrefillLayerInfo,
     PrefillStop,
     PrefixCache,
     SmolVLAPolicy,
     StageStats,
     StepInfo,
-    VisionLayerContext,
     VisualTokens,
 )
 from .tokenizer import build_tiny_tokenizer
 
 __all__ = [
-    "CheckpointError", "ChunkResult", "DenoiseResult", "ExpertLayerContext", "ImageEncoding", "Normalizer",
-    "PrefillLayerContext", "PrefillLayerInfo", "PrefillStop", "PrefixCache", "RuntimeConfig", "SmolVLAArch", "SmolVLAPolicy",
-    "SmolVLAWeights", "StageStats", "StepInfo", "VisionLayerContext", "VisualTokens", "build_random_policy",
+    "CheckpointError", "ChunkResult", "DenoiseResult", "ExpertLayerContext", "ExpertPlan", "ImageEncoding", "Normalizer",
+    "PrefillLayerInfo", "PrefillStop", "PrefixCache", "RuntimeConfig", "SmolVLAArch", "SmolVLAPolicy",
+    "SmolVLAWeights", "StageStats", "StepInfo", "VisualTokens", "build_random_policy",
     "build_tiny_tokenizer", "build_weights", "load_policy", "randomize_", "resolve_vlm_dir", "save_policy",
     "smolvla_450m_arch", "tiny_arch", "to_dtype",
 ]

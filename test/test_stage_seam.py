@@ -1,0 +1,241 @@
+"""The stage seam: the shared Euler integrator, the backend protocol and capabilities, hooks written once.
+
+A recording backend (the eager one with its calls logged) and a restricted one (declaring fewer
+capabilities) stand in for the compiled / exported backends to come: the runner and the compressor must
+drive any backend through the protocol only, cut the prefill at the backend's exit points, and refuse a
+setting the backend cannot apply with the parameter named.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from effvla_ros.core.backends import Capabilities, EagerBackend, make_backend
+from effvla_ros.core.backends.base import CapabilityError
+from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
+from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuseConfig, PrefixReuse, token_similarity
+from effvla_ros.core.flow import euler_integrate
+from effvla_ros.core.rtc import GuidanceTarget, RTCConfig
+from effvla_ros.core.runner import CameraTokens, PolicyRunner
+from effvla_ros.core.smolvla import build_random_policy, tiny_arch
+from effvla_ros.core.smolvla.tokenizer import build_tiny_tokenizer
+from effvla_ros.core.stages import StageStats, StageTimer
+
+TASK = "pick up the red cube"
+
+
+@pytest.fixture(scope="module")
+def policy():  # type: ignore[no-untyped-def]
+    return build_random_policy(tiny_arch(), tokenizer=build_tiny_tokenizer(), seed=3)
+
+
+class RecordingBackend(EagerBackend):
+    """The eager backend with every stage call logged."""
+
+    def __init__(self, policy, caps: Capabilities | None = None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(policy)
+        if caps is not None:
+            self.caps = caps
+        self.calls: list[tuple] = []
+
+    def encode(self, pixels):  # type: ignore[no-untyped-def]
+        self.calls.append(("encode", tuple(pixels.shape)))
+        return super().encode(pixels)
+
+    def prefill(self, cache, start, stop):  # type: ignore[no-untyped-def]
+        self.calls.append(("prefill", start, stop))
+        super().prefill(cache, start, stop)
+
+    def velocity(self, cache, x_t, t, *, step=-1, plan=None):  # type: ignore[no-untyped-def]
+        self.calls.append(("velocity", step, plan is not None))
+        return super().velocity(cache, x_t, t, step=step, plan=plan)
+
+
+def _cams(policy, seed: int = 0):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    imgs = {c: torch.rand(1, 3, 48, 64, generator=g) for c in policy.cameras}
+    enc = policy.encode_images(imgs)
+    return {c: CameraTokens(t[0], torch.arange(t.shape[1]), enc.grid) for c, t in enc.tokens.items()}
+
+
+def _noise(policy, seed: int = 0) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return torch.randn(1, policy.arch.chunk_size, policy.arch.max_action_dim, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------ integrator
+def test_euler_integrate_is_the_euler_rule() -> None:
+    a = torch.randn(2, 5, 3)
+    seen: list[tuple[float, int]] = []
+
+    def vel(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        seen.append((float(t[0]), step))
+        return x * a + t[:, None, None]
+
+    x0 = torch.randn(2, 5, 3)
+    out = euler_integrate(vel, x0, 4)
+    x = x0.clone()
+    for k in range(4):  # written out: t = 1, 0.75, 0.5, 0.25; dt = -0.25
+        t = 1.0 - 0.25 * k
+        x = x - 0.25 * (x * a + t)
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
+    assert seen == [(1.0, 0), (0.75, 1), (0.5, 2), (0.25, 3)]
+    with pytest.raises(ValueError, match="num_steps"):
+        euler_integrate(vel, x0, 0)
+
+
+def test_euler_guide_replaces_the_velocity_and_trace_records_it() -> None:
+    trace: dict[str, list[torch.Tensor]] = {}
+    out = euler_integrate(lambda x, t, s: torch.ones_like(x), torch.zeros(1, 4, 2), 5,
+                          guide=lambda step, t, x, v: v * 0.0 + step, trace=trace)
+    # guided velocity = step index: x_0 = -(0 + 1 + 2 + 3 + 4) / 5
+    torch.testing.assert_close(out, torch.full((1, 4, 2), -2.0))
+    assert [float(v[0, 0, 0]) for v in trace["v_t"]] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert len(trace["x_t"]) == len(trace["t"]) == 5
+
+
+def test_trained_rtc_prefix_is_held_clean_with_per_token_time() -> None:
+    """Training-time RTC (arXiv 2512.05964): the committed prefix is data (t = 0) at every step and is
+    reproduced exactly; the rest follows the flow."""
+    prefix = torch.randn(1, 3, 2)
+    times: list[torch.Tensor] = []
+
+    def vel(x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        times.append(t.clone())
+        torch.testing.assert_close(x[:, :3], prefix, rtol=0, atol=0)  # the model sees the prefix clean
+        return x - x.mean(dim=1, keepdim=True)  # couples the tokens
+
+    noise = torch.randn(1, 8, 2)
+    out = euler_integrate(vel, noise, 4, prefix=prefix)
+    torch.testing.assert_close(out[:, :3], prefix, rtol=0, atol=0)
+    assert all(t.shape == (1, 8) and bool((t[:, :3] == 0).all()) for t in times)
+    assert [float(t[0, 5]) for t in times] == [1.0, 0.75, 0.5, 0.25]
+    free = euler_integrate(lambda x, t, s: x - x.mean(dim=1, keepdim=True), noise, 4)
+    assert not torch.allclose(out[:, 3:], free[:, 3:])  # the suffix is conditioned on the prefix
+    with pytest.raises(ValueError, match="prefix"):
+        euler_integrate(vel, noise, 4, prefix=torch.zeros(1, 9, 2))
+
+
+def test_velocity_with_per_token_time_equals_a_shared_time(policy) -> None:  # type: ignore[no-untyped-def]
+    runner = PolicyRunner(policy)
+    runner.set_instruction(TASK)
+    lang, lmask = runner._lang  # type: ignore[misc]
+    with torch.no_grad():
+        cache = policy.prefill(runner.visual_inputs(_cams(policy)), lang, lmask,
+                               policy.prepare_state(torch.zeros(1, 6)))
+        x = _noise(policy)
+        v_shared = policy.velocity(cache, x, torch.full((1,), 0.4))
+        v_tokens = policy.velocity(cache, x, torch.full((1, x.shape[1]), 0.4))
+        t_mixed = torch.full((1, x.shape[1]), 0.4)
+        t_mixed[:, :2] = 0.0
+        v_mixed = policy.velocity(cache, x, t_mixed)
+    torch.testing.assert_close(v_tokens, v_shared, rtol=0, atol=0)
+    assert not torch.allclose(v_mixed, v_shared)
+
+
+# ------------------------------------------------------------------------------------------------ backends
+def test_runner_drives_the_backend_through_the_protocol(policy) -> None:  # type: ignore[no-untyped-def]
+    rec = RecordingBackend(policy)
+    runner = PolicyRunner(policy, backend=rec, expert_reuse=ExpertReuseConfig(enabled=True, threshold=10.0))
+    ref = PolicyRunner(policy, expert_reuse=ExpertReuseConfig(enabled=True, threshold=10.0))
+    assert isinstance(ref.backend, EagerBackend) and ref.backend.caps.name == "eager"
+    for r in (runner, ref):
+        r.set_instruction(TASK)
+    a = runner.infer(_cams(policy), torch.zeros(6), noise=_noise(policy))
+    b = ref.infer(_cams(policy), torch.zeros(6), noise=_noise(policy))
+    torch.testing.assert_close(a.actions, b.actions, rtol=0, atol=0)
+    assert a.reused_expert_layers > 0
+    n = policy.arch.num_vlm_layers
+    assert rec.calls[0] == ("prefill", 0, n)  # early exit off: one segment
+    assert [c for c in rec.calls if c[0] == "velocity"] == [("velocity", s, True) for s in range(10)]
+
+
+def test_prefill_segments_end_at_the_backends_exit_points(policy) -> None:  # type: ignore[no-untyped-def]
+    n = policy.arch.num_vlm_layers
+    reuse = PrefixReuse(EarlyExitConfig(enabled=True, exit_layers=[0, 1, 2], thresholds=[0.5], min_layers=1), n)
+    assert reuse.segments() == [(0, 1), (1, 2), (2, 3), (3, n)]
+    assert reuse.segments((1,)) == [(0, 2), (2, n)]  # a backend built with one exit point
+    assert PrefixReuse(EarlyExitConfig(enabled=False, exit_layers=[1]), n).segments() == [(0, n)]
+
+    caps = dataclasses.replace(EagerBackend.caps, name="one-exit", exit_layers=(1,))
+    rec = RecordingBackend(policy, caps)
+    runner = PolicyRunner(policy, backend=rec,
+                          early_exit=EarlyExitConfig(enabled=True, exit_layers=[0, 1, 2], thresholds=[0.5], min_layers=1))
+    runner.set_instruction(TASK)
+    first = runner.infer(_cams(policy), torch.zeros(6), noise=_noise(policy))
+    second = runner.infer(_cams(policy), torch.zeros(6), noise=_noise(policy))  # same observation: exits
+    prefills = [c for c in rec.calls if c[0] == "prefill"]
+    assert prefills == [("prefill", 0, 2), ("prefill", 2, n), ("prefill", 0, 2)]
+    assert first.exit_layer == n and second.exit_layer == 2
+    torch.testing.assert_close(second.actions, first.actions, rtol=0, atol=0)  # same K/V, reused
+    assert second.similarities == {1: pytest.approx(1.0, abs=1e-5)}
+
+
+def test_a_setting_the_backend_cannot_apply_is_refused_by_name(policy) -> None:  # type: ignore[no-untyped-def]
+    bare = RecordingBackend(policy, Capabilities("bare", exit_layers=(), expert_plans=False, partial_encode=False,
+                                                 vjp=False))
+    with pytest.raises(CapabilityError, match=r"expert_reuse\.enabled.*'bare'"):
+        PolicyRunner(policy, backend=bare, expert_reuse=ExpertReuseConfig(enabled=True))
+    with pytest.raises(CapabilityError, match=r"early_exit\.enabled"):
+        PolicyRunner(policy, backend=bare, early_exit=EarlyExitConfig(enabled=True))
+    runner = PolicyRunner(policy, backend=bare, rtc=RTCConfig(enabled=True))
+    with pytest.raises(CapabilityError, match=r"rtc\.guidance"):
+        runner.configure(rtc=RTCConfig(enabled=True, guidance="vjp"))
+    with pytest.raises(CapabilityError, match=r"reuse\.patch_level"):
+        TokenCompressor(policy, backend=bare)  # patch-level reuse is on by default
+    comp = TokenCompressor(policy, reuse=ReuseConfig(patch_level=False), backend=bare)
+    with pytest.raises(CapabilityError, match=r"reuse\.patch_level"):
+        comp.configure(reuse=ReuseConfig(patch_level=True))
+    assert comp.reuse.patch_level is False  # nothing half-applied
+    with pytest.raises(CapabilityError, match="backend"):
+        make_backend("tensorrt-nonexistent", policy)
+
+
+def test_compressor_full_encodes_go_through_the_backend(policy) -> None:  # type: ignore[no-untyped-def]
+    rec = RecordingBackend(policy)
+    comp = TokenCompressor(policy, reuse=ReuseConfig(enabled=False), backend=rec, count_flops=False)
+    img = torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(1))
+    out = comp.process("camera1", img)
+    assert [c[0] for c in rec.calls] == ["encode"]
+    ref = policy.encode_images({"camera1": img[None]}).tokens["camera1"][0]
+    torch.testing.assert_close(out.all_tokens, ref, rtol=0, atol=0)
+
+
+def test_rtc_guidance_runs_as_the_integrators_guide(policy) -> None:  # type: ignore[no-untyped-def]
+    rec = RecordingBackend(policy)
+    runner = PolicyRunner(policy, backend=rec, rtc=RTCConfig(enabled=True, guidance="vjp"))
+    runner.set_instruction(TASK)
+    first = runner.infer(_cams(policy), torch.zeros(6), noise=_noise(policy))
+    target = GuidanceTarget(first.x_final, delay=2, valid=policy.arch.chunk_size, ref_state=torch.zeros(6))
+    rec.calls.clear()
+    guided = runner.infer(_cams(policy), torch.zeros(6), noise=_noise(policy, 1), guidance=target)
+    free = runner.infer(_cams(policy), torch.zeros(6), noise=_noise(policy, 1))
+    assert guided.guided and guided.rtc_delay == 2 and not free.guided
+    steps = [c for c in rec.calls if c[0] == "velocity"]
+    assert len(steps) >= 20  # VJP guidance: one more (differentiable) evaluation per step
+    d_guided = (guided.actions[:2] - first.actions[:2]).abs().max()
+    d_free = (free.actions[:2] - first.actions[:2]).abs().max()
+    assert d_guided < d_free  # pulled toward the committed actions
+
+
+# ------------------------------------------------------------------------------------------------ decisions, timing
+def test_decision_values_stay_tensors_on_the_device() -> None:
+    a, b = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    valid = torch.tensor([[True, True, False, True, False], [False, True, True, True, True]])
+    sim = token_similarity(a, b, valid)
+    assert isinstance(sim, torch.Tensor) and sim.ndim == 0
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    torch.testing.assert_close(sim, cos[valid].mean())
+    assert float(token_similarity(a, b, torch.zeros(2, 5, dtype=torch.bool))) == 1.0
+
+
+def test_stage_stats_on_cpu() -> None:
+    timer = StageTimer(torch.device("cpu")).start()
+    torch.ones(100).sum()
+    timer.stop()
+    st = timer.stats(123)
+    assert st.wall_s >= 0.0 and st.flops == 123
+    assert StageStats(0.5, 2) == StageStats(0.5, 2) and StageStats(0.5) != StageStats(0.25)
+    with pytest.raises(RuntimeError):
+        StageTimer(torch.device("cpu")).start().stats()
