@@ -15,7 +15,7 @@ lint: setup
 	@$(ENV) ruff check effvla_ros test benchmarks launch scripts && echo "ruff: ok"
 
 typecheck: setup
-	@$(ENV) mypy effvla_ros/core && echo "mypy: ok"
+	@$(ENV) mypy effvla_ros && echo "mypy: ok"
 
 pytest: setup
 	@# one pytest process per test file: run in one process, the node tests saw multi-second stalls

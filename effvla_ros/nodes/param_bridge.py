@@ -6,6 +6,7 @@ initial config from the declared values (parameter files and ``--ros-args -p`` o
 it current: a ``ros2 param set`` is validated by the config's own ``__post_init__`` (the rejection
 reason names the field) and, when accepted, applied through ``on_change`` on the next cycle.
 This follows demo_nodes_py: validate in the on-set callback, apply in the post-set callback.
+Only rclpy's public parameter API is used (declare / undeclare / set / set_descriptor).
 """
 from __future__ import annotations
 
@@ -53,9 +54,11 @@ def _ros_type(tp: Any) -> tuple[int, type, bool]:
     return _SCALAR[tp], tp, False
 
 
-def _descriptor(name: str, meta: dict[str, Any], ptype: int, elem: type) -> ParameterDescriptor:
+def _descriptor(name: str, meta: dict[str, Any], ptype: int, elem: type, *,
+                read_only: bool | None = None) -> ParameterDescriptor:
+    """The parameter's descriptor from its field metadata (``read_only`` None: the field's flag)."""
     desc = ParameterDescriptor(name=name, type=ptype, description=meta.get("description", ""))
-    desc.read_only = bool(meta.get("read_only", False))
+    desc.read_only = bool(meta.get("read_only", False)) if read_only is None else read_only
     lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
     if choices is not None:
         desc.additional_constraints = "one of: " + ", ".join(str(c) for c in choices)
@@ -73,6 +76,53 @@ def _descriptor(name: str, meta: dict[str, Any], ptype: int, elem: type) -> Para
         bound = f"min {lo}" if hi is None else (f"max {hi}" if lo is None else f"[{lo}, {hi}]")
         desc.additional_constraints = (desc.additional_constraints + "; " if desc.additional_constraints else "") + bound
     return desc
+
+
+def _declare(node: Node, pname: str, default: Any, meta: dict[str, Any], ptype: int, elem: type,
+             is_list: bool) -> Parameter:
+    """Declare one parameter (rclpy's public API only) and return it, its override applied.
+
+    Two cases need more than ``declare_parameter``:
+
+    * an empty list default cannot carry its element type (rclpy would declare a byte array): the parameter is
+      declared by its type alone and, without an override, set to an empty list of that type; a read-only one
+      is declared writable for this and made read-only after (``set_descriptor``);
+    * an integer override of a float parameter (``-p rate:=0``, ``rate: 0`` in YAML) is rejected by rclpy's
+      type check: it is read back through a dynamically typed declaration, which is then undeclared, and
+      the parameter is declared with the override as a float (``ignore_override``).
+    """
+    read_only = bool(meta.get("read_only", False))
+    typed_empty = is_list and not default
+    initial: Any = Parameter.Type(ptype) if typed_empty else (list(default) if is_list else default)
+    try:  # declare_parameter writes the inferred type into the descriptor: each call gets a fresh one
+        p = node.declare_parameter(pname, initial, _descriptor(pname, meta, ptype, elem,
+                                                               read_only=read_only and not typed_empty))
+    except ParameterException as e:  # an override from a file / the command line is invalid
+        value = _float_of_integer_override(node, pname) if elem is float else None
+        if value is None:
+            raise ValueError(f"invalid parameter {pname}: {e}") from None
+        try:
+            p = node.declare_parameter(pname, value, _descriptor(pname, meta, ptype, elem), ignore_override=True)
+        except ParameterException as e2:
+            raise ValueError(f"invalid parameter {pname}: {e2}") from None
+    if typed_empty and p.type_ == Parameter.Type.NOT_SET:  # no override: an empty, typed list
+        p = Parameter(pname, Parameter.Type(ptype), [])
+        node.set_parameters([p])
+    if read_only and not node.describe_parameter(pname).read_only:
+        node.set_descriptor(pname, _descriptor(pname, meta, ptype, elem))
+    return p
+
+
+def _float_of_integer_override(node: Node, pname: str) -> float | list[float] | None:
+    """The override of ``pname`` as a float (list) when it is an integer (list), else None; read through a
+    dynamically typed declaration of ``pname``, undeclared again."""
+    probe = node.declare_parameter(pname, None, ParameterDescriptor(name=pname, dynamic_typing=True))
+    node.undeclare_parameter(pname)
+    if probe.type_ == Parameter.Type.INTEGER:
+        return float(probe.value)
+    if probe.type_ == Parameter.Type.INTEGER_ARRAY and len(probe.value) > 0:
+        return [float(v) for v in probe.value]
+    return None
 
 
 class ConfigParameters(Generic[C]):
@@ -99,28 +149,7 @@ class ConfigParameters(Generic[C]):
             ptype, elem, is_list = _ros_type(hints[f.name])
             self._fields[f.name] = (ptype, elem, is_list)
             pname = prefix + f.name
-            default = getattr(cfg, f.name)
-            # An empty list cannot carry its element type (rclpy would declare a byte array): declare
-            # the type alone, then (without an override) set an empty list of that type.
-            initial: Any = (list(default) if default else Parameter.Type(ptype)) if is_list else default
-            overrides = getattr(node, "_parameter_overrides", {})
-            ov = overrides.get(pname)
-            if elem is float and ov is not None and ov.type_ in (Parameter.Type.INTEGER, Parameter.Type.INTEGER_ARRAY):
-                # `-p rate:=0` or `rate: 0` in YAML for a float parameter: accept it as 0.0
-                vals = [float(x) for x in ov.value] if is_list else float(ov.value)
-                overrides[pname] = Parameter(pname, Parameter.Type.DOUBLE_ARRAY if is_list else Parameter.Type.DOUBLE,
-                                             vals)
-            try:
-                node.declare_parameter(pname, initial, _descriptor(pname, dict(f.metadata), ptype, elem))
-            except ParameterException as e:  # an override from a file / the command line is invalid
-                raise ValueError(f"invalid parameter {pname}: {e}") from None
-            p = node.get_parameter_or(pname, Parameter(pname, Parameter.Type.NOT_SET, None))
-            if is_list and p.type_ == Parameter.Type.NOT_SET:  # no override: an empty, typed list
-                p = Parameter(pname, Parameter.Type(ptype), [])
-                if f.metadata.get("read_only"):  # set_parameters refuses read-only ones: initialize directly
-                    node._parameters[pname] = p
-                else:
-                    node.set_parameters([p])
+            p = _declare(node, pname, getattr(cfg, f.name), dict(f.metadata), ptype, elem, is_list)
             values[f.name] = self._from_ros(f.name, p.value)
         try:
             self.config: C = cfg.replace(**values)

@@ -36,6 +36,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from effvla_ros.sim.task import COLORS
+
 RECOLORABLE: tuple[str, ...] = ("red", "green", "blue")
 # hue windows in degrees (half-open), measured on 64 px renders of the scene and wrist cameras
 HUE_WINDOWS: dict[str, tuple[tuple[float, float], ...]] = {
@@ -49,8 +51,6 @@ CLIP_LEVEL = 254.5 / 255  # a channel at or above this is taken as clipped by th
 
 
 def _base_rgb(color: str) -> torch.Tensor:
-    from effvla_ros.sim.task import COLORS
-
     return torch.tensor(COLORS[color][:3], dtype=torch.float32)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from effvla_ros.sim.dataset import load_index
+from effvla_ros.sim.dataset import FEATURES, FORMAT, VERSION, load_index
 
 
 @dataclass
@@ -210,8 +210,6 @@ def write_demos(root: str | Path, episodes: Sequence[Episode], *, fps: float = 1
     plus the index fields :func:`effvla_ros.sim.dataset.load_index` and :func:`load_demos` need: for
     converted or synthetic data (tests).
     """
-    from effvla_ros.sim.dataset import FEATURES, FORMAT, VERSION
-
     root = Path(root)
     (root / "episodes").mkdir(parents=True, exist_ok=True)
     cams = list(episodes[0].images)

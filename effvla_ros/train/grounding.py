@@ -34,11 +34,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from effvla_ros.sim.task import TaskSpec
+from effvla_ros.core.compression.pruning import PruningConfig
+from effvla_ros.core.smolvla import PrefillLayerInfo, SmolVLAPolicy, VisualTokens
 from effvla_ros.train.data import Episode
+from effvla_ros.train.layout import episode_layout
+from effvla_ros.train.losses import flow_pass
+from effvla_ros.train.relevance import kept_fraction, relevance_loss, stat_name
 
 XY_CENTER = (0.225, 0.0)
 XY_SCALE = 0.05
@@ -67,35 +70,6 @@ def _pose_targets(ep: Episode, mean: np.ndarray, std: np.ndarray) -> tuple[np.nd
         out[5:] = (ep.action[r, :5] - mean[:5]) / std[:5]
         mask[5:] = True
     return out, mask
-
-
-def episode_spec(ep: Episode) -> TaskSpec | None:
-    """The task spec of a recorded episode (from its seed), or None when the episode has no seed or its seed
-    does not reproduce its instruction (with or without paraphrasing)."""
-    from effvla_ros.sim.task import sample_task
-
-    if ep.seed < 0:
-        return None
-    for paraphrase in (True, False):
-        spec = sample_task(ep.seed, paraphrase=paraphrase)
-        if spec.instruction == ep.task:
-            return spec
-    return None
-
-
-def episode_layout(ep: Episode) -> tuple[TaskSpec, np.ndarray] | None:
-    """(task spec, cube positions (T, 2, 3) float64 of every frame) of a recorded episode, or None when the
-    episode has no recorded cube positions, no seed, or its seed does not reproduce its instruction and its
-    first frame's cube layout (the privileged information the training-only losses use)."""
-    if ep.cube_pos is None:
-        return None
-    spec = episode_spec(ep)
-    if spec is None:
-        return None
-    cubes = np.asarray(ep.cube_pos, dtype=np.float64)  # (T, 2, 3)
-    if not np.allclose(cubes[0, :, :2], np.asarray(spec.cube_xy), atol=5e-3):
-        return None
-    return spec, cubes
 
 
 def grounding_targets(ep: Episode, action_stats: tuple[np.ndarray, np.ndarray] | None = None,
@@ -187,76 +161,54 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
     return ((pred - target) ** 2 * m).sum() / m.sum().clamp_min(1.0)
 
 
-def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads | None,
+def flow_and_grounding_loss(policy: SmolVLAPolicy, batch: Mapping[str, Any], heads: GroundingHeads | None,
                             targets: torch.Tensor | None, mask: torch.Tensor | None, *, layer: int, camera: str,
                             noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
-                            prune: tuple[Any, torch.Tensor] | None = None, wrist_camera: str | None = None,
+                            prune: tuple[PruningConfig, torch.Tensor] | None = None, wrist_camera: str | None = None,
                             relevance: Mapping[str, torch.Tensor] | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """(masked flow-matching loss as :func:`~effvla_ros.train.trainer.masked_loss`, grounding loss, stats).
+    """(masked flow-matching loss as :func:`~effvla_ros.train.losses.masked_loss`, grounding loss, stats).
 
-    One forward pass: the same computation as ``SmolVLAPolicy.flow_matching_loss`` (vision trained), with
-    the scene camera's connector tokens and the state token's hidden state at the output of VLM layer
-    ``layer`` fed to the heads. stats: ``aux_visual`` / ``aux_prefix`` / ``aux_target_goal`` / ``aux_pose``
-    mean squared errors as 0-d tensors (normalized units; ``aux_target_goal`` = the prefix head on the
-    instructed cube and place, ``aux_pose`` on the grasp / release poses, NaN where masked out). ``heads`` None: no
-    grounding loss (0). ``prune`` = (PruningConfig, apply (B,) bool): the samples where ``apply`` is set
-    see only the visual tokens the runtime pruning keeps (:mod:`effvla_ros.train.prune_aware`); the visual
-    head still reads every scene token. ``wrist_camera``: the camera whose tokens feed ``heads.wrist``
-    (``aux_wrist``: its MSE on the jaw-relative targets). ``relevance``: camera -> (B, K) token indices of that
-    camera (:mod:`effvla_ros.train.relevance`, -1: none): per camera, stats gets ``relevance_loss`` (named by
-    :func:`~effvla_ros.train.relevance.stat_name`: ``relevance_loss_<camera>`` but for the scene camera), the
-    relevance alignment loss *with* its gradient (the
-    caller weights it and adds it), and ``relevance_kept`` (``relevance_kept_<camera>``), the fraction of
+    One forward pass (:func:`~effvla_ros.train.losses.flow_pass`: the computation of
+    ``SmolVLAPolicy.flow_matching_loss``, vision trained), with the scene camera's connector tokens and the
+    state token's hidden state at the output of VLM layer ``layer`` fed to the heads. stats: ``aux_visual`` /
+    ``aux_prefix`` / ``aux_target_goal`` / ``aux_pose`` mean squared errors as 0-d tensors (normalized units;
+    ``aux_target_goal`` = the prefix head on the instructed cube and place, ``aux_pose`` on the grasp / release
+    poses, NaN where masked out). ``heads`` None: no grounding loss (0). ``prune`` = (PruningConfig, apply (B,)
+    bool): the samples where ``apply`` is set see only the visual tokens the runtime pruning keeps
+    (:mod:`effvla_ros.train.prune_aware`); the visual head still reads every scene token. ``wrist_camera``: the
+    camera whose tokens feed ``heads.wrist`` (``aux_wrist``: its MSE on the jaw-relative targets).
+    ``relevance``: camera -> (B, K) token indices of that camera (:mod:`effvla_ros.train.relevance`, -1: none):
+    per camera, stats gets ``relevance_loss`` (named by :func:`~effvla_ros.train.relevance.stat_name`:
+    ``relevance_loss_<camera>`` but for the scene camera), the relevance alignment loss *with* its gradient
+    (the caller weights it and adds it), and ``relevance_kept`` (``relevance_kept_<camera>``), the fraction of
     those tokens that the pruning keeps in the pruned samples.
     """
-    from effvla_ros.train.trainer import masked_flow_loss
-
-    pol = policy
-    obs = {k: v for k, v in batch.items() if k.startswith("observation.") or k == "task"}
-    images, state, task = pol.split_observation(obs)  # type: ignore[attr-defined]
-    b = state.shape[0]
-    arch = pol.arch  # type: ignore[attr-defined]
-    x_t, u_t, t = pol.flow_training_sample(batch["action"], state, noise, t)  # type: ignore[attr-defined]
-    tasks = [task] * b if isinstance(task, str) else list(task)
-    lang, lmask = pol.tokenize(tasks)  # type: ignore[attr-defined]
-    enc = pol.encode_images(images, grad=True)  # type: ignore[attr-defined]
     hidden: dict[str, torch.Tensor] = {}
 
-    def grab(info: object) -> None:
-        if info.layer_idx == layer:  # type: ignore[attr-defined]
-            hidden["h"] = info.hidden_out  # type: ignore[attr-defined]
+    def grab(info: PrefillLayerInfo) -> None:
+        if info.layer_idx == layer:
+            hidden["h"] = info.hidden_out
 
-    pruning = prune is not None and bool(prune[1].any())
-    # the instructions' token embeddings for the pruning's relevance queries (and their alignment loss, which
-    # trains them); the prefix embeds its language tokens itself
-    emb = pol.weights.text.embed_tokens(lang) if pruning or relevance is not None else None  # type: ignore[attr-defined]  # (B, L, D)
-    visual: dict[str, Any] = dict(enc.tokens)
-    if pruning and prune is not None and emb is not None:
-        from effvla_ros.train.prune_aware import pruned_visual_tokens
-
-        visual = dict(pruned_visual_tokens(enc.tokens, enc.grid, emb, lmask, prune[1], prune[0]))
-    cache = pol.prefill(visual, lang, lmask, pol.prepare_state(state), grad=True,  # type: ignore[attr-defined]
-                        layer_callback=grab)
-    v_t = pol.velocity(cache, x_t, t)  # type: ignore[attr-defined]
-    flow = masked_flow_loss(F.mse_loss(u_t, v_t, reduction="none"), batch["action_is_pad"], arch.action_dim)
+    want_hidden = heads is not None and targets is not None and mask is not None
+    fp = flow_pass(policy, batch, noise=noise, t=t, prune=prune, embed_language=relevance is not None,
+                   layer_callback=grab if want_hidden else None)
+    flow, tokens = fp.loss, fp.encoding.tokens
     rel_stats: dict[str, torch.Tensor] = {}
-    if relevance is not None and emb is not None:
-        from effvla_ros.core.smolvla.policy import VisualTokens
-        from effvla_ros.train.relevance import kept_fraction, relevance_loss, stat_name
-
+    if relevance is not None and fp.lang_emb is not None:
         for cam, rel in relevance.items():
-            rel_stats[stat_name("relevance_loss", cam)] = relevance_loss(enc.tokens[cam], emb, lmask.bool(), rel)
-            if prune is not None and isinstance(visual[cam], VisualTokens) and visual[cam].mask is not None:
+            rel_stats[stat_name("relevance_loss", cam)] = relevance_loss(tokens[cam], fp.lang_emb, fp.lang_mask.bool(),
+                                                                         rel)
+            vis = fp.visual[cam]
+            if prune is not None and isinstance(vis, VisualTokens) and vis.mask is not None:
                 applied = prune[1].to(rel.device)
-                rel_stats[stat_name("relevance_kept", cam)] = kept_fraction(visual[cam].mask[applied], rel[applied])
+                rel_stats[stat_name("relevance_kept", cam)] = kept_fraction(vis.mask[applied], rel[applied])
 
     if heads is None or targets is None or mask is None:
         return flow, torch.zeros((), dtype=flow.dtype, device=flow.device), rel_stats
-    s0, s1 = cache.segments["state"]
+    s0, _ = fp.cache.segments["state"]
     state_h = hidden["h"][:, s0]                                                # (B, D)
-    vis = enc.tokens[camera].flatten(1)                                         # (B, N * D)
-    pv = heads.visual(vis)
+    pv = heads.visual(tokens[camera].flatten(1))                               # (B, N * D) -> visual targets
     pp = heads.prefix(state_h)
     nv = 2 * N_VISUAL
     l_vis = _masked_mse(pv, targets[:, :nv], mask[:, :nv])
@@ -265,7 +217,7 @@ def flow_and_grounding_loss(policy: object, batch: dict, heads: GroundingHeads |
     # stats stay tensors (no wait for a GPU each step); the trainer averages them when it logs
     stats = {"aux_visual": l_vis.detach(), "aux_prefix": l_pre.detach(), **rel_stats}
     if heads.wrist is not None and wrist_camera is not None:
-        pw = heads.wrist(enc.tokens[wrist_camera].flatten(1))
+        pw = heads.wrist(tokens[wrist_camera].flatten(1))
         l_wr = _masked_mse(pw, targets[:, -N_REL:], mask[:, -N_REL:])
         aux = aux + l_wr
         stats["aux_wrist"] = l_wr.detach()

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import torch
 
 from effvla_ros.core.compression.pruning import PruningConfig, keep_mask_batch
-from effvla_ros.core.smolvla.policy import VisualTokens
+from effvla_ros.core.smolvla import VisualTokens
 
 
 def pruned_visual_tokens(tokens: Mapping[str, torch.Tensor], grid: tuple[int, int], task_emb: torch.Tensor,

@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from effvla_ros.sim import dataset as sim_dataset
+
 
 @dataclass(frozen=True)
 class DemoSet:
@@ -30,7 +34,7 @@ class DemoSet:
 
     @property
     def name(self) -> str:
-        from effvla_ros.sim.scene import SCENE_VERSION
+        from effvla_ros.sim.scene import SCENE_VERSION  # imports MuJoCo
 
         dart = "_dart" if self.perturb else ""
         aim = "_aim{:+.1f}{:+.1f}mm".format(*(1000 * v for v in self.aim_offset)) if any(self.aim_offset) else ""
@@ -105,7 +109,7 @@ def _complete(root: Path, ds: DemoSet) -> bool:
         index = json.loads((root / "index.json").read_text())
     except (OSError, ValueError):
         return False
-    from effvla_ros.sim.scene import SCENE_VERSION
+    from effvla_ros.sim.scene import SCENE_VERSION  # imports MuJoCo
 
     eps = index.get("episodes", [])
     gen = index.get("generator", {})
@@ -125,8 +129,6 @@ def ensure_demos(recipe: Recipe, demos_root: str | Path, *, workers: int = 2, pr
     for ds in recipe.demos:
         root = Path(demos_root) / ds.name
         if not _complete(root, ds):
-            from effvla_ros.sim.dataset import Perturbation, Regrasp, generate
-
             kind = "perturbed " if ds.perturb else ""
             kind += "re-grasp " if ds.regrasp else ""
             log(f"recipe {recipe.name}: generating {ds.episodes} {kind}demos "
@@ -134,8 +136,6 @@ def ensure_demos(recipe: Recipe, demos_root: str | Path, *, workers: int = 2, pr
                 f"in {root} with {workers} workers")
             bar = None
             if progress:
-                from tqdm import tqdm
-
                 bar = tqdm(total=ds.episodes, unit="ep", desc="gen-demos")
 
             def cb(p: dict, bar: Any = bar) -> None:
@@ -144,10 +144,11 @@ def ensure_demos(recipe: Recipe, demos_root: str | Path, *, workers: int = 2, pr
                     bar.refresh()
 
             try:
-                generate(root, ds.episodes, image_size=ds.image_size, seed=ds.seed, workers=max(1, workers),
-                         perturb=Perturbation() if ds.perturb else None, aim_offset=ds.aim_offset,
-                         regrasp=Regrasp() if ds.regrasp else None,
-                         progress=cb)
+                sim_dataset.generate(root, ds.episodes, image_size=ds.image_size, seed=ds.seed,
+                                     workers=max(1, workers),
+                                     perturb=sim_dataset.Perturbation() if ds.perturb else None,
+                                     aim_offset=ds.aim_offset, regrasp=sim_dataset.Regrasp() if ds.regrasp else None,
+                                     progress=cb)
             finally:
                 if bar is not None:
                     bar.close()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from effvla_ros.core.compression.pruning import token_scores_batch
 from effvla_ros.train.data import Episode
+from effvla_ros.train.layout import episode_layout
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,6 @@ def relevance_token_targets(ep: Episode, camera: CameraModel, size: int, grid: t
     """(T, 2) int64 of an episode: per frame, the token of ``camera`` (fixed, or one pose per frame) showing
     the instructed cube and the one showing the instructed place (-1: outside the image), or None when the
     episode has no recorded cube positions or its seed does not reproduce its task."""
-    from effvla_ros.train.grounding import episode_layout
-
     layout = episode_layout(ep)
     if layout is None:
         return None
