@@ -239,3 +239,35 @@ def test_stage_stats_on_cpu() -> None:
     assert StageStats(0.5, 2) == StageStats(0.5, 2) and StageStats(0.5) != StageStats(0.25)
     with pytest.raises(RuntimeError):
         StageTimer(torch.device("cpu")).start().stats()
+
+
+# ------------------------------------------------------------------------------------------------ compiled backend
+def test_compiled_backend_equals_eager_with_every_hook(policy) -> None:  # type: ignore[no-untyped-def]
+    """torch.compile'd layers behind the same loops: fp32 actions within 1e-4 of the eager reference with pruning
+    (bucketed prefix), expert reuse, early exit and Jacobian-free RTC guidance; full encodes likewise."""
+    from effvla_ros.core.backends.compiled import CompiledBackend
+
+    compiled = CompiledBackend(policy)
+    assert compiled.caps.name == "compiled" and not compiled.caps.vjp
+    settings = dict(expert_reuse=ExpertReuseConfig(enabled=True, threshold=10.0),
+                    early_exit=EarlyExitConfig(enabled=True, exit_layers=[1], thresholds=[0.5], min_layers=1),
+                    rtc=RTCConfig(enabled=True))
+    runs = []
+    for backend in ("eager", compiled):
+        runner = PolicyRunner(policy, backend=backend, **settings)  # type: ignore[arg-type]
+        runner.set_instruction(TASK)
+        cams = _cams(policy)
+        keep = torch.tensor([0, 2, 3, 7, 9, 12])  # pruned: 6 of 16 tokens of camera1
+        cams["camera1"] = CameraTokens(cams["camera1"].tokens[keep], keep, cams["camera1"].grid)
+        first = runner.infer(cams, torch.zeros(6), noise=_noise(policy))
+        target = GuidanceTarget(first.x_final, delay=2, valid=policy.arch.chunk_size, ref_state=torch.zeros(6))
+        second = runner.infer(cams, torch.zeros(6), noise=_noise(policy, 1), guidance=target)
+        runs.append((first, second))
+    for a, b in zip(runs[0], runs[1], strict=True):
+        assert (a.actions - b.actions).abs().max() <= 1e-4
+        assert (a.exit_layer, a.reused_expert_layers, a.guided) == (b.exit_layer, b.reused_expert_layers, b.guided)
+    assert runs[1][1].exit_layer == 2 and runs[1][1].guided and runs[1][0].reused_expert_layers > 0
+    px = policy.preprocess_image(torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(4)))
+    assert (compiled.encode(px) - policy.encode_pixels(px)).abs().max() <= 1e-4
+    with pytest.raises(CapabilityError, match=r"rtc\.guidance"):
+        PolicyRunner(policy, backend=compiled, rtc=RTCConfig(enabled=True, guidance="vjp"))

@@ -40,6 +40,7 @@ from builtin_interfaces.msg import Duration as DurationMsg
 from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import ROSClock
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -306,11 +307,14 @@ class ChunkExecutorNode(Node):
         sim = Deadlines(period, clock=lambda: clock.now().nanoseconds * 1e-9)
         on_sim = False
 
+        def sim_time() -> bool:  # /clock drives the node (use_sim_time): a ROSClock with ROS time active
+            return isinstance(clock, ROSClock) and clock.ros_time_is_active
+
         def leave_sim_wait() -> bool:
-            return self._stop.is_set() or not self.context.ok() or not clock.ros_time_is_active
+            return self._stop.is_set() or not self.context.ok() or not sim_time()
 
         while not self._stop.is_set() and self.context.ok():
-            if clock.ros_time_is_active:
+            if sim_time():
                 if not on_sim:
                     sim.reset()
                     on_sim = True

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 BACKENDS: dict[str, str] = {  # backend name -> "module:class"
     "eager": "effvla_ros.core.backends.eager:EagerBackend",
+    "compiled": "effvla_ros.core.backends.compiled:CompiledBackend",
 }
 
 

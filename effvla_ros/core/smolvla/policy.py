@@ -234,9 +234,10 @@ class SmolVLAPolicy:
         s = self.arch.scale_factor
         return ImageEncoding(tokens, (patch_grid[0] // s, patch_grid[1] // s), patch_grid, stats)
 
-    def encode_pixels(self, pixels: Tensor) -> Tensor:
+    def encode_pixels(self, pixels: Tensor, ops: Any = L) -> Tensor:
         """Model-ready pixels (B, 3, H, W) in [-1, 1] -> connector tokens (B, N, D_vlm): patch + position
-        embeddings, the SigLIP layers (:func:`.layers.siglip_layer`), post-LN, pixel shuffle + projection."""
+        embeddings, the SigLIP layers (:func:`.layers.siglip_layer`), post-LN, pixel shuffle + projection.
+        ``ops``: where the per-layer functions come from (:mod:`.layers`, or a backend's compiled versions)."""
         vision, connector = self.weights.vision, self.weights.connector
         x = pixels.to(vision.embeddings.patch_embedding.weight.dtype)
         b, _, hh, ww = x.shape
@@ -244,12 +245,12 @@ class SmolVLAPolicy:
         full = torch.ones((b, hh // p, ww // p), dtype=torch.bool, device=x.device)
         h = vision.embeddings(pixel_values=x, patch_attention_mask=full)        # (B, Np, Dv)
         for layer in vision.encoder.layers:
-            h = L.siglip_layer(layer, h)[0]
+            h = ops.siglip_layer(layer, h)[0]
         return connector(vision.post_layernorm(h))                               # (B, N, D_vlm)
 
     # ======================================================================================= stage 2
     def embed_prefix(self, visual: Mapping[str, VisualTokens | Tensor], lang_tokens: Tensor, lang_mask: Tensor,
-                     state: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, tuple[int, int]], dict[str, Tensor]]:
+                     state: Tensor, pad_to: int = 0) -> tuple[Tensor, Tensor, Tensor, dict[str, tuple[int, int]], dict[str, Tensor]]:
         """[images x sqrt(D) per camera; language x sqrt(D); state_proj(state)] with pad/att masks.
 
         Returns embeddings (B, P, D), pad_mask (B, P), att_mask (B, P), segments, token_index.
@@ -305,17 +306,21 @@ class SmolVLAPolicy:
         emb = torch.cat(embs, dim=1)                                              # type promotion as LeRobot
         pad_mask = torch.cat(pads, dim=1)
         att_mask = torch.cat(atts, dim=1)
-        if 0 < emb.shape[1] < self.arch.prefix_length:
-            extra = self.arch.prefix_length - emb.shape[1]
+        target = max(self.arch.prefix_length, pad_to)
+        if 0 < emb.shape[1] < target:  # padding tokens: masked for every query and key, no position
+            extra = target - emb.shape[1]
             emb = F.pad(emb, (0, 0, 0, extra))
             pad_mask = F.pad(pad_mask.long(), (0, extra)).bool()
             att_mask = F.pad(att_mask.long(), (0, extra)).bool()
         return emb, pad_mask, att_mask, segments, token_index
 
     def begin_prefill(self, visual: Mapping[str, VisualTokens | Tensor], lang_tokens: Tensor, lang_mask: Tensor,
-                      state: Tensor) -> PrefixCache:
-        """The prefix's embeddings and masks, no layer computed yet (``cache.hidden`` = the embeddings)."""
-        emb, pad_mask, att_mask, segments, token_index = self.embed_prefix(visual, lang_tokens, lang_mask, state)
+                      state: Tensor, pad_to: int = 0) -> PrefixCache:
+        """The prefix's embeddings and masks, no layer computed yet (``cache.hidden`` = the embeddings).
+        ``pad_to``: pad the prefix with masked tokens up to this length (static shapes for compiled backends; the
+        valid tokens' K/V and the actions are unchanged, as with the checkpoint's ``prefix_length``)."""
+        emb, pad_mask, att_mask, segments, token_index = self.embed_prefix(visual, lang_tokens, lang_mask, state,
+                                                                           pad_to)
         att_2d = make_att_2d_masks(pad_mask, att_mask)                           # (B, P, P)
         position_ids = torch.cumsum(pad_mask.long(), dim=1) - 1                  # (B, P)
         return PrefixCache([], [], pad_mask, att_mask, position_ids, emb, segments, token_index, hidden=emb,
@@ -323,7 +328,7 @@ class SmolVLAPolicy:
 
     def prefill_layers(self, cache: PrefixCache, start: int, stop: int, *,
                        attn_layers: bool | Collection[int] = False,
-                       layer_callback: PrefillLayerCallback | None = None) -> bool:
+                       layer_callback: PrefillLayerCallback | None = None, ops: Any = L) -> bool:
         """Run VLM layers [start, stop) on ``cache.hidden`` (the output of layer start - 1), appending their K/V.
 
         ``attn_layers``: True / layer indices whose attention probabilities are kept in ``cache.attn_probs``.
@@ -336,7 +341,7 @@ class SmolVLAPolicy:
         h = cache.hidden
         for i in range(start, stop):
             want = attn_layers is True or (not isinstance(attn_layers, bool) and i in attn_layers)
-            h_out, k, v, probs = L.vlm_layer(layers[i], h, cache.position_ids, cache.att_2d,
+            h_out, k, v, probs = (L if want else ops).vlm_layer(layers[i], h, cache.position_ids, cache.att_2d,
                                              fused=self.fused_attention, want_probs=want)
             cache.keys.append(k)
             cache.values.append(v)
@@ -397,11 +402,12 @@ class SmolVLAPolicy:
         return kv
 
     def velocity(self, cache: PrefixCache, x_t: Tensor, t: float | Tensor, *, step: int = -1,
-                 plan: ExpertPlan | None = None) -> Tensor:
+                 plan: ExpertPlan | None = None, ops: Any = L) -> Tensor:
         """v(x_t, t) given the prefix cache: (B, S, max_action_dim) fp32 -> same shape, fp32.
 
         t: a float, (B,) or per token (B, S). ``plan`` decides per expert layer to compute it or replace it
-        (feature reuse); ``step`` is passed to it. Runs in the caller's grad mode, so under
+        (feature reuse); ``step`` is passed to it. ``ops``: where the layer functions come from (:mod:`.layers`, or
+        a backend's compiled versions). Runs in the caller's grad mode, so under
         ``torch.enable_grad()`` it is differentiable w.r.t. x_t (vector-Jacobian products for RTC guidance).
         """
         b, s = x_t.shape[:2]
@@ -425,10 +431,10 @@ class SmolVLAPolicy:
             layer = expert_layers[ei]
             run: Callable[[Tensor], Tensor]
             if i in cross_kv:
-                run = functools.partial(L.expert_cross_layer, layer, k=cross_kv[i][0], v=cross_kv[i][1], pos=cross_pos,
+                run = functools.partial(ops.expert_cross_layer, layer, k=cross_kv[i][0], v=cross_kv[i][1], pos=cross_pos,
                                         mask=prefix_mask, fused=fused)
             else:
-                run = functools.partial(L.expert_self_layer, layer, pk=cache.keys[i], pv=cache.values[i],
+                run = functools.partial(ops.expert_self_layer, layer, pk=cache.keys[i], pv=cache.values[i],
                                         pos=suffix_pos, mask=self_mask, fused=fused)
             h = run(h) if plan is None else plan.layer(ExpertLayerContext(step, t, i, i in cross_kv, h, run))
         h = self.weights.expert.norm(h)[:, -self.arch.chunk_size:]

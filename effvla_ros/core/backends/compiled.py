@@ -1,0 +1,78 @@
+"""The compiled backend: the eager reference's loops with their layer functions compiled by ``torch.compile``.
+
+After gpt-fast (pytorch-labs): compile the per-step work over static shapes, keep the control flow in
+Python. Here the unit compiled is one layer (:mod:`effvla_ros.core.smolvla.layers`: the VLM layer, the
+expert's self- and cross-attention layers) and the whole full-frame vision encoder; the loops that call
+them stay the policy's own (:meth:`SmolVLAPolicy.prefill_layers`, :meth:`SmolVLAPolicy.velocity`), so every
+hook keeps its semantics on this backend: early exit cuts the prefill between layers, expert reuse decides
+per layer between compiled calls, RTC guidance wraps the velocity in the shared integrator, pruning only
+changes the prefix length.
+
+Static shapes: the prefix is padded with masked tokens up to a multiple of ``prefix_bucket`` (exact: padding
+tokens are masked for every query and key and take no position), so a change of the kept-token count
+recompiles only when it crosses a bucket. Graphs are specialised per shape; inductor's FX graph cache (on
+disk, ``TORCHINDUCTOR_CACHE_DIR``) makes a restart's compilation a cache lookup.
+
+Not on this backend: the Eventful partial encode runs eager (its changed-row count varies every frame);
+VJP guidance (autograd through a compiled layer is not what this path is for) and attention probabilities
+(training probes) are refused by the capabilities. Weights are switched to ``requires_grad=False`` (the
+compiled graphs treat them as constants).
+"""
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from effvla_ros.core.smolvla import layers as L  # noqa: N812
+from effvla_ros.core.smolvla.policy import SmolVLAPolicy
+from effvla_ros.core.stages import ExpertPlan, PrefixCache
+
+from .base import Capabilities
+from .eager import EagerBackend
+
+
+def _compile(fn: Any, device: torch.device) -> Any:
+    # freezing: weights become constants (on CPU: oneDNN weight prepacking and fused epilogues)
+    return torch.compile(fn, dynamic=False, options={"freezing": device.type == "cpu"})
+
+
+class CompiledBackend(EagerBackend):
+    caps = Capabilities("compiled", vjp=False, attention_probs=False)
+    prefix_bucket = 16
+
+    def __init__(self, policy: SmolVLAPolicy) -> None:
+        super().__init__(policy)
+        policy.weights.requires_grad_(False)
+        n_graphs = policy.arch.num_vlm_layers + policy.arch.n_expert_layers + 8
+        for name in ("recompile_limit", "cache_size_limit"):  # one graph per layer and shape
+            if getattr(torch._dynamo.config, name, n_graphs) < n_graphs:
+                setattr(torch._dynamo.config, name, n_graphs)
+        dev = policy.device
+        self.ops = types.SimpleNamespace(
+            siglip_layer=L.siglip_layer,  # the Eventful partial encode: eager (dynamic row count)
+            vlm_layer=_compile(L.vlm_layer, dev),
+            expert_self_layer=_compile(L.expert_self_layer, dev),
+            expert_cross_layer=_compile(L.expert_cross_layer, dev),
+        )
+        self._encode = _compile(policy.encode_pixels, dev)
+
+    def encode(self, pixels: Tensor) -> Tensor:
+        return self._encode(pixels)  # type: ignore[no-any-return]
+
+    def begin_prefill(self, visual: Any, lang_tokens: Tensor, lang_mask: Tensor, state: Tensor) -> PrefixCache:
+        p = lang_tokens.shape[1] + 1                                           # language + state token
+        for vt in visual.values():
+            tokens = vt if isinstance(vt, Tensor) else vt.tokens
+            p += int(vt.keep.shape[-1]) if not isinstance(vt, Tensor) and vt.keep is not None else tokens.shape[1]
+        b = self.prefix_bucket
+        return self.policy.begin_prefill(visual, lang_tokens, lang_mask, state, pad_to=-(-p // b) * b)
+
+    def prefill(self, cache: PrefixCache, start: int, stop: int) -> None:
+        self.policy.prefill_layers(cache, start, stop, ops=self.ops)
+
+    def velocity(self, cache: PrefixCache, x_t: Tensor, t: Tensor, *, step: int = -1,
+                 plan: ExpertPlan | None = None) -> Tensor:
+        return self.policy.velocity(cache, x_t, t, step=step, plan=plan, ops=self.ops)
