@@ -14,8 +14,9 @@ simulated seconds after its observation, so one factor at a time can be switched
     python scripts/emulate_graph.py --mode direct                                 # = eval-sim's execution
 
 Parameters: ``config/base.yaml`` < the target's file < ``config/sim.yaml`` (the demo's layering), then
-``--exec`` (chunk executor fields, lists ``:``-separated) and ``--setting`` (eval-sim's
-``section.field=value`` joined by ``+``, on eval-sim's baseline: every optimization off). Images and
+``--exec`` (chunk executor fields, lists ``:``-separated) and ``--setting`` (one setting in the sweep
+grammar of eval-sim and replay, :mod:`effvla_ros.core.settings`: ``group.field=value`` joined by ``+``,
+on the baseline: every optimization off). Images and
 joint state of one instant (what the policy node pairs). What it does not have: DDS, the GIL and CPU
 contention between nodes, float16 tokens on the wire.
 """
@@ -33,16 +34,18 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from effvla_ros.core.chunking import ChunkHistory, ExecutionReport, IssuedChunk  # noqa: E402
 from effvla_ros.core.compression.compressor import TokenCompressor  # noqa: E402
 from effvla_ros.core.executor import ChunkExecutorCore, ExecState, ExecutorConfig  # noqa: E402
-from effvla_ros.core.rtc import DelayEstimator, IssuedChunk, guidance_toward  # noqa: E402
+from effvla_ros.core.observation import rgb_to_tensor  # noqa: E402
+from effvla_ros.core.rtc import DelayEstimator  # noqa: E402
 from effvla_ros.core.runner import PolicyRunner, compressed_to_camera_tokens  # noqa: E402
+from effvla_ros.core.settings import Setting, build_settings  # noqa: E402
 from effvla_ros.core.smolvla import load_policy  # noqa: E402
 from effvla_ros.graph import TARGETS, default_checkpoint, params_files  # noqa: E402
 from effvla_ros.replay.settings import node_params  # noqa: E402
 from effvla_ros.sim.env import JOINT_NAMES, SimConfig, TwoCubePickPlaceEnv  # noqa: E402
 from effvla_ros.sim.follower import JointTrajectoryFollower, TrajectoryPoint  # noqa: E402
-from effvla_ros.train.evaluate import EvalSetting, _image, parse_sweep  # noqa: E402
 
 PHYSICS_MS = 2  # the environment's physics step
 CONTROLLER_MS = 10  # sim_bridge controller_rate 100 Hz
@@ -59,7 +62,7 @@ def executor_config(target: str, overrides: str) -> ExecutorConfig:
     return cfg
 
 
-def run_episode(policy, env, seed: int, setting: EvalSetting, ecfg: ExecutorConfig, *, mode: str,  # type: ignore[no-untyped-def]
+def run_episode(policy, env, seed: int, setting: Setting, ecfg: ExecutorConfig, *, mode: str,  # type: ignore[no-untyped-def]
                 latency: float, horizon: int, max_steps: int) -> tuple[bool, float]:
     cfg = setting.configs()
     dt = env.control_dt
@@ -73,7 +76,7 @@ def run_episode(policy, env, seed: int, setting: EvalSetting, ecfg: ExecutorConf
     delay = DelayEstimator(cfg["rtc"])
     core = ChunkExecutorCore(ecfg)
     follower = JointTrajectoryFollower(JOINT_NAMES, env.joint_targets(), now=0.0)
-    chunks: list[IssuedChunk] = []
+    chunks = ChunkHistory(maxlen=8)  # as the policy node
     pending: list[tuple[float, dict]] = []  # (arrival time, ActionChunk fields)
     direct: tuple[float, np.ndarray] | None = None
     obs = None
@@ -89,21 +92,20 @@ def run_episode(policy, env, seed: int, setting: EvalSetting, ecfg: ExecutorConf
             core.on_joint_state(JOINT_NAMES, env.joint_positions(), t)
         if ms % cam_ms == 0:
             imgs = env.render_all()
-            cams = {c: compressed_to_camera_tokens(compressor.process(c, _image(imgs[c]))) for c in policy.arch.cameras}
+            cams = {c: compressed_to_camera_tokens(compressor.process(c, rgb_to_tensor(imgs[c])))
+                    for c in policy.arch.cameras}
             obs = (t, cams, torch.as_tensor(env.joint_positions(), dtype=torch.float32))
         # the policy node: a new chunk once the current one's horizon minus the latency has elapsed
         if obs is not None and obs[0] > last_obs and not pending:
-            due = not chunks or t >= chunks[-1].stamp + horizon * dt - (delay.latency() or 0.0) - 1e-9
+            last = chunks.last
+            due = last is None or t >= last.stamp + horizon * dt - (delay.latency() or 0.0) - 1e-9
             if due:
                 o_t, o_cams, state = obs
                 guidance = None
-                if cfg["rtc"].enabled and chunks:  # as PolicyNode._guidance, from the executor's feedback
-                    prev, committed_until, holding = chunks[-1], None, False
-                    if fb is not None and fb.chunk_id:
-                        prev = next((c for c in chunks if c.chunk_id == fb.chunk_id), prev)
-                        committed_until, holding = fb.committed_until, fb.state is ExecState.HOLDING
-                    if not holding:
-                        guidance = guidance_toward(prev, o_t, dt, policy.arch.chunk_size, delay, committed_until)
+                if cfg["rtc"].enabled:  # as PolicyNode._guidance, from the executor's feedback
+                    report = (ExecutionReport(fb.chunk_id, fb.committed_until, fb.state is ExecState.HOLDING)
+                              if fb is not None and fb.chunk_id else None)
+                    guidance = chunks.guidance(o_t, dt, policy.arch.chunk_size, delay, report)
                 res = runner.infer(o_cams, state, guidance=guidance, generator=gen)
                 last_obs = o_t
                 chunk_id += 1
@@ -114,7 +116,7 @@ def run_episode(policy, env, seed: int, setting: EvalSetting, ecfg: ExecutorConf
                     rtc_delay_steps=int(res.rtc_delay) if res.guided else 0,
                     rtc_prefix_chunk_id=int(guidance.source_chunk_id) if (guidance is not None and res.guided) else 0)))
                 delay.record(latency)
-                chunks.append(IssuedChunk(chunk_id, o_t, res.x_final.detach(), res.state))
+                chunks.add(IssuedChunk(chunk_id, o_t, res.x_final.detach(), res.state))
         while pending and t >= pending[0][0] - 1e-9:
             _, kw = pending.pop(0)
             if mode == "executor":
@@ -159,7 +161,8 @@ def main() -> int:
     policy = load_policy(args.checkpoint)
     env = TwoCubePickPlaceEnv(SimConfig(image_size=int(node_params(params_files(args.target, sim=True),
                                                                    "sim_bridge").get("image_size", 64))))
-    setting = parse_sweep([args.setting])[1] if args.setting else EvalSetting("baseline")
+    settings = build_settings([args.setting] if args.setting else [])  # the baseline first
+    setting = settings[1] if args.setting else settings[0]
     ecfg = executor_config(args.target, args.exec)
     print(f"mode {args.mode}, latency {args.latency} s, setting {setting.name}; executor: "
           + ", ".join(f"{k}={ecfg.to_dict()[k]}" for k in ("velocity_limits", "acceleration_limits", "blend_time",

@@ -1,4 +1,5 @@
-"""policy node over real DDS: chunks from tokens, RTC with executor feedback, live tuning, bad input."""
+"""policy node over real DDS: chunks from tokens, RTC with executor feedback, live tuning, bad input
+(its observation functions alone: test_observation_core.py, test_observation_paths.py)."""
 from __future__ import annotations
 
 import time
@@ -158,16 +159,3 @@ def test_policy_node_end_to_end(tmp_path: Path, ckpt: Path) -> None:
         c = chunks[-1]
         assert abs(c.header.stamp.sec + 1e-9 * c.header.stamp.nanosec - t[0]) < 5.0
         assert proc.alive()
-
-
-def test_state_at_pairs_the_joint_state_of_the_images_instant() -> None:
-    from effvla_ros.nodes.policy import state_at
-
-    stamps = [0.0, 0.02, 0.04, 0.06]
-    assert state_at(stamps, 0.04, 0.05) == 2  # same instant
-    assert state_at(stamps, 0.05, 0.05) == 2  # the newest at or before the images, not the nearest (0.06)
-    assert state_at([0.06, 0.0, 0.04], 0.05, 0.05) == 2  # arrival order does not matter
-    assert state_at([0.1, 0.3], 0.2, 0.15) == 0
-    assert state_at(stamps, 0.2, 0.05) is None  # all too old, a newer one may still arrive: wait
-    assert state_at([], 0.2, 0.05) is None
-    assert state_at([0.0, 0.5], 0.2, 0.05) == -1  # too old before, newer after: skip this observation

@@ -13,7 +13,7 @@ import pytest
 from effvla_ros.replay.bagio import BagError, open_bag
 from effvla_ros.replay.observations import ObservationOptions, build_episode
 from effvla_ros.replay.pipeline import ReplayConfig, run_replay, strip_timings
-from effvla_ros.replay.settings import build_settings, make_setting, parse_sweep
+from effvla_ros.replay.settings import build_settings, make_setting, parse_replay_sweep
 from effvla_ros.replay.synthetic import frame_image, write_episode_bag
 
 CAMS = ["camera1", "camera2"]
@@ -90,6 +90,26 @@ def test_mcap_and_sqlite3_two_rates_out_of_order(bags: dict[str, Path]) -> None:
     assert all(o.recorded is not None and o.recorded.stamp_ns == o.stamp_ns for o in ep.observations)
 
 
+def test_joint_state_paired_as_the_policy_node_does(tmp_path: Path) -> None:
+    """The state is the newest JointState at or before the images and at most state_stamp_tolerance_s
+    older (the node's rule, core.observation.state_at); before, replay took any older one."""
+    bag = write_episode_bag(tmp_path / "slow_js", storage="sqlite3", joint_rate=5.0)  # a state every 0.2 s
+    # observations at camera2's frames START + j/5 + 0.003; the newest state before each is 0.053 s older
+    with pytest.raises(BagError, match="'unsynced_state': 10.*--state-stamp-tolerance"):
+        build_episode(open_bag(bag), CAMS, 6, ObservationOptions(mode="frames"))
+    for tol in (0.06, 0.0):  # 0: no limit
+        ep = build_episode(open_bag(bag), CAMS, 6, ObservationOptions(mode="frames", state_stamp_tolerance_s=tol))
+        assert ep.stats["observations"] == 10 and ep.stats["skipped"]["unsynced_state"] == 0
+        assert ep.stats["state_stamp_tolerance_s"] == tol
+        for o in ep.observations:
+            t_js = o.stamp - 0.053
+            np.testing.assert_allclose(o.state, [0.2 * np.sin(0.7 * (t_js - START) + i) for i in range(6)], atol=1e-6)
+    # joints picked by name, as the node: a missing one is named
+    names = ["j0", "j1", "j2", "j3", "j4", "x"]
+    with pytest.raises(BagError, match=r"11 rejected, the first: JointState lacks joints \['x'\]"):
+        build_episode(open_bag(bag), CAMS, 6, ObservationOptions(mode="frames", state_joint_names=names))
+
+
 def test_clear_errors(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("not a bag")
@@ -133,29 +153,32 @@ def test_cli_errors(tmp_path: Path, bags: dict[str, Path], capsys: pytest.Captur
 
 
 def test_settings_parsing() -> None:
-    sw = parse_sweep(["pruning.keep_ratio=0.25,0.5", "reuse.enabled=true,false", "early_exit.thresholds=0.9:0.95"])
-    assert sw == [("pruning.keep_ratio", [0.25, 0.5]), ("reuse.enabled", [True, False]),
-                  ("early_exit.thresholds", [[0.9, 0.95]])]
-    one = build_settings(sw, 10)
+    """Replay's side of the shared grammar (test_settings_core.py has the rest)."""
+    sw = parse_replay_sweep(["pruning.keep_ratio=0.25,0.5", "reuse.enabled=true,false",
+                             "early_exit.thresholds=0.9:0.95"])
+    assert [[c for _, c in item] for item in sw] == [
+        [{"pruning.keep_ratio": 0.25}, {"pruning.keep_ratio": 0.5}], [{"reuse.enabled": True}, {"reuse.enabled": False}],
+        [{"early_exit.thresholds": [0.9, 0.95]}]]
+    one = build_settings(sw, defaults={"num_steps": 10})
     assert [s.name for s in one][:3] == ["baseline", "pruning.keep_ratio=0.25", "pruning.keep_ratio=0.5"]
     assert len(one) == 1 + 2 + 2 + 1
-    assert len(build_settings(sw, 10, mode="product")) == 1 + 2 * 2 * 1
+    assert len(build_settings(sw, defaults={"num_steps": 10}, mode="product")) == 1 + 2 * 2 * 1
     base = one[0]
     assert base.pruning.method == "none" and not base.reuse.enabled and not base.rtc.enabled
     assert not base.early_exit.enabled and not base.expert_reuse.enabled and base.inference.num_steps == 10
-    s = make_setting("x", {"pruning.keep_ratio": 0.25}, 10)
+    s = make_setting("x", {"pruning.keep_ratio": 0.25}, {"num_steps": 10})
     assert s.pruning.method == "task" and s.implied == ["pruning.method=task"]
-    assert make_setting("y", {"rtc.schedule": "linear"}, 10).rtc.enabled
-    for bad in ("pruning.bogus=1", "nothing=1", "pruning.keep_ratio=abc", "pruning.keep_ratio"):
+    assert make_setting("y", {"rtc.schedule": "linear"}).rtc.enabled
+    for bad in ("pruning.bogus=1", "nothing=1", "pruning.keep_ratio=abc", "pruning.keep_ratio", "delay_steps=1"):
         with pytest.raises(ValueError):
-            parse_sweep([bad])
+            parse_replay_sweep([bad])
     with pytest.raises(ValueError, match="keep_ratio"):
-        make_setting("z", {"pruning.keep_ratio": 7.0}, 10)  # validated by PruningConfig
+        make_setting("z", {"pruning.keep_ratio": 7.0})  # validated by PruningConfig
     from effvla_ros.replay.settings import target_overrides
 
     over, pol, execp = target_overrides("orin_nano_8gb")  # config/base.yaml < config/targets/orin_nano_8gb.yaml
     assert {"pruning.keep_ratio", "reuse.enabled", "early_exit.enabled", "num_steps"} <= set(over)
-    t = make_setting("target:orin_nano_8gb", over, 10)
+    t = make_setting("target:orin_nano_8gb", over, {"num_steps": 10})
     assert t.pruning.keep_ratio == over["pruning.keep_ratio"] and t.inference.num_steps == over["num_steps"]
     assert execp["joint_names"] and "fps" in pol
 

@@ -1,4 +1,5 @@
-"""Real-time chunking core: mask, weight, both corrections, delay estimation, alignment."""
+"""Real-time chunking core: mask, weight, both corrections, delay estimation, alignment (the RTC target's
+bookkeeping, ``guidance_toward``: test_chunking_core.py)."""
 from __future__ import annotations
 
 import math
@@ -152,17 +153,3 @@ def test_config_rejects_bad_values_naming_field() -> None:
         RTCConfig(max_guidance_weight=-1.0)
     with pytest.raises(ValueError, match="guidance"):
         RTCConfig(guidance="magic")
-
-
-def test_guidance_toward_aligns_the_issued_chunk_and_covers_committed_actions() -> None:
-    from effvla_ros.core.rtc import DelayEstimator, IssuedChunk, RTCConfig, guidance_toward
-
-    prev = IssuedChunk(3, 10.0, torch.arange(10.0)[:, None].repeat(1, 2))
-    est = DelayEstimator(RTCConfig())  # no latency measured yet: d = 0 unless actions are committed
-    g = guidance_toward(prev, 10.2, 0.1, 10, est, committed_until=10.5)
-    assert g is not None and g.source_chunk_id == 3 and g.valid == 8 and g.delay == 3
-    assert float(g.actions[0, 0]) == 2.0  # row 0 of the new chunk = row 2 of the issued one
-    g0 = guidance_toward(prev, 10.2, 0.1, 10, est)
-    assert g0 is not None and g0.delay == 0
-    assert guidance_toward(prev, 9.9, 0.1, 10, est) is None  # observed before the issued chunk
-    assert guidance_toward(prev, 11.0, 0.1, 10, est) is None  # nothing of it left

@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from effvla_ros.train.evaluate import BASELINE, OUTCOMES, EvalSetting, classify_outcome, parse_sweep
+from effvla_ros.core.settings import make_setting
+from effvla_ros.train.evaluate import BASELINE, OUTCOMES, classify_outcome, eval_settings
 
 CKPT = Path(__file__).resolve().parents[1] / "effvla_ros" / "assets" / "so101_pickplace"
 
 
 def test_sweep_parsing_types_and_baseline():
-    settings = parse_sweep(["pruning.keep_ratio=0.5,0.25", "rtc.enabled=true+delay_steps=2", "num_steps=5"])
+    settings = eval_settings(["pruning.keep_ratio=0.5,0.25", "rtc.enabled=true+delay_steps=2", "num_steps=5"])
     assert [s.name for s in settings] == ["baseline", "pruning.keep_ratio=0.5", "pruning.keep_ratio=0.25",
-                                          "rtc.enabled=true+delay_steps=2", "inference.num_steps=5"]
+                                          "rtc.enabled=true+delay_steps=2", "num_steps=5"]  # as written
     base = settings[0].configs()
     assert base["pruning"].method == "none" and base["reuse"].enabled is False
     assert base["early_exit"].enabled is False and base["expert_reuse"].enabled is False and not base["rtc"].enabled
@@ -26,15 +27,17 @@ def test_sweep_parsing_types_and_baseline():
     assert settings[4].configs()["inference"].num_steps == 5
     assert settings[1].configs()["pruning"].method == "task"  # changing a pruning field switches pruning on
     assert set(BASELINE) <= set(settings[1].effective_changes())
-    off = parse_sweep(["reuse.threshold=0.1+reuse.enabled=false"])[1].configs()["reuse"]
+    off = eval_settings(["reuse.threshold=0.1+reuse.enabled=false"])[1].configs()["reuse"]
     assert off.enabled is False and off.threshold == 0.1
     with pytest.raises(ValueError, match="keep_ratio"):
-        parse_sweep(["pruning.keep_ratio=2"])
+        eval_settings(["pruning.keep_ratio=2"])
     with pytest.raises(ValueError):
-        parse_sweep(["bogus.field=1"])
+        eval_settings(["bogus.field=1"])
     with pytest.raises(ValueError, match="boolean"):
-        parse_sweep(["rtc.enabled=maybe"])
-    assert EvalSetting("x", {"exec.horizon": 3}).exec_params() == (3, 0)
+        eval_settings(["rtc.enabled=maybe"])
+    assert make_setting("x", {"exec.horizon": 3}).exec_params() == (3, 0)
+    assert eval_settings(["early_exit.thresholds=0.9;0.95"])[1].early_exit.thresholds == [0.9, 0.95]  # old ';'
+    assert eval_settings(["early_exit.thresholds=0.9:0.95"])[1].early_exit.thresholds == [0.9, 0.95]
 
 
 def test_eval_sim_one_short_episode_reports_and_moves_the_arm(tmp_path):

@@ -5,8 +5,9 @@ policy driven through the same core path as the ROS nodes (TokenCompressor -> Po
 reports per setting the success rate, the episode length, and per inference the encoder FLOPs, the
 kept / reused visual tokens, the stage times (and FLOPs with ``--count-flops``). The first setting is
 the baseline with every optimization off; each ``--sweep name=v1,v2`` adds one setting per value on
-top of it (``section.field``: pruning.*, reuse.*, early_exit.*, expert_reuse.*, rtc.*, num_steps,
-horizon, delay_steps; join several changes of one setting with ``+``). Each failed episode is classified
+top of it (``group.field``: pruning.*, reuse.*, early_exit.*, expert_reuse.*, rtc.*, num_steps,
+horizon, delay_steps; list values ``a:b:c``; join several changes of one setting with ``+``) - the
+grammar of ``effvla replay`` too, see :mod:`effvla_ros.core.settings`. Each failed episode is classified
 (wrong cube / missed / not lifted / not placed / no grasp, from where the gripper first closed:
 :func:`effvla_ros.train.evaluate.classify_outcome`). Prints a table; ``--out`` writes the full report
 (incl. every episode) as JSON. See :mod:`effvla_ros.train.evaluate`.
@@ -23,8 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episodes", type=int, default=20, help="episodes per setting (default 20)")
     parser.add_argument("--seed", type=int, default=100_000,
                         help="seed of the first episode (default 100000, disjoint from gen-demos' default seeds)")
-    parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
-                        help="add one setting per value on top of the baseline (repeatable)")
+    parser.add_argument("--sweep", action="extend", nargs="+", default=[], metavar="NAME=V1,V2",
+                        help="add one setting per value on top of the baseline (repeatable), by group.field: "
+                             "pruning.*, reuse.*, early_exit.*, expert_reuse.*, rtc.*, num_steps, horizon, "
+                             "delay_steps; list values a:b:c; NAME=V+NAME=V: one setting with several changes")
+    parser.add_argument("--sweep-mode", default="one-at-a-time", choices=["one-at-a-time", "product"],
+                        help="each sweep item's settings alone on the baseline (default) or every combination")
     parser.add_argument("--delay-steps", type=int, default=0,
                         help="emulated inference delay in control steps, for every setting (default 0)")
     parser.add_argument("--horizon", type=int, default=0,
@@ -44,14 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from effvla_ros.core.smolvla import CheckpointError, load_policy
-    from effvla_ros.train.evaluate import (
-        EvalSetting,
-        evaluate,
-        evaluate_parallel,
-        format_table,
-        parse_sweep,
-        write_report,
-    )
+    from effvla_ros.train.evaluate import eval_settings, evaluate, evaluate_parallel, format_table, write_report
 
     if args.episodes < 1:
         print("effvla eval-sim: --episodes must be at least 1", file=sys.stderr)
@@ -59,15 +57,14 @@ def run(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        policy = load_policy(args.checkpoint)
-    except CheckpointError as e:
+        settings = eval_settings(args.sweep, num_steps=args.num_steps, horizon=args.horizon,
+                                 delay_steps=args.delay_steps, count_flops=args.count_flops, mode=args.sweep_mode)
+    except ValueError as e:
         print(f"effvla eval-sim: {e}", file=sys.stderr)
         return 2
-    base = EvalSetting("baseline", num_steps=args.num_steps, horizon=args.horizon, delay_steps=args.delay_steps,
-                       count_flops=args.count_flops)
     try:
-        settings = parse_sweep(args.sweep, base=base)
-    except ValueError as e:
+        policy = load_policy(args.checkpoint)
+    except CheckpointError as e:
         print(f"effvla eval-sim: {e}", file=sys.stderr)
         return 2
     seeds = list(range(args.seed, args.seed + args.episodes))

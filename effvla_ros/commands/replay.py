@@ -8,7 +8,10 @@ Examples::
 
 The baseline runs with every optimization off (pruning.method=none, reuse.enabled=false, early exit,
 expert reuse and RTC off); each ``--sweep name=v1,v2`` value is applied alone on the baseline
-(``--sweep-mode product``: every combination). ``--target T`` adds the target's configured setting
+(``--sweep-mode product``: every combination; ``name=v+name=v``: one setting with several changes; list
+values ``a:b:c``) - the grammar of ``effvla eval-sim`` too, see :mod:`effvla_ros.core.settings`. The
+joint state of an observation is paired as the policy node does (the newest at or before the images,
+at most ``--state-stamp-tolerance`` older). ``--target T`` adds the target's configured setting
 (config/base.yaml + config/targets/T.yaml) and uses its chunk executor parameters for smoothness.
 Outputs in ``--out``: report.json, report.md, actions.npz, PNG plots.
 """
@@ -25,11 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vlm-dir", default=None, help="VLM config + tokenizer directory (see effvla infer)")
     parser.add_argument("--target", default=None, help="add the setting of this deployment target "
                         "(orin_nano_8gb, orin_nx_16gb, agx_orin_64gb, agx_thor, x86_cpu)")
-    parser.add_argument("--sweep", nargs="+", default=[], metavar="NAME=V1,V2",
+    parser.add_argument("--sweep", action="extend", nargs="+", default=[], metavar="NAME=V1,V2",
                         help="settings to compare with the baseline, by ROS parameter name: pruning.*, reuse.*, "
-                             "early_exit.*, expert_reuse.*, rtc.*, num_steps (list values: a:b:c)")
+                             "early_exit.*, expert_reuse.*, rtc.*, num_steps; list values a:b:c; "
+                             "NAME=V+NAME=V: one setting with several changes (repeatable)")
     parser.add_argument("--sweep-mode", default="one-at-a-time", choices=["one-at-a-time", "product"],
-                        help="each value alone on the baseline (default) or every combination")
+                        help="each sweep item's settings alone on the baseline (default) or every combination")
     parser.add_argument("--out", default=None, help="output directory (default: <bag>_replay)")
     parser.add_argument("--max-steps", type=int, default=0, help="replay at most N observations (0 = all)")
     parser.add_argument("--num-steps", type=int, default=0,
@@ -52,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the one with the fewest frames)")
     parser.add_argument("--stamp-tolerance", type=float, default=0.05, help="max stamp distance of a camera's frame "
                         "to the observation time (s)")
+    parser.add_argument("--state-stamp-tolerance", type=float, default=None,
+                        help="the joint state of an observation is the newest stamped at or before its images and at "
+                             "most this much older (s), as the policy node's state_stamp_tolerance_s (default: its "
+                             "default, 0.05; 0: no limit)")
     parser.add_argument("--fps", type=float, default=None, help="policy action rate (default: from the recorded "
                         "chunks, else the target's, else 10)")
     parser.add_argument("--rtc-delay-steps", type=int, default=1, help="fixed RTC inference delay d (steps)")
@@ -75,6 +83,7 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from effvla_ros.core.observation import DEFAULT_STATE_STAMP_TOLERANCE_S
     from effvla_ros.replay.observations import ObservationOptions
     from effvla_ros.replay.pipeline import ReplayConfig, run_replay
     from effvla_ros.replay.report import write_outputs
@@ -91,12 +100,16 @@ def run(args: argparse.Namespace) -> int:
         cams[cam.strip()] = topic.strip()
     if args.max_steps < 0:
         raise ValueError("--max-steps: must be >= 0")
+    state_tol = DEFAULT_STATE_STAMP_TOLERANCE_S if args.state_stamp_tolerance is None else args.state_stamp_tolerance
+    if state_tol < 0:
+        raise ValueError("--state-stamp-tolerance: must be >= 0")
     obs = ObservationOptions(
         cameras=cams, joint_states_topic=args.joint_states_topic, instruction_topic=args.instruction_topic,
         action_chunk_topic=args.action_chunk_topic, instruction=args.instruction,
         state=_floats(args.state, "--state") if args.state else None,
         state_joint_names=[x.strip() for x in args.state_joint_names.split(",")] if args.state_joint_names else [],
-        stamp_tolerance_s=args.stamp_tolerance, mode=args.observations, anchor=args.anchor_camera,
+        stamp_tolerance_s=args.stamp_tolerance, state_stamp_tolerance_s=state_tol,
+        mode=args.observations, anchor=args.anchor_camera,
         max_steps=args.max_steps)
     cfg = ReplayConfig(
         bag=args.bag, checkpoint=args.checkpoint, vlm_dir=args.vlm_dir, target=args.target, sweep=list(args.sweep),

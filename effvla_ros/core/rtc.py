@@ -22,6 +22,9 @@ clean-action estimate is ``A_hat = x - t * v``. With ``tau = 1 - t`` (the paper'
   (LeRobot 0.6.1: its autograd correction reduces to the weighted error because the velocity is
   computed before the input requires grad);
 * guided velocity ``v - w * g`` (the paper's ``v + w g`` with time reversed).
+
+The target's bookkeeping (issued chunks, :func:`~effvla_ros.core.chunking.guidance_toward`) is in
+:mod:`effvla_ros.core.chunking`.
 """
 from __future__ import annotations
 
@@ -167,33 +170,6 @@ class DelayEstimator:
         d = 0 if lat is None else math.ceil(lat / step_period - 1e-9)
         d = max(d, committed_steps)
         return int(max(0, min(d, available, self.cfg.max_delay_steps)))
-
-
-@dataclass
-class IssuedChunk:
-    """A chunk the policy published, kept as the RTC target of the next ones."""
-
-    chunk_id: int
-    stamp: float  # its observation's stamp = the time of row 0 (s)
-    x_final: torch.Tensor  # (H, max_action_dim) normalized actions
-    state: torch.Tensor | None = None  # (state_dim,) raw state it was predicted from (relative actions)
-
-
-def guidance_toward(prev: IssuedChunk, obs_stamp: float, step_period: float, horizon: int, delay: DelayEstimator,
-                    committed_until: float | None = None) -> GuidanceTarget | None:
-    """The RTC target of a chunk observed at ``obs_stamp``: ``prev`` aligned to it, d from ``delay`` and
-    raised to cover what the executor reports committed up to ``committed_until`` (None: no report).
-    None when ``prev`` has no action left at ``obs_stamp`` (or is newer than it)."""
-    if obs_stamp < prev.stamp:
-        return None
-    aligned, valid = align_previous_chunk(prev.x_final, prev.stamp, obs_stamp, step_period, horizon)
-    if valid <= 0:
-        return None
-    committed = 0
-    if committed_until is not None:
-        committed = max(0, math.ceil((committed_until - obs_stamp) / step_period - 1e-6))
-    d = delay.delay_steps(step_period, available=valid, committed_steps=committed)
-    return GuidanceTarget(aligned, valid, d, prev.chunk_id, ref_state=prev.state)
 
 
 def guided_velocity(

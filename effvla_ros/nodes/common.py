@@ -1,8 +1,7 @@
-"""Shared pieces of the node layer: QoS profiles, image conversion, stamps, the per-process model cache."""
+"""Shared pieces of the node layer: QoS profiles, image messages, stamps, the per-process model cache."""
 from __future__ import annotations
 
 import threading
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +14,9 @@ from rclpy.qos import (
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
+
+from effvla_ros.core.observation import SUPPORTED_ENCODINGS, ImageError  # noqa: F401 - re-exported for the nodes
+from effvla_ros.core.observation import image_to_rgb as _image_to_rgb
 
 # Camera images: best effort, keep only the newest frame (sensor data).
 SENSOR_QOS = QoSProfile(
@@ -34,48 +36,11 @@ LATCHED_QOS = QoSProfile(
 INSTRUCTION_VOLATILE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                                       reliability=ReliabilityPolicy.RELIABLE)
 
-_BPP = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "8UC3": 3, "8UC1": 1, "8UC4": 4}
-SUPPORTED_ENCODINGS = tuple(_BPP)
-
-
-class ImageError(ValueError):
-    """An image message that cannot be used (reason in the message)."""
-
 
 def image_to_rgb(msg: Any) -> np.ndarray:
-    """sensor_msgs/Image -> (H, W, 3) uint8 RGB.
-
-    Validates size, step and data length, removes row padding (``step`` > width * bytes per pixel),
-    then converts the encoding with rosbags-image (the same conversion as cv_bridge; PyPI's
-    cv-bridge is broken with numpy 2).
-    """
-    from rosbags.image import image_to_cvimage
-
-    enc = msg.encoding
-    if enc not in _BPP:
-        raise ImageError(f"unsupported encoding {enc!r} (supported: {', '.join(SUPPORTED_ENCODINGS)})")
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    if h <= 0 or w <= 0:
-        raise ImageError(f"zero-size image {w}x{h}")
-    row = w * _BPP[enc]
-    if step < row:
-        raise ImageError(f"step {step} is smaller than width*bytes_per_pixel = {row}")
-    data = msg.data
-    n = len(data)
-    if n != step * h:
-        raise ImageError(f"data length {n} != step*height = {step * h}")
-    buf = np.frombuffer(bytes(data) if not isinstance(data, (bytes, bytearray)) else data, dtype=np.uint8)
-    if step != row:
-        buf = np.ascontiguousarray(buf.reshape(h, step)[:, :row]).reshape(-1)
-    tight = types.SimpleNamespace(encoding=enc, height=h, width=w, step=row, is_bigendian=msg.is_bigendian,
-                                  data=buf)
-    if enc in ("mono8", "8UC1"):
-        gray = image_to_cvimage(tight)
-        return np.repeat(np.asarray(gray)[..., None], 3, axis=2)
-    if enc.startswith("8UC"):  # untyped: assume RGB order
-        arr = np.asarray(image_to_cvimage(tight))
-        return np.ascontiguousarray(arr[..., :3])
-    return np.ascontiguousarray(image_to_cvimage(tight, "rgb8"))
+    """sensor_msgs/Image -> (H, W, 3) uint8 RGB (:func:`effvla_ros.core.observation.image_to_rgb`: size,
+    step and data length checked, row padding removed; raises :class:`ImageError` with the reason)."""
+    return _image_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data)
 
 
 def stamp_to_sec(stamp: TimeMsg) -> float:

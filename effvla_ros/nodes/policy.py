@@ -33,11 +33,25 @@ from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Empty, String
 
+from effvla_ros.core.chunking import ChunkHistory, ExecutionReport, IssuedChunk
 from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
 from effvla_ros.core.compression.pruning import PruningConfig
 from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuseConfig
+from effvla_ros.core.observation import (
+    DEFAULT_STATE_STAMP_TOLERANCE_S,
+    ImageError,
+    StateError,
+    TokenError,
+    decode_tokens,
+    missing_camera,
+    newest_before,
+    observation_stamp,
+    rgb_to_tensor,
+    state_at,
+    state_vector,
+)
 from effvla_ros.core.params import ConfigBase, param
-from effvla_ros.core.rtc import DelayEstimator, GuidanceTarget, IssuedChunk, RTCConfig, guidance_toward
+from effvla_ros.core.rtc import DelayEstimator, GuidanceTarget, RTCConfig
 from effvla_ros.core.runner import CameraTokens, InferenceConfig, PolicyRunner, compressed_to_camera_tokens
 from effvla_ros.core.schedule import ChunkScheduler
 from effvla_ros.core.smolvla.config import ATTENTION_IMPLS, DTYPES, RuntimeConfig
@@ -48,7 +62,6 @@ from effvla_ros.nodes.common import (
     LATCHED_QOS,
     PIPELINE_QOS,
     SENSOR_QOS,
-    ImageError,
     NodeWorker,
     image_to_rgb,
     run_node,
@@ -58,7 +71,8 @@ from effvla_ros.nodes.common import (
 )
 from effvla_ros.nodes.param_bridge import ConfigParameters
 
-_NP = {"float16": np.float16, "float32": np.float32}
+__all__ = ["PolicyNode", "PolicyNodeConfig", "camera_tokens_from_msg", "execution_report", "image_tensor_from_msg",
+           "main", "state_at", "state_from_msg"]  # state_at: effvla_ros.core.observation's, re-exported
 
 
 @dataclass
@@ -96,7 +110,7 @@ class PolicyNodeConfig(ConfigBase):
                           "period old (core/schedule.py)")
     stamp_tolerance_s: float = param(0.05, min=0.0, max=5.0, description="max stamp spread across cameras")
     state_stamp_tolerance_s: float = param(
-        0.05, min=0.0, max=5.0,
+        DEFAULT_STATE_STAMP_TOLERANCE_S, min=0.0, max=5.0,
         description="the state is the newest JointState stamped at or before the observation (as in training and "
                     "replay) and at most this much older; 0: the newest JointState whatever its stamp")
     max_observation_age_s: float = param(1.0, min=0.01, max=60.0,
@@ -113,24 +127,34 @@ class PolicyNodeConfig(ConfigBase):
             raise ValueError("cameras: at least one camera is needed")
 
 
-def state_at(stamps: list[float], obs_stamp: float, tolerance: float) -> int | None:
-    """Index of the joint state that goes with an observation stamped ``obs_stamp``: the newest one
-    stamped at or before it and at most ``tolerance`` older (images and state of one instant, as in the
-    training data and in ``effvla replay``). None: none yet, and no state newer than the observation
-    either (it may still arrive: wait); -1: none fits (skip the observation).
+# ------------------------------------------------------------------ message -> core values
+# The node's whole observation path: messages unpacked into effvla_ros.core.observation's functions
+# (the ones replay and evaluation call); the node adds only logging, counting and publishing.
+def image_tensor_from_msg(msg: Image) -> torch.Tensor:
+    """sensor_msgs/Image -> (3, H, W) float32 in [0, 1], the compressor's input (raises ImageError)."""
+    return rgb_to_tensor(image_to_rgb(msg))
 
-    The newest state at inference time would not do: it is ahead of the images by the encoder's and
-    the queue's latency, tenths of a second of arm motion the policy never saw in training.
-    """
-    best = -1
-    for i, st in enumerate(stamps):
-        if st <= obs_stamp + 1e-6 and (best < 0 or st >= stamps[best]):
-            best = i
-    if best >= 0 and obs_stamp - stamps[best] <= tolerance + 1e-6:
-        return best
-    if not stamps or max(stamps) <= obs_stamp + 1e-6:
+
+def camera_tokens_from_msg(msg: VisualTokens) -> CameraTokens:
+    """effvla_ros/VisualTokens -> CameraTokens (a missing camera: masked; raises TokenError)."""
+    if msg.camera_missing:
+        return missing_camera((int(msg.grid_height), int(msg.grid_width)))
+    return decode_tokens(msg.dtype, bytes(msg.data), list(msg.kept_indices),
+                         (int(msg.grid_height), int(msg.grid_width)), int(msg.token_dim), list(msg.reused))
+
+
+def state_from_msg(msg: JointState, joint_names: list[str], dim: int) -> torch.Tensor:
+    """sensor_msgs/JointState -> the raw state (dim,) float32: ``joint_names`` in order, or the first ``dim``
+    positions (raises StateError naming what is wrong)."""
+    return torch.from_numpy(state_vector(list(msg.name), msg.position, joint_names, dim))
+
+
+def execution_report(fb: ExecutionFeedback | None) -> ExecutionReport | None:
+    """effvla_ros/ExecutionFeedback -> what the RTC target needs of it (None: no feedback yet)."""
+    if fb is None or fb.chunk_id == 0:
         return None
-    return -1
+    return ExecutionReport(int(fb.chunk_id), stamp_to_sec(fb.committed_until),
+                           fb.state == ExecutionFeedback.STATE_HOLDING)
 
 
 class PolicyNode(Node):
@@ -191,7 +215,7 @@ class PolicyNode(Node):
         self._dirty = False
         self._reset_pending = False
         self._last_obs_stamp: float | None = None
-        self._chunks: deque[IssuedChunk] = deque(maxlen=8)
+        self._chunks = ChunkHistory(maxlen=8)
         self._schedule = ChunkScheduler()
         self._chunk_id = 0
         self._lat_hist: deque[float] = deque(maxlen=100)
@@ -320,7 +344,8 @@ class PolicyNode(Node):
             self._last_obs_stamp = obs_stamp
             return
         dt = 1.0 / cfg.fps
-        if not self._schedule.should_start(now, self._chunks[-1].stamp if self._chunks else None,
+        last = self._chunks.last
+        if not self._schedule.should_start(now, last.stamp if last is not None else None,
                                            cfg.execution_horizon * dt, self.delay.latency() or 0.0,
                                            align=cfg.align_to_observations):
             return  # the current chunk still covers the horizon
@@ -357,15 +382,15 @@ class PolicyNode(Node):
             self.compressor.set_instruction(instruction)
         for cam, msg in images.items():
             try:
-                rgb = image_to_rgb(msg)
+                img = image_tensor_from_msg(msg)  # (3, H, W)
             except ImageError as e:
                 self.get_logger().warning(f"camera {cam}: invalid image: {e}", throttle_duration_sec=2.0)
                 continue
-            img = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255.0)
             out = self.compressor.process(cam, img)
             self._image_tokens[cam] = (stamp_to_sec(msg.header.stamp), compressed_to_camera_tokens(out))
 
     def _observation(self, tokens: dict[str, VisualTokens]) -> tuple[float, dict[str, CameraTokens]] | None:
+        """The cameras of one instant (stamps within stamp_tolerance_s) and their stamp; None: wait."""
         cfg = self.node_params.config
         cams: dict[str, CameraTokens] = {}
         stamps: list[float] = []
@@ -373,50 +398,33 @@ class PolicyNode(Node):
             if self.compressor is not None:
                 if cam not in self._image_tokens:
                     return None
-                st, ct = self._image_tokens[cam]
-                cams[cam] = ct
+                st, cams[cam] = self._image_tokens[cam]
                 stamps.append(st)
                 continue
             msg = tokens.get(cam)
             if msg is None:
                 return None
-            if msg.camera_missing:
-                cams[cam] = CameraTokens(torch.zeros(0), torch.zeros(0, dtype=torch.long),
-                                         (msg.grid_height, msg.grid_width), missing=True)
-                continue
-            ct = self._decode(msg)
-            if ct is None:
+            try:
+                cams[cam] = camera_tokens_from_msg(msg)
+            except TokenError as e:
+                self.counts["rejected_tokens"] += 1
+                self.get_logger().error(f"camera {msg.camera_name}: malformed VisualTokens: {e}",
+                                        throttle_duration_sec=2.0)
                 return None
-            cams[cam] = ct
-            stamps.append(stamp_to_sec(msg.header.stamp))
+            if not msg.camera_missing:
+                stamps.append(stamp_to_sec(msg.header.stamp))
         if not stamps:
             self.get_logger().warning("every camera is missing: no inference", throttle_duration_sec=5.0)
             return None
-        if max(stamps) - min(stamps) > cfg.stamp_tolerance_s:
+        stamp = observation_stamp(stamps, cfg.stamp_tolerance_s)
+        if stamp is None:
             return None  # wait for the cameras of one instant
-        return max(stamps), cams
-
-    def _decode(self, msg: VisualTokens) -> CameraTokens | None:
-        n = len(msg.kept_indices)
-        dt = _NP.get(msg.dtype)
-        data = bytes(msg.data)
-        if dt is None or n == 0 or len(msg.reused) not in (0, n) or len(data) != n * msg.token_dim * np.dtype(dt).itemsize:
-            self.counts["rejected_tokens"] += 1
-            self.get_logger().error(f"camera {msg.camera_name}: malformed VisualTokens (dtype {msg.dtype!r}, "
-                                    f"{n} tokens x {msg.token_dim}, {len(data)} bytes)", throttle_duration_sec=2.0)
-            return None
-        arr = np.frombuffer(data, dtype=dt).reshape(n, msg.token_dim).astype(np.float32)
-        if not np.isfinite(arr).all():
-            self.counts["rejected_tokens"] += 1
-            self.get_logger().error(f"camera {msg.camera_name}: tokens contain NaN/Inf", throttle_duration_sec=2.0)
-            return None
-        return CameraTokens(torch.from_numpy(arr), torch.tensor(list(msg.kept_indices), dtype=torch.long),
-                            (int(msg.grid_height), int(msg.grid_width)))
+        return stamp, cams
 
     def _state_at(self, obs_stamp: float, states: list[tuple[float, JointState]]) -> JointState | None | bool:
-        """The JointState paired with the observation (see :func:`state_at`) from the received ones
-        (``states``: (stamp, msg), arrival order, not empty). None: wait for it; False: none fits, the
-        observation is skipped (counted, throttled warning)."""
+        """The JointState paired with the observation (see :func:`~effvla_ros.core.observation.state_at`)
+        from the received ones (``states``: (stamp, msg), arrival order, not empty). None: wait for it;
+        False: none fits, the observation is skipped (counted, throttled warning)."""
         newest = states[-1][1]
         tol = self.node_params.config.state_stamp_tolerance_s
         if tol <= 0.0:
@@ -425,57 +433,31 @@ class PolicyNode(Node):
             self.get_logger().warning("JointState messages are unstamped (stamp 0): the newest is used, not the one "
                                       "of the images' instant", throttle_duration_sec=10.0)
             return newest
-        i = state_at([st for st, _ in states], obs_stamp, tol)
+        stamps = [st for st, _ in states]
+        i = state_at(stamps, obs_stamp, tol)
         if i is not None and i >= 0:
             return states[i][1]
         if i is None:
             return None
         self.counts["unsynced_state"] += 1
-        before = [st for st, _ in states if st <= obs_stamp + 1e-6]
-        gap = f"the newest before it is {obs_stamp - max(before):.3f} s older" if before else "none is older"
+        before = newest_before(stamps, obs_stamp)
+        gap = f"the newest before it is {obs_stamp - before:.3f} s older" if before is not None else "none is older"
         self.get_logger().warning(f"no JointState within state_stamp_tolerance_s {tol} s at or before the "
                                   f"observation ({gap}); observation skipped", throttle_duration_sec=2.0)
         return False
 
     def _state_vector(self, msg: JointState) -> torch.Tensor | None:
-        cfg = self.node_params.config
-        dim = self.policy.arch.state_dim
-        pos = list(msg.position)
-        if cfg.state_joint_names:
-            index = {n: i for i, n in enumerate(msg.name)}
-            missing = [n for n in cfg.state_joint_names if n not in index]
-            if missing or len(pos) != len(msg.name):
-                self.counts["rejected_state"] += 1
-                self.get_logger().error(f"JointState lacks joints {missing} (or positions); skipping",
-                                        throttle_duration_sec=2.0)
-                return None
-            values = [pos[index[n]] for n in cfg.state_joint_names]
-        else:
-            if len(pos) < dim:
-                self.counts["rejected_state"] += 1
-                self.get_logger().error(f"JointState has {len(pos)} positions, the checkpoint's state needs {dim}",
-                                        throttle_duration_sec=2.0)
-                return None
-            values = pos[:dim]
-        state = torch.tensor(values, dtype=torch.float32)
-        if not torch.isfinite(state).all():
+        try:
+            return state_from_msg(msg, self.node_params.config.state_joint_names, self.policy.arch.state_dim)
+        except StateError as e:
             self.counts["rejected_state"] += 1
-            self.get_logger().error("JointState contains NaN/Inf; skipping", throttle_duration_sec=2.0)
+            self.get_logger().error(f"JointState {e}; skipping", throttle_duration_sec=2.0)
             return None
-        return state
 
     def _guidance(self, obs_stamp: float, fb: ExecutionFeedback | None, dt: float) -> GuidanceTarget | None:
-        rtc = self.rtc_params.config
-        if not rtc.enabled or not self._chunks:
+        if not self.rtc_params.config.enabled:
             return None
-        prev = self._chunks[-1]
-        committed_until = None
-        if fb is not None and fb.chunk_id != 0:
-            if fb.state == ExecutionFeedback.STATE_HOLDING:
-                return None  # the executor holds: nothing of the old chunk will run
-            prev = next((c for c in self._chunks if c.chunk_id == fb.chunk_id), prev)
-            committed_until = stamp_to_sec(fb.committed_until)
-        return guidance_toward(prev, obs_stamp, dt, self.policy.arch.chunk_size, self.delay, committed_until)
+        return self._chunks.guidance(obs_stamp, dt, self.policy.arch.chunk_size, self.delay, execution_report(fb))
 
     def _publish(self, obs_stamp: float, res: Any, guidance: GuidanceTarget | None, dt: float) -> None:
         arch = self.policy.arch
@@ -502,7 +484,7 @@ class PolicyNode(Node):
         latency = self._now() - obs_stamp
         self.delay.record(latency)
         self._lat_hist.append(latency)
-        self._chunks.append(IssuedChunk(self._chunk_id, obs_stamp, res.x_final.detach().cpu(), res.state))
+        self._chunks.add(IssuedChunk(self._chunk_id, obs_stamp, res.x_final.detach().cpu(), res.state))
         self.counts["chunks"] += 1
         self._last = {"exit_layer": res.exit_layer, "steps": res.steps, "rtc_delay": msg.rtc_delay_steps,
                       "inference_ms": msg.inference_latency_ms, "prefill_ms": res.times["prefill_s"] * 1e3,

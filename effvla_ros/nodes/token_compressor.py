@@ -26,6 +26,7 @@ from std_msgs.msg import Empty, String
 
 from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
 from effvla_ros.core.compression.pruning import PruningConfig
+from effvla_ros.core.observation import WIRE_DTYPES, encode_tokens, rgb_to_tensor
 from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.core.smolvla.config import DTYPES, RuntimeConfig
 from effvla_ros.msg import VisualTokens
@@ -43,8 +44,6 @@ from effvla_ros.nodes.common import (
 )
 from effvla_ros.nodes.param_bridge import ConfigParameters
 
-_WIRE_DTYPES = {"float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32)}
-
 
 @dataclass
 class CompressorNodeConfig(ConfigBase):
@@ -60,7 +59,7 @@ class CompressorNodeConfig(ConfigBase):
     instruction_topic: str = param("instruction", read_only=True, description="task instruction topic")
     device: str = param("cpu", read_only=True, description="torch device of the encoder")
     vision_dtype: str = param("float32", choices=tuple(DTYPES), read_only=True, description="encoder dtype")
-    wire_dtype: str = param("float16", choices=tuple(_WIRE_DTYPES), read_only=True,
+    wire_dtype: str = param("float16", choices=tuple(WIRE_DTYPES), read_only=True,
                             description="element type of the published token payload")
     num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")
     count_flops: bool = param(False, read_only=True,
@@ -210,15 +209,13 @@ class TokenCompressorNode(Node):
                                        "frame dropped", throttle_duration_sec=2.0)
                 return
         try:
-            rgb = image_to_rgb(msg)
+            img = rgb_to_tensor(image_to_rgb(msg))  # (3, H, W) in [0, 1]
         except ImageError as e:
             slot.counts["dropped_invalid"] += 1
             self.get_logger().warning(f"camera {cam}: invalid image: {e}", throttle_duration_sec=2.0)
             return
-        img = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div_(255.0)  # (3, H, W) in [0, 1]
         out = self.compressor.process(cam, img)
-        tdtype, ndtype = _WIRE_DTYPES[cfg.wire_dtype]
-        payload = out.tokens.detach().to("cpu", tdtype).contiguous().numpy().astype(ndtype, copy=False)
+        payload = encode_tokens(out.tokens, cfg.wire_dtype)  # (K, D) in the wire dtype
         if not np.isfinite(payload).all():
             slot.counts["dropped_invalid"] += 1
             self.get_logger().error(f"camera {cam}: encoder produced NaN/Inf; not published", throttle_duration_sec=2.0)

@@ -2,8 +2,10 @@
 
 Determinism: the flow-matching noise of observation ``i`` is drawn from a generator seeded with
 ``seed * 1_000_003 + i`` (the same noise for every setting, so deviations measure the setting only),
-every setting starts from fresh compressor / runner state, and real-time chunking uses a fixed
-delay of ``rtc_delay_steps`` (the live node measures it from latency, which is not reproducible).
+every setting starts from fresh compressor / runner state, and real-time chunking guides each chunk
+toward the previous observation's (:class:`~effvla_ros.core.chunking.ChunkHistory`, as the node) with
+a fixed delay of ``rtc_delay_steps`` (:class:`~effvla_ros.core.chunking.FixedDelay`; the live node
+measures it from latency, which is not reproducible).
 Everything in the report except ``latency_ms`` and ``wall_s`` entries is a deterministic number.
 
 The encoder runs on the frames the observations use (on the robot the compressor also encodes the
@@ -20,12 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from effvla_ros.core.chunking import ChunkHistory, FixedDelay, IssuedChunk
 from effvla_ros.core.compression.compressor import TokenCompressor
 from effvla_ros.core.executor import ChunkExecutorCore, ExecutorConfig
-from effvla_ros.core.rtc import GuidanceTarget, align_previous_chunk
+from effvla_ros.core.observation import missing_camera, rgb_to_tensor
 from effvla_ros.core.runner import CameraTokens, InferenceConfig, PolicyRunner, compressed_to_camera_tokens
+from effvla_ros.core.settings import Setting
 from effvla_ros.replay.observations import Episode
-from effvla_ros.replay.settings import Setting
 
 NOISE_STRIDE = 1_000_003
 
@@ -84,7 +87,8 @@ def run_setting(policy: Any, episode: Episode, setting: Setting, *, seed: int = 
     actions: list[np.ndarray] = []
     steps: list[StepRecord] = []
     guidance_ids: list[int] = []
-    prev: tuple[int, float, torch.Tensor, torch.Tensor | None] | None = None  # (index, stamp, x_final, state)
+    issued = ChunkHistory(maxlen=1)  # chunk_id = observation index + 1
+    delay = FixedDelay(int(rtc_delay_steps))
     t_start = time.perf_counter()
     for obs in episode.observations:
         if obs.instruction != comp.instruction:
@@ -98,11 +102,10 @@ def run_setting(policy: Any, episode: Episode, setting: Setting, *, seed: int = 
         for cam in policy.cameras:
             fr = obs.frames.get(cam)
             if fr is None:
-                cams[cam] = CameraTokens(torch.zeros(0), torch.zeros(0, dtype=torch.long), (0, 0), missing=True)
+                cams[cam] = missing_camera()
                 kinds[cam] = "missing"
                 continue
-            img = torch.from_numpy(np.array(episode.image(fr))).permute(2, 0, 1).float().div_(255.0)
-            out = comp.process(cam, img)
+            out = comp.process(cam, rgb_to_tensor(episode.image(fr)))
             cams[cam] = compressed_to_camera_tokens(out)
             enc_s += out.time_s
             enc_f += int(out.encoder_flops)
@@ -112,17 +115,12 @@ def run_setting(policy: Any, episode: Episode, setting: Setting, *, seed: int = 
             total_tokens += out.grid[0] * out.grid[1]
             kinds[cam] = out.kind
         noise = noise_for(obs.index, seed, (1, h, arch.max_action_dim))
-        guidance = None
-        if setting.rtc.enabled and prev is not None and obs.stamp >= prev[1]:
-            aligned, valid = align_previous_chunk(prev[2], prev[1], obs.stamp, dt, h)
-            if valid > 0:
-                guidance = GuidanceTarget(aligned, valid, min(int(rtc_delay_steps), valid), prev[0] + 1,
-                                          ref_state=prev[3])
+        guidance = issued.guidance(obs.stamp, dt, h, delay) if setting.rtc.enabled else None
         res = runner.infer(cams, torch.from_numpy(np.asarray(obs.state, dtype=np.float32)), noise=noise,
                            guidance=guidance)
         actions.append(res.actions.detach().cpu().double().numpy())
-        guidance_ids.append(prev[0] + 1 if (res.guided and prev is not None) else 0)
-        prev = (obs.index, obs.stamp, res.x_final.detach().cpu(), res.state)
+        guidance_ids.append(guidance.source_chunk_id if (res.guided and guidance is not None) else 0)
+        issued.add(IssuedChunk(obs.index + 1, obs.stamp, res.x_final.detach().cpu(), res.state))
         steps.append(StepRecord(
             index=obs.index, stamp=obs.stamp, encoder_s=enc_s, prefill_s=float(res.times.get("prefill_s", 0.0)),
             denoise_s=float(res.times.get("denoise_s", 0.0)), total_s=enc_s + float(res.times.get("total_s", 0.0)),

@@ -12,9 +12,12 @@ Rules (the policy node's, applied offline):
   ``stamp_tolerance_s`` (else the observation is skipped: ``unmatched``); the observation stamp is
   the newest of those frame stamps (as in the node); an observation using exactly the frames of the
   previous one is skipped (``duplicate``);
-* state: the newest JointState with stamp at or before the observation (``state_joint_names`` picks
-  and orders joints; default: the first ``state_dim`` positions); none yet: skipped
-  (``before_first_state``), unless a fixed ``--state`` is given;
+* state: the policy node's pairing (:func:`effvla_ros.core.observation.state_at`): the newest JointState
+  stamped at or before the observation and at most ``state_stamp_tolerance_s`` older (0: no limit);
+  none at or before it: skipped (``before_first_state``), the newest one older than the tolerance:
+  skipped (``unsynced_state``), unless a fixed ``--state`` is given. ``state_joint_names`` picks and
+  orders the joints (default: the first ``state_dim`` positions), as the node's
+  :func:`~effvla_ros.core.observation.state_vector`;
 * instruction: the newest ``std_msgs/String`` on the instruction topic received (log time) at or
   before the observation's newest frame was received; observations before the first instruction
   use the first one (counted as ``instruction_backfilled``); ``--instruction`` overrides the bag.
@@ -22,11 +25,21 @@ Rules (the policy node's, applied offline):
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from effvla_ros.core.observation import (
+    DEFAULT_STATE_STAMP_TOLERANCE_S,
+    STAMP_EPS,
+    ImageError,
+    StateError,
+    state_at_sorted,
+    state_vector,
+)
+from effvla_ros.core.observation import image_to_rgb as _raw_image_to_rgb
 from effvla_ros.replay.bagio import Bag, BagError, cdr_header_stamp_ns
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image",)
@@ -98,31 +111,19 @@ class ObservationOptions:
     state_joint_names: list[str] = field(default_factory=list)
     state_joint_names_strict: bool = True  # False: fall back to the first state_dim positions when absent
     stamp_tolerance_s: float = 0.05
+    state_stamp_tolerance_s: float = DEFAULT_STATE_STAMP_TOLERANCE_S  # the policy node's parameter (0: no limit)
     mode: str = "auto"  # auto | chunks | frames
     anchor: str | None = None
     max_steps: int = 0
 
 
 # ------------------------------------------------------------------------------------------ images
-_BPP = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1, "8UC3": 3, "8UC1": 1, "8UC4": 4}
-
-
 def image_to_rgb(msg: Any) -> np.ndarray:
-    """A rosbags ``sensor_msgs/msg/Image`` -> (H, W, 3) uint8 RGB (row padding removed)."""
-    enc = str(msg.encoding)
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    if enc not in _BPP:
-        raise BagError(f"image encoding {enc!r} is not supported (supported: {', '.join(_BPP)})")
-    bpp = _BPP[enc]
-    data = np.asarray(msg.data, dtype=np.uint8).reshape(-1)
-    if h <= 0 or w <= 0 or step < w * bpp or data.size < step * h:
-        raise BagError(f"malformed image {w}x{h} {enc} step {step} with {data.size} bytes")
-    arr = data[: step * h].reshape(h, step)[:, : w * bpp].reshape(h, w, bpp)
-    if bpp == 1:
-        return np.repeat(arr, 3, axis=2).copy()
-    if enc.startswith("bgr"):
-        return np.ascontiguousarray(arr[..., 2::-1])
-    return np.ascontiguousarray(arr[..., :3])
+    """A rosbags ``sensor_msgs/msg/Image`` -> (H, W, 3) uint8 RGB (:func:`effvla_ros.core.observation.image_to_rgb`)."""
+    try:
+        return _raw_image_to_rgb(str(msg.encoding), int(msg.height), int(msg.width), int(msg.step), msg.data)
+    except ImageError as e:
+        raise BagError(f"image: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------ topics
@@ -213,6 +214,7 @@ def build_episode(bag: Bag, cameras: list[str], state_dim: int, opts: Observatio
     instr: list[tuple[int, str]] = []
     chunks: list[tuple[int, RecordedChunk]] = []
     rejected_states = 0
+    first_rejection: str | None = None
     state_names_fallback = 0
     wanted = set(frames) | {t for t in (state_topic, instr_topic, chunk_topic) if t}
     for topic, log_ns, raw in bag.messages(wanted):
@@ -222,12 +224,17 @@ def build_episode(bag: Bag, cameras: list[str], state_dim: int, opts: Observatio
             seqs[topic] += 1
         elif topic == state_topic:
             msg = bag.decode(topic, raw)
-            vec = _state_vector(msg, state_dim, opts.state_joint_names)
-            if vec is None and opts.state_joint_names and not opts.state_joint_names_strict:
-                vec = _state_vector(msg, state_dim, [])
-                state_names_fallback += 1
-            if vec is None:
+            try:
+                try:
+                    vec = state_vector(list(msg.name), msg.position, opts.state_joint_names, state_dim)
+                except StateError:
+                    if not (opts.state_joint_names and not opts.state_joint_names_strict):
+                        raise
+                    vec = state_vector(list(msg.name), msg.position, [], state_dim)
+                    state_names_fallback += 1
+            except StateError as e:
                 rejected_states += 1
+                first_rejection = first_rejection or str(e)
                 continue
             states.append((_stamp(raw, log_ns), vec))
         elif topic == instr_topic:
@@ -266,7 +273,7 @@ def build_episode(bag: Bag, cameras: list[str], state_dim: int, opts: Observatio
         raise BagError(f"the instruction topic {instr_topic} has no messages: pass the task with --instruction TEXT")
     if state_topic and not states and opts.state is None:
         raise BagError(f"the joint state topic {state_topic} has no usable messages "
-                       f"({rejected_states} rejected: fewer than {state_dim} positions or missing joints); "
+                       f"({rejected_states} rejected, the first: JointState {first_rejection}); "
                        "pass --state v1,v2,... or --state-joint-names")
     for cam, t in cam_topics.items():
         if not sorted_frames[t]:
@@ -293,11 +300,12 @@ def build_episode(bag: Bag, cameras: list[str], state_dim: int, opts: Observatio
 
     tol = int(round(opts.stamp_tolerance_s * 1e9))
     stamp_lists = {t: [f.stamp_ns for f in fl] for t, fl in sorted_frames.items()}
-    state_stamps = [s for s, _ in states]
+    state_secs = [s * 1e-9 for s, _ in states]  # sorted (s)
+    state_tol = opts.state_stamp_tolerance_s if opts.state_stamp_tolerance_s > 0 else math.inf
     instr_logs = [t for t, _ in instr]
     chunk_by_stamp = {s: c for s, c in chunks} if mode == "frames" else {}
     chunk_stamps = sorted(chunk_by_stamp)
-    skipped = {"unmatched": 0, "duplicate": 0, "before_first_state": 0}
+    skipped = {"unmatched": 0, "duplicate": 0, "before_first_state": 0, "unsynced_state": 0}
     backfilled = 0
     obs: list[Observation] = []
     last_key: tuple[int, ...] | None = None
@@ -324,9 +332,10 @@ def build_episode(bag: Bag, cameras: list[str], state_dim: int, opts: Observatio
         if opts.state is not None:
             state = np.asarray(opts.state, dtype=np.float32)
         else:
-            k = bisect.bisect_right(state_stamps, stamp) - 1
-            if k < 0:
-                skipped["before_first_state"] += 1
+            k = state_at_sorted(state_secs, stamp * 1e-9, state_tol)  # as the policy node pairs
+            if k is None or k < 0:
+                before = bisect.bisect_right(state_secs, stamp * 1e-9 + STAMP_EPS) > 0  # one, but too old
+                skipped["unsynced_state" if before else "before_first_state"] += 1
                 continue
             state = states[k][1]
         if opts.instruction is not None:
@@ -348,7 +357,8 @@ def build_episode(bag: Bag, cameras: list[str], state_dim: int, opts: Observatio
             break
     if not obs:
         raise BagError(f"no observation could be built: {skipped} (cameras {cam_topics}, stamp tolerance "
-                       f"{opts.stamp_tolerance_s} s; try --stamp-tolerance or --observations frames)")
+                       f"{opts.stamp_tolerance_s} s, state stamp tolerance {opts.state_stamp_tolerance_s} s; try "
+                       "--stamp-tolerance, --state-stamp-tolerance or --observations frames)")
 
     # ---- pass 2: the images the observations use
     need = {(f.topic, f.seq) for o in obs for f in o.frames.values()}
@@ -374,22 +384,8 @@ def build_episode(bag: Bag, cameras: list[str], state_dim: int, opts: Observatio
         "joint_states": len(states),
         "recorded_chunks": len(chunks),
         "stamp_tolerance_s": opts.stamp_tolerance_s,
+        "state_stamp_tolerance_s": opts.state_stamp_tolerance_s,
         "truncated_by_max_steps": bool(opts.max_steps and len(obs) >= opts.max_steps),
     }
     return Episode(obs, cam_topics, missing, state_topic, instr_topic, chunk_topic, [c for _, c in chunks],
                    sorted({o.instruction for o in obs}), stats, images)
-
-
-def _state_vector(msg: Any, dim: int, names: list[str]) -> np.ndarray | None:
-    pos = list(np.asarray(msg.position, dtype=np.float64))
-    if names:
-        index = {n: i for i, n in enumerate(msg.name)}
-        if any(n not in index for n in names) or len(pos) != len(msg.name):
-            return None
-        vals = [pos[index[n]] for n in names]
-    else:
-        if len(pos) < dim:
-            return None
-        vals = pos[:dim]
-    v = np.asarray(vals, dtype=np.float32)
-    return v if np.all(np.isfinite(v)) else None

@@ -26,7 +26,7 @@ from effvla_ros.replay.evaluate import (
     run_setting,
 )
 from effvla_ros.replay.observations import Episode, ObservationOptions, build_episode
-from effvla_ros.replay.settings import Setting, build_settings, parse_sweep, target_overrides
+from effvla_ros.replay.settings import Setting, build_settings, parse_replay_sweep, target_overrides
 
 REPORT_VERSION = 1
 #: Keys whose values are wall-clock measurements (everything else in the report is deterministic).
@@ -93,7 +93,8 @@ def run_replay(cfg: ReplayConfig, policy: Any = None) -> ReplayResult:
     if cfg.target:
         over, policy_params, exec_params = target_overrides(cfg.target)
         extra.append((f"target:{cfg.target}", over))
-    sweeps = parse_sweep(cfg.sweep)  # validate before loading the model
+    sweeps = parse_replay_sweep(cfg.sweep)
+    build_settings(sweeps, mode=cfg.sweep_mode, extra=extra)  # validate every setting before loading the model
     if cfg.flops not in ("separate", "inline", "off"):
         raise ValueError(f"flops: {cfg.flops!r} is not one of separate, inline, off")
     if policy is None:  # check the bag against the checkpoint's architecture before loading weights
@@ -112,7 +113,8 @@ def run_replay(cfg: ReplayConfig, policy: Any = None) -> ReplayResult:
     if policy is None:
         policy = load_policy(cfg.checkpoint, vlm_dir=cfg.vlm_dir, runtime=RuntimeConfig(device=cfg.device))
     arch = policy.arch
-    settings = build_settings(sweeps, cfg.num_steps or policy.num_steps, mode=cfg.sweep_mode, extra=extra)
+    settings = build_settings(sweeps, defaults={"num_steps": cfg.num_steps or policy.num_steps}, mode=cfg.sweep_mode,
+                              extra=extra)
 
     fps = cfg.fps
     fps_source = "--fps"
@@ -259,7 +261,7 @@ def strip_timings(report: Any) -> Any:
 
 def settings_preview(sweep: Sequence[str], num_steps: int, mode: str = "one-at-a-time") -> list[Setting]:
     """The settings a sweep expands to (validation without a bag)."""
-    return build_settings(parse_sweep(sweep), num_steps, mode=mode)
+    return build_settings(parse_replay_sweep(sweep), defaults={"num_steps": num_steps}, mode=mode)
 
 
 __all__ = ["BagError", "ReplayConfig", "ReplayResult", "run_replay", "strip_timings", "TIMING_KEYS"]

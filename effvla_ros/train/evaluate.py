@@ -13,21 +13,20 @@ Timeline (control step ``k``, execution horizon ``E``, emulated inference delay 
 * with ``D = 0`` the new chunk is executed from its row 0; with ``D > 0`` the previous chunk keeps
   executing for ``D`` more steps (rows ``D..``) and the new chunk takes over at step ``k + D`` from its
   row ``D`` - what a real robot does while the policy computes. With RTC enabled the new chunk is
-  guided toward the previous chunk's ``x_final`` aligned to step ``k`` (``align_previous_chunk``) with
-  delay ``D``. The first inference of an episode has no previous chunk: it is executed from row 0;
+  guided toward the executing chunk's ``x_final`` aligned to step ``k`` with delay ``D``
+  (:func:`~effvla_ros.core.chunking.guidance_toward` with a :class:`~effvla_ros.core.chunking.FixedDelay`). The first inference of an episode has no previous chunk: it is executed from row 0;
 * the next inference observes at step ``k + E``; ``E + D`` must not exceed the chunk size.
 
 An episode ends on success (latched by the environment) or after ``max_steps`` control steps. The
 noise of every inference comes from a generator seeded by the episode seed, so every setting sees the
 same episodes and the same noise sequence (until their actions differ).
 
-A *setting* is a set of ``section.field=value`` changes on top of the baseline (every optimization
-off): sections ``pruning`` (PruningConfig), ``reuse`` (ReuseConfig), ``early_exit``
-(EarlyExitConfig), ``expert_reuse`` (ExpertReuseConfig), ``rtc`` (RTCConfig), ``inference``
-(InferenceConfig; ``num_steps`` alone is accepted too) and ``exec`` (``horizon``, ``delay_steps``).
-Changing a field of a switched-off section switches it on (``pruning.keep_ratio=0.5`` implies
-``pruning.method=task``; ``reuse.threshold=0.05`` implies ``reuse.enabled=true``), unless the switch
-itself is part of the setting.
+A *setting* is a set of ``group.field=value`` changes on top of the baseline (every optimization
+off), in the ``--sweep`` grammar shared with ``effvla replay`` (:mod:`effvla_ros.core.settings`: groups
+``pruning``, ``reuse``, ``early_exit``, ``expert_reuse``, ``rtc``, ``inference`` and ``exec``
+(``horizon``, ``delay_steps``); list items ``:``-separated; ``+`` joins changes of one setting). Changing a
+field of a switched-off group switches it on (``pruning.keep_ratio=0.5`` implies ``pruning.method=task``),
+unless the switch itself is part of the setting.
 """
 from __future__ import annotations
 
@@ -36,135 +35,36 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
-from effvla_ros.core.compression.pruning import PruningConfig
-from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuseConfig
-from effvla_ros.core.rtc import GuidanceTarget, RTCConfig, align_previous_chunk
-from effvla_ros.core.runner import InferenceConfig, InferenceResult, PolicyRunner, compressed_to_camera_tokens
+from effvla_ros.core.chunking import FixedDelay, IssuedChunk, guidance_toward
+from effvla_ros.core.compression.compressor import TokenCompressor
+from effvla_ros.core.observation import rgb_to_tensor
+from effvla_ros.core.runner import InferenceResult, PolicyRunner, compressed_to_camera_tokens
+from effvla_ros.core.settings import BASELINE_OFF, Setting, build_settings, parse_sweep
 from effvla_ros.core.smolvla.policy import SmolVLAPolicy
 
-SECTIONS: dict[str, type] = {
-    "pruning": PruningConfig, "reuse": ReuseConfig, "early_exit": EarlyExitConfig,
-    "expert_reuse": ExpertReuseConfig, "rtc": RTCConfig, "inference": InferenceConfig,
-}
-ALIASES = {"num_steps": "inference.num_steps", "count_flops": "inference.count_flops",
-           "horizon": "exec.horizon", "delay_steps": "exec.delay_steps"}
-BASELINE: dict[str, Any] = {
-    "pruning.method": "none", "reuse.enabled": False, "early_exit.enabled": False,
-    "expert_reuse.enabled": False, "rtc.enabled": False,
-}
-# changing another field of a section switches the section on unless its switch is given too
-SWITCH_ON: dict[str, tuple[str, Any]] = {
-    "pruning": ("method", "task"), "reuse": ("enabled", True), "early_exit": ("enabled", True),
-    "expert_reuse": ("enabled", True), "rtc": ("enabled", True),
-}
+#: The baseline's switches (every optimization off); see :mod:`effvla_ros.core.settings`.
+BASELINE = BASELINE_OFF
+#: The one setting type of eval-sim and replay (its former name here).
+EvalSetting = Setting
 
 
-@dataclass
-class EvalSetting:
-    """One evaluated configuration: ``changes`` on top of :data:`BASELINE` (and the run's defaults)."""
-
-    name: str
-    changes: dict[str, Any] = field(default_factory=dict)
-    num_steps: int = 0  # 0: the checkpoint's
-    horizon: int = 0  # executed actions per chunk; 0: the checkpoint's n_action_steps
-    delay_steps: int = 0
-    count_flops: bool = False
-
-    def effective_changes(self) -> dict[str, Any]:
-        """Baseline + changes; a section whose fields are changed without its switch is switched on
-        (``pruning.keep_ratio=0.5`` implies ``pruning.method=task``, ``rtc.guidance=vjp`` ``rtc.enabled=true``)."""
-        out = {**BASELINE, **self.changes}
-        for sec, (switch, on) in SWITCH_ON.items():
-            touched = [k for k in self.changes if k.startswith(sec + ".") and k != f"{sec}.{switch}"]
-            if touched and f"{sec}.{switch}" not in self.changes:
-                out[f"{sec}.{switch}"] = on
-        return out
-
-    def configs(self) -> dict[str, Any]:
-        """The core configs of this setting (baseline + changes), validated."""
-        values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-        for key, v in self.effective_changes().items():
-            sec, name = key.split(".", 1)
-            if sec == "exec":
-                continue
-            values[sec][name] = v
-        if self.num_steps:
-            values["inference"].setdefault("num_steps", self.num_steps)
-        values["inference"].setdefault("count_flops", self.count_flops)
-        return {s: SECTIONS[s]().replace(**values[s]) for s in SECTIONS}
-
-    def exec_params(self) -> tuple[int, int]:
-        h = int(self.changes.get("exec.horizon", self.horizon))
-        d = int(self.changes.get("exec.delay_steps", self.delay_steps))
-        return h, d
-
-
-def parse_value(key: str, text: str) -> Any:
-    """A command-line value for ``key`` (``section.field``), typed like the field's default."""
-    sec, name = key.split(".", 1)
-    if sec == "exec":
-        return int(text)
-    cls = SECTIONS[sec]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if name not in fields:
-        raise ValueError(f"{key}: unknown parameter of {cls.__name__}")
-    default = getattr(cls(), name)
-    t = text.strip()
-    if isinstance(default, bool):
-        if t.lower() not in ("true", "false", "1", "0", "on", "off", "yes", "no"):
-            raise ValueError(f"{key}: {text!r} is not a boolean")
-        return t.lower() in ("true", "1", "on", "yes")
-    if isinstance(default, int):
-        return int(t)
-    if isinstance(default, float):
-        return float(t)
-    if isinstance(default, list):
-        return [type(default[0])(x) if default else float(x) for x in t.split(";") if x]
-    return t
-
-
-def normalize_key(key: str) -> str:
-    key = ALIASES.get(key.strip(), key.strip())
-    sec = key.split(".", 1)[0]
-    if "." not in key or (sec not in SECTIONS and sec != "exec"):
-        raise ValueError(f"{key}: expected section.field with section one of {sorted(SECTIONS) + ['exec']}")
-    return key
-
-
-def parse_sweep(specs: Sequence[str], *, base: EvalSetting | None = None) -> list[EvalSetting]:
-    """``["pruning.keep_ratio=0.5,0.25", "rtc.enabled=true"]`` -> baseline + one setting per value.
-
-    Each spec varies one parameter on top of the baseline (one factor at a time); join several
-    parameters of one setting with ``+``: ``"pruning.method=task+pruning.keep_ratio=0.5"`` (one value each).
-    """
-    base = base or EvalSetting("baseline")
-    out = [base]
-    for spec in specs:
-        if "+" in spec:
-            changes: dict[str, Any] = {}
-            for part in spec.split("+"):
-                k, _, v = part.partition("=")
-                key = normalize_key(k)
-                changes[key] = parse_value(key, v)
-            out.append(dataclasses.replace(base, name=spec, changes={**base.changes, **changes}))
-            continue
-        k, sep, vals = spec.partition("=")
-        if not sep or not vals:
-            raise ValueError(f"--sweep {spec!r}: expected name=v1,v2,...")
-        key = normalize_key(k)
-        for v in vals.split(","):
-            value = parse_value(key, v)
-            out.append(dataclasses.replace(base, name=f"{key}={v.strip()}", changes={**base.changes, key: value}))
-    for s in out:
-        s.configs()  # validate early
-    return out
+def eval_settings(items: Sequence[str], *, num_steps: int = 0, horizon: int = 0, delay_steps: int = 0,
+                  count_flops: bool = False, mode: str = "one-at-a-time") -> list[Setting]:
+    """The baseline + the settings of the ``--sweep`` ``items`` (grammar: :mod:`effvla_ros.core.settings`,
+    e.g. ``["pruning.keep_ratio=0.5,0.25", "rtc.enabled=true+delay_steps=2"]``), on the run's defaults:
+    ``num_steps`` (0: InferenceConfig's default), ``horizon`` (0: the checkpoint's n_action_steps),
+    ``delay_steps``, ``count_flops``. Every setting is validated here."""
+    defaults: dict[str, Any] = {"inference.count_flops": count_flops, "exec.horizon": horizon,
+                                "exec.delay_steps": delay_steps}
+    if num_steps:
+        defaults["inference.num_steps"] = num_steps
+    return build_settings(parse_sweep(items), defaults=defaults, mode=mode)
 
 
 # ----------------------------------------------------------------------------------------- episodes
@@ -210,11 +110,7 @@ def classify_outcome(success: bool, dist_target_cm: float, dist_other_cm: float,
     return "not_lifted"
 
 
-def _image(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
-
-
-def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting, *, max_steps: int = 150) -> EpisodeResult:
+def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *, max_steps: int = 150) -> EpisodeResult:
     """One closed-loop episode of ``env`` (reset to ``seed``) under ``setting``."""
     cfg = setting.configs()
     arch = policy.arch
@@ -259,7 +155,7 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting
             enc_flops = enc_full = kept = reused = 0
             enc_time = 0.0
             for cam in arch.cameras:
-                out = compressor.process(cam, _image(images[cam]))
+                out = compressor.process(cam, rgb_to_tensor(images[cam]))
                 cams[cam] = compressed_to_camera_tokens(out)
                 enc_flops += out.encoder_flops
                 enc_full += out.encoder_flops_full
@@ -267,9 +163,9 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting
                 reused += int(out.reused.sum())
                 enc_time += out.time_s
             guidance = None
-            if cur is not None and cfg["rtc"].enabled:
-                aligned, valid = align_previous_chunk(cur.x_final, cur_start * dt, k * dt, dt, h_chunk)
-                guidance = GuidanceTarget(aligned, valid, delay, ref_state=cur.state)
+            if cur is not None and cfg["rtc"].enabled:  # toward the chunk executing now, d = the emulated delay
+                executing = IssuedChunk(0, cur_start * dt, cur.x_final, cur.state)
+                guidance = guidance_toward(executing, k * dt, dt, h_chunk, FixedDelay(delay))
             res = runner.infer(cams, state, guidance=guidance, generator=gen)
             add("encoder_flops", enc_flops)
             add("encoder_flops_full", enc_full)
@@ -318,7 +214,7 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: EvalSetting
 
 
 # ----------------------------------------------------------------------------------------- evaluation
-def summarize(setting: EvalSetting, results: Sequence[EpisodeResult], *, default_horizon: int = 0) -> dict[str, Any]:
+def summarize(setting: Setting, results: Sequence[EpisodeResult], *, default_horizon: int = 0) -> dict[str, Any]:
     n = len(results)
     succ = [r for r in results if r.success]
     per: dict[str, float] = {}
@@ -346,7 +242,7 @@ def summarize(setting: EvalSetting, results: Sequence[EpisodeResult], *, default
     }
 
 
-def evaluate(policy: SmolVLAPolicy, settings: Sequence[EvalSetting], seeds: Sequence[int], *,
+def evaluate(policy: SmolVLAPolicy, settings: Sequence[Setting], seeds: Sequence[int], *,
              max_steps: int = 150, image_size: int | None = None, mesh_faces: int | None = None,
              progress: Callable[[str, int, int, EpisodeResult], None] | None = None) -> dict[str, Any]:
     """Run every setting on the same ``seeds``; returns the report (settings in order)."""
@@ -389,13 +285,13 @@ def _worker_init(checkpoint: str, sim_kw: dict[str, Any], threads: int, max_step
     _WORKER.update(policy=load_policy(checkpoint), env=TwoCubePickPlaceEnv(SimConfig(**sim_kw)), max_steps=max_steps)
 
 
-def _worker_job(job: tuple[int, EvalSetting, int]) -> tuple[int, EpisodeResult]:
+def _worker_job(job: tuple[int, Setting, int]) -> tuple[int, EpisodeResult]:
     si, setting, seed = job
     w = _WORKER
     return si, run_episode(w["policy"], w["env"], seed, setting, max_steps=w["max_steps"])
 
 
-def evaluate_parallel(checkpoint: str, settings: Sequence[EvalSetting], seeds: Sequence[int], *, workers: int,
+def evaluate_parallel(checkpoint: str, settings: Sequence[Setting], seeds: Sequence[int], *, workers: int,
                       max_steps: int = 150, threads: int = 1,
                       progress: Callable[[str, int, int, EpisodeResult], None] | None = None) -> dict[str, Any]:
     """:func:`evaluate` in ``workers`` processes (each loads ``checkpoint``); same report, same episodes."""
