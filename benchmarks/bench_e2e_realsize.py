@@ -33,7 +33,8 @@ A control step, per row (batch of one, CPU, ``--threads`` threads; every row see
 - ``ours <backend> on <dtype>``: the same with compression on = the ``x86_cpu`` target: the
   ``token_compressor`` pruning/reuse sections and the ``policy`` expert_reuse section of config/base.yaml +
   config/targets/x86_cpu.yaml (task pruning, keep_ratio 0.5, patch-level reuse), plus expert reuse enabled
-  with the config's uncalibrated default threshold (no calibration of this checkpoint exists).
+  with per-layer thresholds calibrated as ``effvla calibrate-exit`` does (``--expert-reuse-fraction``, on frames
+  of another sim episode; 0: the config's uncalibrated default threshold, which never fires on random weights).
 
 Reported per row: the median over the frames after ``--warmup`` of the wall seconds per control step, and
 of its stages: vision (ours: ``CompressedCamera.time_s`` of both cameras, including resize, change
@@ -282,6 +283,11 @@ def main() -> int:
     ap.add_argument("--lerobot-timeout", type=int, default=7200)
     ap.add_argument("--target", default="x86_cpu", help="config/targets/<target>.yaml for compression on")
     ap.add_argument("--no-flops", action="store_true", help="skip the extra counted step per row")
+    ap.add_argument("--expert-reuse-fraction", type=float, default=0.5,
+                    help="compression on: expert reuse thresholds calibrated (core.calibration, as `effvla "
+                         "calibrate-exit` does) for this fraction of reused layer evaluations on --calib-frames frames "
+                         "of another episode (sim seed 11), per dtype; 0 = the config's uncalibrated threshold")
+    ap.add_argument("--calib-frames", type=int, default=6)
     ap.add_argument("--tiny", action="store_true", help="quick check: a tiny checkpoint (built in a temp dir "
                     "unless --checkpoint is given: LeRobot's with the kit, or ours with --skip-lerobot)")
     ap.add_argument("--json", default=None)
@@ -384,6 +390,19 @@ def main() -> int:
         cur = d
         print(f"# ours {d}: {how} in {time.perf_counter() - t0:.1f} s; {policy.num_steps} denoising steps",
               file=sys.stderr, flush=True)
+        if args.expert_reuse_fraction > 0:
+            from effvla_ros.core.calibration import calibrate
+            from effvla_ros.core.early_exit import ExpertReuseConfig
+
+            t0 = time.perf_counter()
+            cal_frames, cal_states, cal_task, _ = episode(args.calib_frames, render, seed=11)
+            obs = [({c: f[s] for s, c in cam_map}, st, cal_task) for f, st in zip(cal_frames, cal_states, strict=True)]
+            rule = ExpertReuseConfig.from_dict({**cfgs["expert_reuse"], "enabled": True})
+            cal = calibrate(policy, obs, exit_layers=[1], expert_reuse_fraction=args.expert_reuse_fraction, expert=rule)
+            cfgs["expert_reuse"]["thresholds"] = [float(x) for x in cal["expert_thresholds"]]
+            meta.setdefault("expert_calibration", {})[d] = cfgs["expert_reuse"]["thresholds"]
+            print(f"# ours {d}: expert thresholds calibrated for {args.expert_reuse_fraction:.2f} reuse on "
+                  f"{len(obs)} frames of sim seed 11 in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         for b in backends:
             try:
                 be = make_backend(b, policy)
@@ -456,8 +475,10 @@ def main() -> int:
     print("\nvision: ours = CompressedCamera.time_s (resize, change detection, encoder, pruning), LeRobot = "
           "embed_image; prefill: ours = InferenceResult.times, LeRobot = sample_actions - vision - denoise; "
           "LeRobot step = preprocessor + predict_action_chunk + postprocessor. Compression on = "
-          f"{args.target} target pruning/reuse + expert reuse at the uncalibrated default threshold "
-          f"{cfgs['expert_reuse'].get('threshold')}.")
+          f"{args.target} target pruning/reuse + expert reuse "
+          + (f"at thresholds calibrated for {args.expert_reuse_fraction:.2f} reuse (another episode)."
+             if args.expert_reuse_fraction > 0 else
+             f"at the uncalibrated default threshold {cfgs['expert_reuse'].get('threshold')}."))
     if args.json:
         Path(args.json).write_text(json.dumps({**meta, "rows": rows}, indent=1))
         print(f"wrote {args.json}")

@@ -271,3 +271,56 @@ def test_compiled_backend_equals_eager_with_every_hook(policy) -> None:  # type:
     assert (compiled.encode(px) - policy.encode_pixels(px)).abs().max() <= 1e-4
     with pytest.raises(CapabilityError, match=r"rtc\.guidance"):
         PolicyRunner(policy, backend=compiled, rtc=RTCConfig(enabled=True, guidance="vjp"))
+
+
+# ------------------------------------------------------------------------------------------------ warm-up, startup check
+def test_warm_up_runs_every_prefix_shape_and_restores_the_runner(policy) -> None:  # type: ignore[no-untyped-def]
+    from effvla_ros.core.warmup import keep_counts, warm_up
+
+    assert keep_counts(16, [0.5, 0.5, 0.01]) == [1, 8, 16]
+    rec = RecordingBackend(policy)
+    runner = PolicyRunner(policy, backend=rec)
+    runner.set_instruction(TASK)
+    lang = runner._lang
+    report = warm_up(runner, [8, 16], encode=rec.encode, repeats=2)
+    assert report.buckets == (8, 16)
+    assert report.prefill_s > 0 and report.denoise_s > 0 and report.encode_s > 0 and report.seconds > 0
+    assert report.chunk_latency_s(2) == pytest.approx(2 * report.encode_s + report.prefill_s + report.denoise_s)
+    n = policy.arch.num_vlm_layers
+    assert [c for c in rec.calls if c[0] == "prefill"] == [("prefill", 0, n)] * 6  # 2 shapes x (1 + 2 repeats)
+    assert [c for c in rec.calls if c[0] == "encode"] == [("encode", (1, 3, 64, 64))] * 3
+    assert runner.instruction == TASK and runner._lang is lang and runner.prefix_reuse.full is None
+    assert "measured per chunk" in report.describe(2)
+
+
+def test_warm_up_compiles_every_shape_the_pipeline_sends(policy) -> None:  # type: ignore[no-untyped-def]
+    """After the warm-up, chunks with the warmed kept-token counts compile nothing more."""
+    from torch._dynamo.utils import counters
+
+    from effvla_ros.core.backends.compiled import CompiledBackend
+    from effvla_ros.core.warmup import warm_up
+
+    runner = PolicyRunner(policy, backend=CompiledBackend(policy))
+    warm_up(runner, [16], repeats=1)
+    runner.set_instruction(TASK)
+    cams = _cams(policy)
+    keep = torch.tensor([1, 2, 3, 5, 8, 13])
+    pruned = {c: CameraTokens(ct.tokens[keep], keep, ct.grid) for c, ct in cams.items()}
+    before = counters["stats"]["unique_graphs"]
+    runner.infer(cams, torch.zeros(6), noise=_noise(policy))  # the warmed shape
+    assert counters["stats"]["unique_graphs"] == before
+    runner.infer(pruned, torch.zeros(6), noise=_noise(policy))  # 6 tokens/camera: a prefix bucket not warmed
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > before
+    warm_up(runner, [6, 16], repeats=1)
+    runner.infer(pruned, torch.zeros(6), noise=_noise(policy))
+    runner.infer(cams, torch.zeros(6), noise=_noise(policy))
+    assert counters["stats"]["unique_graphs"] == compiled
+
+
+def test_measured_latency_against_the_executor_deadline() -> None:
+    from effvla_ros.core.target_check import latency_problem
+
+    assert latency_problem(0.09, fps=20.0, execution_horizon=2, chunk_size=50, source="measured") is None
+    msg = latency_problem(0.25, fps=20.0, execution_horizon=2, chunk_size=50, source="measured")
+    assert msg is not None and msg.startswith("execution_horizon:") and "(measured)" in msg and ">= 5" in msg

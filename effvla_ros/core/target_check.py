@@ -196,13 +196,22 @@ def check(arch: SmolVLAArch, target: str, *, cameras: int | None = None, vision_
                else "cameras: use fewer cameras, or memory_budget_gb if the target has more free memory")
         est.problems.append(f"memory_budget_gb: estimated {est.memory_gb:.2f} GB exceeds the budget of "
                             f"{spec.memory_budget_gb:g} GB on {target}; {fix}")
-    if est.latency_s > est.deadline_s:
-        est.problems.append(
-            f"execution_horizon: a chunk takes ~{est.latency_s:.2f} s (estimate) but the executor needs the next "
-            f"one after {execution_horizon} actions at {fps:g} Hz = {est.deadline_s:.2f} s; raise execution_horizon "
-            f"to >= {math.ceil(est.latency_s * fps)} (<= chunk_size {arch.chunk_size}), lower num_steps, the keep "
-            "ratio (pruning.keep_ratio) or use a faster target")
+    problem = latency_problem(est.latency_s, fps, execution_horizon, arch.chunk_size, "estimate")
+    if problem:
+        est.problems.append(problem)
     return est
+
+
+def latency_problem(latency_s: float, fps: float, execution_horizon: int, chunk_size: int, source: str) -> str | None:
+    """The startup check's latency rule: a chunk must arrive before the executor runs out of the previous one
+    (``execution_horizon`` actions at ``fps``). ``source``: "estimate" (FLOPs / throughput) or "measured" (warm-up)."""
+    deadline = execution_horizon / fps
+    if latency_s <= deadline:
+        return None
+    return (f"execution_horizon: a chunk takes ~{latency_s:.2f} s ({source}) but the executor needs the next one after "
+            f"{execution_horizon} actions at {fps:g} Hz = {deadline:.2f} s; raise execution_horizon to >= "
+            f"{math.ceil(latency_s * fps)} (<= chunk_size {chunk_size}), lower num_steps, the keep ratio "
+            "(pruning.keep_ratio), use a faster backend or target")
 
 
 def enforce(est: Estimate) -> None:

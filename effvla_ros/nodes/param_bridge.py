@@ -135,8 +135,12 @@ class ConfigParameters(Generic[C]):
         *,
         prefix: str = "",
         on_change: Callable[[C, set[str]], None] | None = None,
+        check: Callable[[C], None] | None = None,
     ) -> None:
+        """``check(new_config)`` (optional) validates a live change beyond the config's own rules (e.g. what the
+        stage backend supports); a ValueError rejects the ``ros2 param set`` with its message as the reason."""
         self._node = node
+        self.check = check
         self._prefix = prefix
         self._on_change = on_change
         self._lock = threading.Lock()
@@ -199,6 +203,11 @@ class ConfigParameters(Generic[C]):
             new = self.config.replace(**changes)
         except ValueError as e:
             return SetParametersResult(successful=False, reason=f"{self._prefix}{e}")
+        if self.check is not None:
+            try:
+                self.check(new)
+            except ValueError as e:
+                return SetParametersResult(successful=False, reason=str(e))
         if self._apply_in_validate:
             self._commit(new, set(changes))
         return SetParametersResult(successful=True)

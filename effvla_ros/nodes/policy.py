@@ -20,6 +20,7 @@ and the actions the executor reports as committed.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Empty, String
 
+from effvla_ros.core.backends import BACKENDS
 from effvla_ros.core.chunking import ChunkHistory, ExecutionReport, IssuedChunk
 from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
 from effvla_ros.core.compression.pruning import PruningConfig
@@ -55,7 +57,8 @@ from effvla_ros.core.rtc import DelayEstimator, GuidanceTarget, RTCConfig
 from effvla_ros.core.runner import CameraTokens, InferenceConfig, PolicyRunner, compressed_to_camera_tokens
 from effvla_ros.core.schedule import ChunkScheduler
 from effvla_ros.core.smolvla.config import ATTENTION_IMPLS, DTYPES, RuntimeConfig
-from effvla_ros.core.target_check import TARGETS, check_checkpoint, enforce
+from effvla_ros.core.target_check import TARGETS, check_checkpoint, enforce, latency_problem
+from effvla_ros.core.warmup import keep_counts, warm_up
 from effvla_ros.msg import ActionChunk, ExecutionFeedback, VisualTokens
 from effvla_ros.nodes.common import (
     INSTRUCTION_VOLATILE_QOS,
@@ -88,6 +91,12 @@ class PolicyNodeConfig(ConfigBase):
     num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")
     attention: str = param("eager", choices=ATTENTION_IMPLS, read_only=True,
                            description="VLM/expert attention: eager (LeRobot's path) or fused (torch SDPA, same result)")
+    backend: str = param("eager", choices=tuple(BACKENDS), read_only=True,
+                         description="stage backend: eager (the reference) or compiled (torch.compile'd layers); a "
+                                     "setting the backend cannot apply is refused naming it")
+    warmup: bool = param(True, read_only=True,
+                         description="at start, run every prefix shape once (compiles a compiled backend) and measure "
+                                     "the stages; the startup check then uses the measured latency")
     input_mode: str = param("tokens", choices=("tokens", "images"), read_only=True,
                             description="tokens: from the token compressor; images: encoder in this process")
     cameras: list[str] = param(read_only=True, default_factory=lambda: ["scene", "wrist"],
@@ -160,6 +169,7 @@ def execution_report(fb: ExecutionFeedback | None) -> ExecutionReport | None:
 class PolicyNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("policy", **kwargs)
+        started = time.monotonic()
         self.node_params = ConfigParameters(self, PolicyNodeConfig(), on_change=self._on_change)
         self.inference_params = ConfigParameters(self, InferenceConfig(), on_change=self._on_change)
         self.exit_params = ConfigParameters(self, EarlyExitConfig(), prefix="early_exit.", on_change=self._on_change)
@@ -178,7 +188,7 @@ class PolicyNode(Node):
                 keep_ratio=1.0 if cfg.input_mode == "tokens" else 0.5)
             enforce(est)
             self.get_logger().info(f"startup check on {cfg.target}: ~{est.memory_gb:.2f} GB, "
-                                   f"~{est.latency_s:.3f} s per chunk (estimates)")
+                                   f"~{est.latency_s:.3f} s per chunk (estimates; measured after the warm-up)")
         runtime = RuntimeConfig(device=cfg.device, vision_dtype=cfg.vision_dtype, vlm_dtype=cfg.vlm_dtype,
                                 expert_dtype=cfg.expert_dtype, num_threads=cfg.num_threads, attention=cfg.attention)
         self.policy = shared_policy(cfg.checkpoint, cfg.vlm_dir or None, runtime)
@@ -196,14 +206,21 @@ class PolicyNode(Node):
         self.action_names = names
         self.runner = PolicyRunner(self.policy, inference=self.inference_params.config,
                                    early_exit=self.exit_params.config, expert_reuse=self.expert_params.config,
-                                   rtc=self.rtc_params.config)
+                                   rtc=self.rtc_params.config, backend=cfg.backend)
+        # live changes the backend cannot apply are rejected on set, naming the parameter
+        self.exit_params.check = lambda c: self.runner.backend.caps.check(early_exit=c.enabled)
+        self.expert_params.check = lambda c: self.runner.backend.caps.check(expert_reuse=c.enabled)
+        self.rtc_params.check = lambda c: self.runner.backend.caps.check(vjp=c.enabled and c.guidance == "vjp")
         self.delay = DelayEstimator(self.rtc_params.config)
         self.compressor: TokenCompressor | None = None
         if cfg.input_mode == "images":
             self.pruning_params = ConfigParameters(self, PruningConfig(), prefix="pruning.", on_change=self._on_change)
             self.reuse_params = ConfigParameters(self, ReuseConfig(), prefix="reuse.", on_change=self._on_change)
             self.compressor = TokenCompressor(self.policy, self.pruning_params.config, self.reuse_params.config,
-                                              count_flops=False)
+                                              count_flops=False, backend=self.runner.backend)
+            self.reuse_params.check = lambda c: self.runner.backend.caps.check(patch_reuse=c.enabled and c.patch_level)
+        if cfg.warmup:
+            self._warm_up(cfg)
 
         self._cv = threading.Condition()
         self._tokens: dict[str, VisualTokens] = {}
@@ -243,7 +260,22 @@ class PolicyNode(Node):
             f"policy ready: {cfg.input_mode} in, cameras {cfg.cameras}, chunk {arch.chunk_size} x {arch.action_dim} "
             f"at {cfg.fps} Hz, rtc={'on' if self.rtc_params.config.enabled else 'off'}, "
             f"early_exit={'on' if self.exit_params.config.enabled else 'off'}, "
-            f"attention={'fused' if self.policy.fused_attention else 'eager'}")
+            f"attention={'fused' if self.policy.fused_attention else 'eager'}, backend={cfg.backend}, "
+            f"startup {time.monotonic() - started:.1f} s")
+
+    def _warm_up(self, cfg: PolicyNodeConfig) -> None:
+        """Every prefix shape once, then the stages timed warm; refuse to start when the measured latency misses the
+        executor's deadline (``startup_check``)."""
+        ratios = [self.pruning_params.config.keep_ratio] if self.compressor is not None else [0.5]
+        counts = keep_counts(self.policy.arch.tokens_per_camera, ratios)
+        report = warm_up(self.runner, counts, encode=self.runner.backend.encode)
+        latency = report.chunk_latency_s(len(cfg.cameras))
+        self.get_logger().info(f"{report.describe(len(cfg.cameras))} ({cfg.backend} backend)")
+        problem = latency_problem(latency, cfg.fps, cfg.execution_horizon, self.policy.arch.chunk_size, "measured")
+        if problem and cfg.startup_check:
+            raise ValueError(f"startup check refused this configuration: {problem}")
+        if problem:
+            self.get_logger().warning(f"startup_check is off: {problem}")
 
     # ------------------------------------------------------------------ callbacks (cheap)
     def _on_change(self, cfg: Any, names: set[str]) -> None:

@@ -24,6 +24,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import Image
 from std_msgs.msg import Empty, String
 
+from effvla_ros.core.backends import BACKENDS
 from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
 from effvla_ros.core.compression.pruning import PruningConfig
 from effvla_ros.core.observation import WIRE_DTYPES, encode_tokens, rgb_to_tensor
@@ -62,6 +63,12 @@ class CompressorNodeConfig(ConfigBase):
     wire_dtype: str = param("float16", choices=tuple(WIRE_DTYPES), read_only=True,
                             description="element type of the published token payload")
     num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")
+    backend: str = param("eager", choices=tuple(BACKENDS), read_only=True,
+                         description="stage backend of the full-frame encode: eager or compiled (torch.compile); "
+                                     "patch-level reuse needs a backend with partial encode")
+    warmup: bool = param(True, read_only=True,
+                         description="at start, encode a dummy frame twice (compiles a compiled backend) and log the "
+                                     "measured encode time")
     count_flops: bool = param(False, read_only=True,
                               description="count every encode's FLOPs with torch.utils.flop_counter (exact, slower); "
                                           "off: first full pass counted, later passes accounted analytically")
@@ -95,6 +102,7 @@ class _Slot:
 class TokenCompressorNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("token_compressor", **kwargs)
+        started = time.monotonic()
         self.node_params = ConfigParameters(self, CompressorNodeConfig(), on_change=lambda c, n: None)
         self.pruning_params = ConfigParameters(self, PruningConfig(), prefix="pruning.", on_change=self._on_pruning)
         self.reuse_params = ConfigParameters(self, ReuseConfig(), prefix="reuse.", on_change=self._on_reuse)
@@ -107,7 +115,13 @@ class TokenCompressorNode(Node):
         if unknown:
             raise ValueError(f"cameras: {unknown} not in the checkpoint's cameras {policy.cameras}")
         self.compressor = TokenCompressor(policy, self.pruning_params.config, self.reuse_params.config,
-                                          count_flops=cfg.count_flops)
+                                          count_flops=cfg.count_flops, backend=cfg.backend)
+        self.reuse_params.check = lambda c: self.compressor.backend.caps.check(patch_reuse=c.enabled and c.patch_level)
+        warm = ""
+        if cfg.warmup:
+            t0 = time.monotonic()
+            encode_s = self.compressor.warm_up()
+            warm = f", warm-up {time.monotonic() - t0:.1f} s (full encode {encode_s:.3f} s per camera, measured)"
         self._lock = threading.Condition()
         self._slots = {c: _Slot() for c in cfg.cameras}
         self._instruction: str | None = None
@@ -129,7 +143,8 @@ class TokenCompressorNode(Node):
         self.get_logger().info(
             f"token compressor ready: cameras {cfg.cameras}, {policy.arch.tokens_per_camera} tokens/camera, "
             f"pruning={self.pruning_params.config.method} keep_ratio={self.pruning_params.config.keep_ratio}, "
-            f"reuse={'on' if self.reuse_params.config.enabled else 'off'}")
+            f"reuse={'on' if self.reuse_params.config.enabled else 'off'}, backend={cfg.backend}{warm}, "
+            f"startup {time.monotonic() - started:.1f} s")
 
     # ------------------------------------------------------------------ parameter changes
     def _on_pruning(self, cfg: PruningConfig, names: set[str]) -> None:

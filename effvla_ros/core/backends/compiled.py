@@ -46,8 +46,8 @@ class CompiledBackend(EagerBackend):
     def __init__(self, policy: SmolVLAPolicy) -> None:
         super().__init__(policy)
         policy.weights.requires_grad_(False)
-        n_graphs = policy.arch.num_vlm_layers + policy.arch.n_expert_layers + 8
-        for name in ("recompile_limit", "cache_size_limit"):  # one graph per layer and shape
+        n_graphs = 8 * (policy.arch.num_vlm_layers + policy.arch.n_expert_layers)
+        for name in ("recompile_limit", "cache_size_limit"):  # one graph per layer and prefix bucket
             if getattr(torch._dynamo.config, name, n_graphs) < n_graphs:
                 setattr(torch._dynamo.config, name, n_graphs)
         dev = policy.device
