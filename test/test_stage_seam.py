@@ -324,3 +324,59 @@ def test_measured_latency_against_the_executor_deadline() -> None:
     assert latency_problem(0.09, fps=20.0, execution_horizon=2, chunk_size=50, source="measured") is None
     msg = latency_problem(0.25, fps=20.0, execution_horizon=2, chunk_size=50, source="measured")
     assert msg is not None and msg.startswith("execution_horizon:") and "(measured)" in msg and ">= 5" in msg
+
+
+# ------------------------------------------------------------------------------------------------ packed backend
+def test_packed_backend_equals_eager_with_every_hook(policy) -> None:  # type: ignore[no-untyped-def]
+    """oneDNN pre-packed weights (fused Q/K/V, gate/up, GELU epilogue) behind the same loops: fp32 actions within
+    1e-4 of the eager reference with pruning, expert reuse, early exit, Jacobian-free RTC; the full and the
+    Eventful partial encode on the packed weights likewise; VJP guidance refused (no usable backward)."""
+    from effvla_ros.core.backends.packed import PackedBackend
+
+    packed = PackedBackend(policy)
+    settings = dict(expert_reuse=ExpertReuseConfig(enabled=True, threshold=10.0),
+                    early_exit=EarlyExitConfig(enabled=True, exit_layers=[1], thresholds=[0.5], min_layers=1),
+                    rtc=RTCConfig(enabled=True))
+    runs = []
+    for backend in ("eager", packed):
+        runner = PolicyRunner(policy, backend=backend, **settings)  # type: ignore[arg-type]
+        runner.set_instruction(TASK)
+        cams = _cams(policy)
+        keep = torch.tensor([0, 2, 3, 7, 9, 12])
+        cams["camera1"] = CameraTokens(cams["camera1"].tokens[keep], keep, cams["camera1"].grid)
+        first = runner.infer(cams, torch.zeros(6), noise=_noise(policy))
+        target = GuidanceTarget(first.x_final, delay=2, valid=policy.arch.chunk_size, ref_state=torch.zeros(6))
+        runs.append((first, runner.infer(cams, torch.zeros(6), noise=_noise(policy, 1), guidance=target)))
+    for a, b in zip(runs[0], runs[1], strict=True):
+        assert 0 < (a.actions - b.actions).abs().max() <= 1e-4  # other kernels, same math
+        assert (a.exit_layer, a.reused_expert_layers, a.guided) == (b.exit_layer, b.reused_expert_layers, b.guided)
+    img = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(4))
+    px = policy.preprocess_image(img)
+    assert (packed.encode(px) - policy.encode_pixels(px)).abs().max() <= 1e-4
+    ev, ref = packed.eventful_encoder(), EagerBackend(policy).eventful_encoder()
+    assert ev.proj is packed.proj
+    changed = torch.zeros(8, 8, dtype=torch.bool)
+    changed[2:5, 1:4] = True
+    px2 = policy.preprocess_image(img.flip(-1))
+    outs = [enc.encode_partial(px2, changed, enc.encode_full(px)[1])[0] for enc in (ev, ref)]
+    assert (outs[0] - outs[1]).abs().max() <= 1e-4
+    with pytest.raises(CapabilityError, match=r"rtc\.guidance.*'packed'"):
+        PolicyRunner(policy, backend=packed, rtc=RTCConfig(enabled=True, guidance="vjp"))
+    comp = TokenCompressor(policy, backend="packed", count_flops=False)  # by name; patch reuse on packed weights
+    comp.process("camera1", img[0])
+    comp.process("camera1", img[0].flip(-1))
+    assert comp.eventful.proj is comp.backend.proj  # type: ignore[attr-defined]
+
+
+def test_packed_backend_flops_are_counted_as_the_reference(policy) -> None:  # type: ignore[no-untyped-def]
+    """FlopCounterMode counts the oneDNN packed matmuls (core/flops.py) as torch counts mm."""
+    from effvla_ros.core.backends.packed import PackedBackend
+    from effvla_ros.core.runner import InferenceConfig
+
+    flops = []
+    for backend in ("eager", PackedBackend(policy)):
+        runner = PolicyRunner(policy, backend=backend, inference=InferenceConfig(count_flops=True))  # type: ignore[arg-type]
+        runner.set_instruction(TASK)
+        flops.append(runner.infer(_cams(policy), torch.zeros(6), noise=_noise(policy)).flops)
+    assert flops[0]["prefill"] > 0 and flops[0]["denoise"] > 0
+    assert flops[0] == flops[1]

@@ -92,8 +92,9 @@ class PolicyNodeConfig(ConfigBase):
     attention: str = param("eager", choices=ATTENTION_IMPLS, read_only=True,
                            description="VLM/expert attention: eager (LeRobot's path) or fused (torch SDPA, same result)")
     backend: str = param("eager", choices=tuple(BACKENDS), read_only=True,
-                         description="stage backend: eager (the reference) or compiled (torch.compile'd layers); a "
-                                     "setting the backend cannot apply is refused naming it")
+                         description="stage backend: eager (the reference), packed (x86 oneDNN pre-packed weights) or "
+                                     "compiled (torch.compile'd layers); a setting the backend cannot apply is refused "
+                                     "naming it")
     warmup: bool = param(True, read_only=True,
                          description="at start, run every prefix shape once (compiles a compiled backend) and measure "
                                      "the stages; the startup check then uses the measured latency")

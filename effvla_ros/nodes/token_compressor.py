@@ -64,7 +64,8 @@ class CompressorNodeConfig(ConfigBase):
                             description="element type of the published token payload")
     num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")
     backend: str = param("eager", choices=tuple(BACKENDS), read_only=True,
-                         description="stage backend of the full-frame encode: eager or compiled (torch.compile); "
+                         description="stage backend of the encoder: eager, packed (x86 oneDNN pre-packed weights, also "
+                                     "for patch reuse) or compiled (torch.compile, full frames); "
                                      "patch-level reuse needs a backend with partial encode")
     warmup: bool = param(True, read_only=True,
                          description="at start, encode a dummy frame twice (compiles a compiled backend) and log the "

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, str] = {  # backend name -> "module:class"
     "eager": "effvla_ros.core.backends.eager:EagerBackend",
     "compiled": "effvla_ros.core.backends.compiled:CompiledBackend",
+    "packed": "effvla_ros.core.backends.packed:PackedBackend",
 }
 
 

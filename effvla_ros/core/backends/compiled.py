@@ -56,6 +56,7 @@ class CompiledBackend(EagerBackend):
             vlm_layer=_compile(L.vlm_layer, dev),
             expert_self_layer=_compile(L.expert_self_layer, dev),
             expert_cross_layer=_compile(L.expert_cross_layer, dev),
+            expert_cross_kv=L.expert_cross_kv,  # once per chunk
         )
         self._encode = _compile(policy.encode_pixels, dev)
 

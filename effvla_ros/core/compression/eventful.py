@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from effvla_ros.core.smolvla.layers import siglip_layer
+from effvla_ros.core.smolvla.layers import EAGER, Projections, siglip_layer
 
 
 @dataclass
@@ -48,8 +48,9 @@ class EventfulState:
 class EventfulVisionEncoder:
     """Vision transformer + connector of SmolVLM, run layer by layer with per-token reuse."""
 
-    def __init__(self, vision_model: Any, connector: Any) -> None:
+    def __init__(self, vision_model: Any, connector: Any, proj: Projections = EAGER) -> None:
         # transformers modules with dynamic attributes (SmolVLMVisionTransformer, SmolVLMConnector)
+        self.proj = proj  # how the layers' weights are applied (a backend's pre-packed ones, or the modules')
         self.vm = vision_model
         self.connector = connector
         emb = vision_model.embeddings
@@ -80,16 +81,15 @@ class EventfulVisionEncoder:
             pos = idx
         return x + emb.position_embedding(pos)
 
-    @staticmethod
-    def _layer(layer: Any, x: torch.Tensor, cache: _LayerCache | None,
+    def _layer(self, layer: Any, x: torch.Tensor, cache: _LayerCache | None,
                idx: torch.Tensor | None) -> tuple[torch.Tensor, _LayerCache]:
         """One encoder layer (:func:`~effvla_ros.core.smolvla.layers.siglip_layer`, the full encode's code). Full
         when idx is None, else only rows idx (x holds those rows; their queries attend to every token)."""
         if idx is None or cache is None:
-            y, k, v = siglip_layer(layer, x[None])
+            y, k, v = siglip_layer(layer, x[None], proj=self.proj)
             x_in = x
         else:
-            y, k, v = siglip_layer(layer, x[None], rows=idx, cached_k=cache.k, cached_v=cache.v)
+            y, k, v = siglip_layer(layer, x[None], rows=idx, cached_k=cache.k, cached_v=cache.v, proj=self.proj)
             x_in = cache.x_in.clone()
             x_in[idx] = x
         return y[0], _LayerCache(x_in, k, v)

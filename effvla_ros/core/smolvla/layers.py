@@ -19,9 +19,36 @@ from torch import Tensor
 from .functional import apply_rope, eager_attention, fused_attention, sinusoidal_time_embedding
 
 
+# ------------------------------------------------------------------------------------------------ projections
+class Projections:
+    """How a layer's weights are applied: the modules' own ``forward`` (LeRobot's computation, bit for bit).
+
+    A backend can substitute its own (``effvla_ros.core.backends.packed``: oneDNN pre-packed weights, fused Q/K/V
+    and gate/up matmuls, the GELU fused into the matmul) without touching the layer functions below: every
+    weight of a layer goes through one of these four methods.
+    """
+
+    def qkv(self, attn: Any, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Q, K, V projections of x (B, n, D) -> each (B, n, heads * head_dim)."""
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+
+    def q(self, attn: Any, x: Tensor) -> Tensor:
+        return attn.q_proj(x)
+
+    def linear(self, module: Any, x: Tensor) -> Tensor:
+        return module(x)
+
+    def mlp(self, mlp: Any, x: Tensor) -> Tensor:
+        """SigLIP's fc1-GELU-fc2 or Llama's down(silu(gate) * up)."""
+        return mlp(x)
+
+
+EAGER = Projections()
+
+
 # ------------------------------------------------------------------------------------------------ vision
 def siglip_layer(layer: Any, x: Tensor, *, rows: Tensor | None = None, cached_k: Tensor | None = None,
-                 cached_v: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                 cached_v: Tensor | None = None, proj: Projections = EAGER) -> tuple[Tensor, Tensor, Tensor]:
     """One SigLIP encoder layer (``SmolVLMEncoderLayer``'s computation with sdpa attention).
 
     Full: x (B, N, d) -> (y (B, N, d), K, V (B, H, N, hd)). Partial (Eventful patch reuse): x holds only the
@@ -31,10 +58,10 @@ def siglip_layer(layer: Any, x: Tensor, *, rows: Tensor | None = None, cached_k:
     """
     attn = layer.self_attn
     b, n, _ = x.shape
-    h = layer.layer_norm1(x)
-    q = attn.q_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)          # (B, H, n, hd)
-    k = attn.k_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(h).view(b, n, -1, attn.head_dim).transpose(1, 2)
+    qf, kf, vf = proj.qkv(attn, layer.layer_norm1(x))
+    q = qf.view(b, n, -1, attn.head_dim).transpose(1, 2)                         # (B, H, n, hd)
+    k = kf.view(b, n, -1, attn.head_dim).transpose(1, 2)
+    v = vf.view(b, n, -1, attn.head_dim).transpose(1, 2)
     if rows is not None:
         if cached_k is None or cached_v is None:
             raise ValueError("siglip_layer: rows need the cached K/V of the frame")
@@ -43,8 +70,8 @@ def siglip_layer(layer: Any, x: Tensor, *, rows: Tensor | None = None, cached_k:
         k, v = k_full, v_full                                                   # (B, H, N, hd)
     o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)              # (B, H, n, hd)
     o = o.transpose(1, 2).reshape(b, n, -1)
-    y = x + attn.out_proj(o)
-    return y + layer.mlp(layer.layer_norm2(y)), k, v
+    y = x + proj.linear(attn.out_proj, o)
+    return y + proj.mlp(layer.mlp, layer.layer_norm2(y)), k, v
 
 
 # ------------------------------------------------------------------------------------------------ attention
@@ -57,26 +84,26 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, fused: bool = False
     return eager_attention(q, k, v, mask, return_probs=want_probs)
 
 
-def residual_mlp(layer: Any, attn_out: Tensor, h: Tensor) -> Tensor:
+def residual_mlp(layer: Any, attn_out: Tensor, h: Tensor, proj: Projections = EAGER) -> Tensor:
     """o_proj + residual (in o_proj's dtype, as LeRobot's in-place add), then norm + MLP + residual."""
-    o = layer.self_attn.o_proj(attn_out.to(layer.self_attn.o_proj.weight.dtype))
+    o = proj.linear(layer.self_attn.o_proj, attn_out.to(layer.self_attn.o_proj.weight.dtype))
     h = (o + h).to(o.dtype)
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    return h + proj.mlp(layer.mlp, layer.post_attention_layernorm(h))
 
 
 # ------------------------------------------------------------------------------------------------ VLM
-def vlm_layer(layer: Any, h: Tensor, pos: Tensor, mask: Tensor, *, fused: bool = False, want_probs: bool = False
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def vlm_layer(layer: Any, h: Tensor, pos: Tensor, mask: Tensor, *, fused: bool = False, want_probs: bool = False,
+              proj: Projections = EAGER) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """One VLM decoder layer over the prefix. h (B, P, D) -> (h_out, K, V (B, Hkv, P, D) post-RoPE, probs)."""
     attn = layer.self_attn
     b, p, _ = h.shape
-    x = layer.input_layernorm(h).to(attn.q_proj.weight.dtype)
-    q = attn.q_proj(x).view(b, p, -1, attn.head_dim).transpose(1, 2)          # (B, H, P, D)
-    k = attn.k_proj(x).view(b, p, -1, attn.head_dim).transpose(1, 2)          # (B, Hkv, P, D)
-    v = attn.v_proj(x).view(b, p, -1, attn.head_dim).transpose(1, 2)
+    qf, kf, vf = proj.qkv(attn, layer.input_layernorm(h).to(attn.q_proj.weight.dtype))
+    q = qf.view(b, p, -1, attn.head_dim).transpose(1, 2)                        # (B, H, P, D)
+    k = kf.view(b, p, -1, attn.head_dim).transpose(1, 2)                        # (B, Hkv, P, D)
+    v = vf.view(b, p, -1, attn.head_dim).transpose(1, 2)
     q, k = apply_rope(q, pos), apply_rope(k, pos)
     a, probs = attend(q, k, v, mask, fused=fused, want_probs=want_probs)      # (B, P, H*D)
-    return residual_mlp(layer, a, h), k, v, probs
+    return residual_mlp(layer, a, h, proj), k, v, probs
 
 
 # ------------------------------------------------------------------------------------------------ expert
@@ -95,22 +122,22 @@ def embed_suffix(model: Any, x_t: Tensor, t: Tensor, min_period: float, max_peri
 
 
 def expert_self_layer(layer: Any, h: Tensor, pk: Tensor, pv: Tensor, pos: Tensor, mask: Tensor, *,
-                      fused: bool = False) -> Tensor:
+                      fused: bool = False, proj: Projections = EAGER) -> Tensor:
     """Expert self-attention over [prefix K/V; suffix K/V]. h (B, S, De); pk/pv (B, Hkv, P, D)."""
     attn = layer.self_attn
     b, s, _ = h.shape
-    x = layer.input_layernorm(h).to(attn.q_proj.weight.dtype)
-    q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)          # (B, H, S, D)
-    k = attn.k_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)          # (B, Hkv, S, D)
-    v = attn.v_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
+    qf, kf, vf = proj.qkv(attn, layer.input_layernorm(h).to(attn.q_proj.weight.dtype))
+    q = qf.view(b, s, -1, attn.head_dim).transpose(1, 2)                        # (B, H, S, D)
+    k = kf.view(b, s, -1, attn.head_dim).transpose(1, 2)                        # (B, Hkv, S, D)
+    v = vf.view(b, s, -1, attn.head_dim).transpose(1, 2)
     q, k = apply_rope(q, pos), apply_rope(k, pos)
     k = torch.cat([pk, k], dim=2)                                              # (B, Hkv, P + S, D)
     v = torch.cat([pv, v], dim=2)
     a, _ = attend(q, k, v, mask, fused=fused)
-    return residual_mlp(layer, a, h)
+    return residual_mlp(layer, a, h, proj)
 
 
-def expert_cross_kv(layer: Any, pk: Tensor, pv: Tensor) -> tuple[Tensor, Tensor]:
+def expert_cross_kv(layer: Any, pk: Tensor, pv: Tensor, proj: Projections = EAGER) -> tuple[Tensor, Tensor]:
     """A cross-attention layer's K/V from the VLM's cached (post-RoPE) K/V through the expert's k/v_proj:
     (B, Hkv, P, D) each. They depend on the prefix only, not on x_t or t: a backend may compute them once per
     chunk instead of once per denoising step."""
@@ -118,18 +145,18 @@ def expert_cross_kv(layer: Any, pk: Tensor, pv: Tensor) -> tuple[Tensor, Tensor]
     b, _, p, _ = pk.shape
     kin = pk.transpose(1, 2).reshape(b, p, -1).to(attn.k_proj.weight.dtype)    # (B, P, Hkv*D)
     vin = pv.transpose(1, 2).reshape(b, p, -1).to(attn.v_proj.weight.dtype)
-    k = attn.k_proj(kin).view(b, p, -1, attn.head_dim).transpose(1, 2)        # (B, Hkv, P, D)
-    v = attn.v_proj(vin).view(b, p, -1, attn.head_dim).transpose(1, 2)
+    k = proj.linear(attn.k_proj, kin).view(b, p, -1, attn.head_dim).transpose(1, 2)  # (B, Hkv, P, D)
+    v = proj.linear(attn.v_proj, vin).view(b, p, -1, attn.head_dim).transpose(1, 2)
     return k, v
 
 
 def expert_cross_layer(layer: Any, h: Tensor, k: Tensor, v: Tensor, pos: Tensor, mask: Tensor, *,
-                       fused: bool = False) -> Tensor:
+                       fused: bool = False, proj: Projections = EAGER) -> Tensor:
     """Expert cross-attention to the prefix: h (B, S, De); k/v (B, Hkv, P, D) from :func:`expert_cross_kv`."""
     attn = layer.self_attn
     b, s, _ = h.shape
     x = layer.input_layernorm(h).to(attn.q_proj.weight.dtype)
-    q = attn.q_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)          # (B, H, S, D)
+    q = proj.q(attn, x).view(b, s, -1, attn.head_dim).transpose(1, 2)         # (B, H, S, D)
     q = apply_rope(q, pos)
     a, _ = attend(q, k, v, mask, fused=fused)
-    return residual_mlp(layer, a, h)
+    return residual_mlp(layer, a, h, proj)

@@ -389,13 +389,13 @@ class SmolVLAPolicy:
         """The VLM layer indices that have an expert layer, in order (the ``layer_idx`` of expert plans)."""
         return [i for i, e in enumerate(self.expert_layer_map()) if e is not None]
 
-    def cross_kv(self, cache: PrefixCache) -> dict[int, tuple[Tensor, Tensor]]:
+    def cross_kv(self, cache: PrefixCache, ops: Any = L) -> dict[int, tuple[Tensor, Tensor]]:
         """The expert's cross-attention K/V per VLM layer index (:func:`.layers.expert_cross_kv`). They depend on the
         prefix only: computed once per chunk and kept in ``cache.expert_kv`` (unless they carry a graph)."""
         if cache.expert_kv is not None:
             return cache.expert_kv
         layers = self.weights.expert.layers
-        kv = {i: L.expert_cross_kv(layers[ei], cache.keys[i], cache.values[i])
+        kv = {i: ops.expert_cross_kv(layers[ei], cache.keys[i], cache.values[i])
               for i, ei in enumerate(self.expert_layer_map()) if ei is not None and self.arch.is_cross_attn_layer(i)}
         if not any(k.requires_grad for k, _ in kv.values()):
             cache.expert_kv = kv
@@ -422,7 +422,7 @@ class SmolVLAPolicy:
         prefix_mask = cache.pad_mask[:, None, :].expand(b, s, cache.length)      # (B, S, P)
         causal = torch.ones((s, s), dtype=torch.bool, device=h.device).tril()[None].expand(b, s, s)
         self_mask = torch.cat([prefix_mask, causal], dim=2)                      # (B, S, P + S)
-        cross_kv = self.cross_kv(cache)
+        cross_kv = self.cross_kv(cache, ops)
         expert_layers = self.weights.expert.layers
         fused = self.fused_attention
         for i, ei in enumerate(self.expert_layer_map()):
