@@ -380,3 +380,26 @@ def test_packed_backend_flops_are_counted_as_the_reference(policy) -> None:  # t
         flops.append(runner.infer(_cams(policy), torch.zeros(6), noise=_noise(policy)).flops)
     assert flops[0]["prefill"] > 0 and flops[0]["denoise"] > 0
     assert flops[0] == flops[1]
+
+
+# ------------------------------------------------------------------------------------------------ dtype "auto"
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from effvla_ros.core.smolvla import RuntimeConfig
+    from effvla_ros.core.smolvla.config import native_bf16, resolve_dtype
+    from effvla_ros.core.target_check import check
+
+    for amx, avx512_bf16, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert native_bf16("cpu") is (expected == "bfloat16")
+        assert resolve_dtype("auto", "cpu") == expected
+        assert RuntimeConfig(vision_dtype="auto", vlm_dtype="auto", expert_dtype="bfloat16").resolved_dtypes() == \
+            (expected, expected, "bfloat16")
+    assert resolve_dtype("float16", "cpu") == "float16"
+    with pytest.raises(ValueError, match="vision_dtype"):
+        RuntimeConfig(vision_dtype="int8")
+    policy = build_random_policy(tiny_arch(), seed=1, runtime=RuntimeConfig(vision_dtype="auto", vlm_dtype="auto",
+                                                                            expert_dtype="auto"))
+    assert policy.weights.vision.embeddings.patch_embedding.weight.dtype == torch.float32  # the last case: no bf16
+    est = check(tiny_arch(), "x86_cpu", vision_dtype="auto", vlm_dtype="auto", expert_dtype="auto")
+    assert est.memory_gb > 0  # "auto" sized as the target's device resolves it

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from effvla_ros.core.smolvla.config import SmolVLAArch
+from effvla_ros.core.smolvla.config import SmolVLAArch, resolve_dtype
 
 GB = 1024**3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -153,6 +153,8 @@ def check(arch: SmolVLAArch, target: str, *, cameras: int | None = None, vision_
     if target not in TARGETS:
         raise ValueError(f"target: {target!r} is not one of {sorted(TARGETS)}")
     spec = TARGETS[target]
+    device = "cpu" if target == "x86_cpu" else "cuda"  # "auto" dtypes as the target's device resolves them
+    vision_dtype, vlm_dtype, expert_dtype = (resolve_dtype(d, device) for d in (vision_dtype, vlm_dtype, expert_dtype))
     if memory_budget_gb is not None:
         spec = TargetSpec(**{**spec.__dict__, "memory_budget_gb": memory_budget_gb})
     ncam = len(arch.cameras) if cameras is None else cameras

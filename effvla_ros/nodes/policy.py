@@ -56,7 +56,7 @@ from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.core.rtc import DelayEstimator, GuidanceTarget, RTCConfig
 from effvla_ros.core.runner import CameraTokens, InferenceConfig, PolicyRunner, compressed_to_camera_tokens
 from effvla_ros.core.schedule import ChunkScheduler
-from effvla_ros.core.smolvla.config import ATTENTION_IMPLS, DTYPES, RuntimeConfig
+from effvla_ros.core.smolvla.config import ATTENTION_IMPLS, DTYPE_CHOICES, RuntimeConfig, resolve_dtype
 from effvla_ros.core.target_check import TARGETS, check_checkpoint, enforce, latency_problem
 from effvla_ros.core.warmup import keep_counts, warm_up
 from effvla_ros.msg import ActionChunk, ExecutionFeedback, VisualTokens
@@ -85,9 +85,10 @@ class PolicyNodeConfig(ConfigBase):
     checkpoint: str = param("", read_only=True, description="local LeRobot SmolVLA checkpoint directory")
     vlm_dir: str = param("", read_only=True, description="VLM config + tokenizer directory (empty: checkpoint's vlm/)")
     device: str = param("cpu", read_only=True, description="torch device")
-    vision_dtype: str = param("float32", choices=tuple(DTYPES), read_only=True, description="vision tower dtype")
-    vlm_dtype: str = param("float32", choices=tuple(DTYPES), read_only=True, description="VLM layers dtype")
-    expert_dtype: str = param("float32", choices=tuple(DTYPES), read_only=True, description="action expert dtype")
+    vision_dtype: str = param("float32", choices=DTYPE_CHOICES, read_only=True,
+                              description="vision tower dtype (auto: bfloat16 where the device computes it natively, else float32 / float16 on CUDA)")
+    vlm_dtype: str = param("float32", choices=DTYPE_CHOICES, read_only=True, description="VLM layers dtype (auto: as vision_dtype)")
+    expert_dtype: str = param("float32", choices=DTYPE_CHOICES, read_only=True, description="action expert dtype (auto: as vision_dtype)")
     num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")
     attention: str = param("eager", choices=ATTENTION_IMPLS, read_only=True,
                            description="VLM/expert attention: eager (LeRobot's path) or fused (torch SDPA, same result)")
@@ -183,7 +184,8 @@ class PolicyNode(Node):
         if cfg.startup_check:  # before any weight is loaded: fail with what to change, not OOM later
             est = check_checkpoint(
                 cfg.checkpoint, cfg.target, cfg.vlm_dir or None, cameras=len(cfg.cameras),
-                vision_dtype=cfg.vision_dtype, vlm_dtype=cfg.vlm_dtype, expert_dtype=cfg.expert_dtype,
+                vision_dtype=resolve_dtype(cfg.vision_dtype, cfg.device), vlm_dtype=resolve_dtype(cfg.vlm_dtype, cfg.device),
+                expert_dtype=resolve_dtype(cfg.expert_dtype, cfg.device),
                 num_steps=self.inference_params.config.num_steps, fps=cfg.fps, execution_horizon=cfg.execution_horizon,
                 memory_budget_gb=cfg.memory_budget_gb or None,
                 keep_ratio=1.0 if cfg.input_mode == "tokens" else 0.5)
@@ -262,6 +264,7 @@ class PolicyNode(Node):
             f"at {cfg.fps} Hz, rtc={'on' if self.rtc_params.config.enabled else 'off'}, "
             f"early_exit={'on' if self.exit_params.config.enabled else 'off'}, "
             f"attention={'fused' if self.policy.fused_attention else 'eager'}, backend={cfg.backend}, "
+            f"dtypes vision/vlm/expert {'/'.join(runtime.resolved_dtypes())}, "
             f"startup {time.monotonic() - started:.1f} s")
 
     def _warm_up(self, cfg: PolicyNodeConfig) -> None:

@@ -29,7 +29,7 @@ from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
 from effvla_ros.core.compression.pruning import PruningConfig
 from effvla_ros.core.observation import WIRE_DTYPES, encode_tokens, rgb_to_tensor
 from effvla_ros.core.params import ConfigBase, param
-from effvla_ros.core.smolvla.config import DTYPES, RuntimeConfig
+from effvla_ros.core.smolvla.config import DTYPE_CHOICES, RuntimeConfig
 from effvla_ros.msg import VisualTokens
 from effvla_ros.nodes.common import (
     INSTRUCTION_VOLATILE_QOS,
@@ -59,7 +59,8 @@ class CompressorNodeConfig(ConfigBase):
                              description="image topic per camera; {camera} is replaced by the name")
     instruction_topic: str = param("instruction", read_only=True, description="task instruction topic")
     device: str = param("cpu", read_only=True, description="torch device of the encoder")
-    vision_dtype: str = param("float32", choices=tuple(DTYPES), read_only=True, description="encoder dtype")
+    vision_dtype: str = param("float32", choices=DTYPE_CHOICES, read_only=True,
+                              description="encoder dtype (auto: bfloat16 where the device computes it natively, else float32 / float16 on CUDA)")
     wire_dtype: str = param("float16", choices=tuple(WIRE_DTYPES), read_only=True,
                             description="element type of the published token payload")
     num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")

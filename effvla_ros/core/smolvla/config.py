@@ -34,6 +34,33 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half
 RELATIVE_KEY = "effvla_relative_action_dims"
 
 
+#: Choices of the dtype parameters: the dtypes, and "auto" (:func:`resolve_dtype`).
+DTYPE_CHOICES = (*DTYPES, "auto")
+
+
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` computes bf16 natively: an x86 CPU with AMX or AVX512-BF16 (oneDNN's bf16 kernels), a
+    CUDA device with bf16 support (Ampere or newer: every Jetson Orin and Thor)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        return bool(cpu is not None and (getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+                                         or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()))
+    return False
+
+
+def resolve_dtype(name: str, device: str | torch.device = "cpu") -> str:
+    """A dtype parameter's value as a dtype name: "auto" is bfloat16 where ``device`` computes it natively
+    (:func:`native_bf16`), else float16 on CUDA and float32 on a CPU (emulated bf16 is slower than fp32 there)."""
+    if name != "auto":
+        return DTYPE_ALIASES.get(name, name)
+    if native_bf16(device):
+        return "bfloat16"
+    return "float16" if torch.device(device).type == "cuda" else "float32"
+
+
 def to_dtype(name: str | torch.dtype) -> torch.dtype:
     """'float32' | 'bfloat16' | 'float16' (or fp32/bf16/fp16) -> torch dtype."""
     if isinstance(name, torch.dtype):
@@ -311,11 +338,11 @@ class RuntimeConfig(ConfigBase):
     """Runtime options of :class:`~effvla_ros.core.smolvla.policy.SmolVLAPolicy`."""
 
     device: str = param("cpu", description="torch device ('cpu', 'cuda', 'cuda:1', ...)", read_only=True)
-    vision_dtype: str = param("float32", choices=tuple(DTYPES), read_only=True,
+    vision_dtype: str = param("float32", choices=DTYPE_CHOICES, read_only=True,
                               description="dtype of the vision tower and the connector")
-    vlm_dtype: str = param("float32", choices=tuple(DTYPES), read_only=True,
+    vlm_dtype: str = param("float32", choices=DTYPE_CHOICES, read_only=True,
                            description="dtype of the VLM text layers (prefill, KV cache)")
-    expert_dtype: str = param("float32", choices=tuple(DTYPES), read_only=True,
+    expert_dtype: str = param("float32", choices=DTYPE_CHOICES, read_only=True,
                               description="dtype of the action expert and the state/action projections")
     num_steps: int = param(0, min=0, max=1000,
                            description="Euler denoising steps; 0 = the checkpoint's num_steps")
@@ -324,6 +351,11 @@ class RuntimeConfig(ConfigBase):
     attention: str = param("eager", choices=ATTENTION_IMPLS, read_only=True,
                            description="VLM/expert attention: eager (LeRobot's path) or fused (torch SDPA, same "
                                        "semantics; eager still runs where attention probabilities are needed)")
+
+    def resolved_dtypes(self) -> tuple[str, str, str]:
+        """(vision, vlm, expert) dtype names with "auto" resolved for this device (:func:`resolve_dtype`)."""
+        return (resolve_dtype(self.vision_dtype, self.device), resolve_dtype(self.vlm_dtype, self.device),
+                resolve_dtype(self.expert_dtype, self.device))
 
     def validate(self) -> None:
         if not (self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"):

@@ -113,8 +113,7 @@ class SmolVLAPolicy:
         if runtime.num_threads > 0:
             torch.set_num_threads(runtime.num_threads)
         self.weights.to(self.device)
-        self.weights.set_dtypes(to_dtype(runtime.vision_dtype), to_dtype(runtime.vlm_dtype),
-                                to_dtype(runtime.expert_dtype))
+        self.weights.set_dtypes(*(to_dtype(d) for d in runtime.resolved_dtypes()))  # "auto": native bf16 or fp32
         self.count_flops = runtime.count_flops
         self.fused_attention = runtime.attention == "fused"
 
