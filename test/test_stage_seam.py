@@ -403,3 +403,47 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch)
     assert policy.weights.vision.embeddings.patch_embedding.weight.dtype == torch.float32  # the last case: no bf16
     est = check(tiny_arch(), "x86_cpu", vision_dtype="auto", vlm_dtype="auto", expert_dtype="auto")
     assert est.memory_gb > 0  # "auto" sized as the target's device resolves it
+
+
+# ------------------------------------------------------------------------------------------------ CUDA-graph backend
+def test_cudagraph_backend_loop_over_static_buffers(policy) -> None:  # type: ignore[no-untyped-def]
+    """The denoising loop of the cudagraph backend (captured on CUDA; here its CPU fallback over the same static
+    buffers): the same actions as the eager runner with and without Jacobian-free RTC, one graph per prefix shape
+    whose buffers are reused chunk after chunk, and what it cannot capture refused by name."""
+    from effvla_ros.core.backends.graphs import GraphBackend
+
+    graph_be = GraphBackend(policy)
+    runs = {}
+    for name, backend in (("eager", "eager"), ("graph", graph_be)):
+        runner = PolicyRunner(policy, backend=backend, rtc=RTCConfig(enabled=True))  # type: ignore[arg-type]
+        runner.set_instruction(TASK)
+        first = runner.infer(_cams(policy), torch.zeros(6), noise=_noise(policy))
+        target = GuidanceTarget(first.x_final, delay=2, valid=policy.arch.chunk_size, ref_state=torch.zeros(6))
+        guided = runner.infer(_cams(policy, 1), torch.zeros(6), noise=_noise(policy, 1), guidance=target)
+        keep = torch.arange(0, 16, 2)
+        pruned = {c: CameraTokens(ct.tokens[keep], keep, ct.grid) for c, ct in _cams(policy).items()}
+        other = runner.infer(pruned, torch.zeros(6), noise=_noise(policy, 2))
+        runs[name] = (first, guided, other)
+    for a, b in zip(runs["eager"], runs["graph"], strict=True):
+        torch.testing.assert_close(b.actions, a.actions, rtol=0, atol=0)
+    assert runs["graph"][1].guided and not torch.equal(runs["graph"][1].actions, runs["graph"][0].actions)
+    assert len(graph_be.graphs) == 2  # the full prefix and the pruned one
+    full = next(g for g in graph_be.graphs.values() if g.replays == 2)  # first + guided: the same graph, replayed
+    ptr = full.cache.keys[0].data_ptr()
+    runner = PolicyRunner(policy, backend=graph_be)
+    runner.set_instruction(TASK)
+    runner.infer(_cams(policy), torch.zeros(6), noise=_noise(policy))
+    assert full.replays == 3 and full.cache.keys[0].data_ptr() == ptr  # static buffers, no reallocation
+    with pytest.raises(CapabilityError, match=r"expert_reuse\.enabled.*'cudagraph'"):
+        PolicyRunner(policy, backend=graph_be, expert_reuse=ExpertReuseConfig(enabled=True))
+    with pytest.raises(CapabilityError, match=r"rtc\.guidance"):
+        runner.configure(rtc=RTCConfig(enabled=True, guidance="vjp"))
+    from effvla_ros.core.backends.graphs import DenoiseGraph
+
+    short = PolicyRunner(policy, backend="eager")
+    short.set_instruction(TASK)
+    lang, lmask = short._lang  # type: ignore[misc]
+    cache = policy.prefill(short.visual_inputs(_cams(policy)), lang, lmask, policy.prepare_state(torch.zeros(1, 6)))
+    small = policy.prefill(short.visual_inputs(pruned), lang, lmask, policy.prepare_state(torch.zeros(1, 6)))
+    with pytest.raises(ValueError, match="prefix"):
+        DenoiseGraph(policy, cache, 10, 10.0).run(small, _noise(policy))

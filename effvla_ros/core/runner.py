@@ -154,25 +154,31 @@ class PolicyRunner:
         n_steps = self.inference.num_steps
         self.expert_reuse.reset(n_steps)
         guide: Guide | None = None
+        target: Tensor | None = None
+        mask: Tensor | None = None
         delay = 0
         if guidance is not None and self.rtc.enabled and guidance.valid > 0:
             delay = min(guidance.delay, guidance.valid)
             mask = soft_mask(pol.arch.chunk_size, delay, guidance.valid, self.rtc.schedule).to(pol.device)
             target = self._rebase(guidance, state)
-            rtc = self.rtc
+            rtc, y, w = self.rtc, target, mask
 
             def guide(step: int, t: float, x: Tensor, v: Tensor) -> Tensor:
                 def vfn(x_in: Tensor, t_in: float) -> Tensor:
                     return be.velocity(cache, x_in, torch.full((x_in.shape[0],), float(t_in), device=x_in.device))
-                return guided_velocity(x, t, vfn, target, mask, rtc, v_t=v)
+                return guided_velocity(x, t, vfn, y, w, rtc, v_t=v)
 
         def velocity(x: Tensor, t: Tensor, step: int) -> Tensor:
             return be.velocity(cache, x, t, step=step, plan=self.expert_reuse.plan(step))
 
         if noise is None:
             noise = pol.draw_noise(1, generator)
+        integrate = getattr(be, "integrate", None)  # a backend that runs the whole loop itself (CUDA graph)
         with measure(pol.device, stats, count):                                    # stage 3: denoise
-            x = euler_integrate(velocity, noise.to(pol.device), n_steps, guide=guide)
+            if integrate is not None:
+                x = integrate(cache, noise, n_steps, self.rtc, target, mask)
+            else:
+                x = euler_integrate(velocity, noise.to(pol.device), n_steps, guide=guide)
         den_actions, _ = pol.decode_actions(x)
         prefill_stats, denoise_stats = stats
         actions = pol.to_absolute(den_actions, state.reshape(1, -1))[0]

@@ -9,7 +9,8 @@ core, against this protocol:
   deciding at the segment boundaries (``caps.exit_layers``); ``velocity`` once per denoising step inside the
   shared Euler integrator (:mod:`effvla_ros.core.flow`), with an :class:`~effvla_ros.core.stages.ExpertPlan`
   per step (expert feature reuse, ``caps.expert_plans``) and real-time chunking as the integrator's guide
-  (VJP guidance needs ``caps.vjp``).
+  (VJP guidance needs ``caps.vjp``); a backend may instead run that same loop itself through an
+  ``integrate(cache, noise, num_steps, rtc, target, mask)`` method (the CUDA-graph backend replays it).
 
 A setting that needs a capability the backend lacks is refused when the runner or compressor is configured,
 with the parameter named (:meth:`Capabilities.check`), never silently ignored.
@@ -33,6 +34,7 @@ BACKENDS: dict[str, str] = {  # backend name -> "module:class"
     "eager": "effvla_ros.core.backends.eager:EagerBackend",
     "compiled": "effvla_ros.core.backends.compiled:CompiledBackend",
     "packed": "effvla_ros.core.backends.packed:PackedBackend",
+    "cudagraph": "effvla_ros.core.backends.graphs:GraphBackend",
 }
 
 
