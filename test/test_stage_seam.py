@@ -64,6 +64,22 @@ def _noise(policy, seed: int = 0) -> torch.Tensor:  # type: ignore[no-untyped-de
     return torch.randn(1, policy.arch.chunk_size, policy.arch.max_action_dim, generator=torch.Generator().manual_seed(seed))
 
 
+def _every_hook_runs(policy, backend):  # type: ignore[no-untyped-def]
+    """Two chunks on ``backend`` with pruning, expert reuse, early exit and Jacobian-free RTC (the second guided
+    toward the first and exiting early on the same observation)."""
+    settings = dict(expert_reuse=ExpertReuseConfig(enabled=True, threshold=10.0),
+                    early_exit=EarlyExitConfig(enabled=True, exit_layers=[1], thresholds=[0.5], min_layers=1),
+                    rtc=RTCConfig(enabled=True))
+    runner = PolicyRunner(policy, backend=backend, **settings)  # type: ignore[arg-type]
+    runner.set_instruction(TASK)
+    cams = _cams(policy)
+    keep = torch.tensor([0, 2, 3, 7, 9, 12])  # pruned: 6 of 16 tokens of camera1
+    cams["camera1"] = CameraTokens(cams["camera1"].tokens[keep], keep, cams["camera1"].grid)
+    first = runner.infer(cams, torch.zeros(6), noise=_noise(policy))
+    target = GuidanceTarget(first.x_final, delay=2, valid=policy.arch.chunk_size, ref_state=torch.zeros(6))
+    return first, runner.infer(cams, torch.zeros(6), noise=_noise(policy, 1), guidance=target)
+
+
 # ------------------------------------------------------------------------------------------------ integrator
 def test_euler_integrate_is_the_euler_rule() -> None:
     a = torch.randn(2, 5, 3)
@@ -249,20 +265,7 @@ def test_compiled_backend_equals_eager_with_every_hook(policy) -> None:  # type:
 
     compiled = CompiledBackend(policy)
     assert compiled.caps.name == "compiled" and not compiled.caps.vjp
-    settings = dict(expert_reuse=ExpertReuseConfig(enabled=True, threshold=10.0),
-                    early_exit=EarlyExitConfig(enabled=True, exit_layers=[1], thresholds=[0.5], min_layers=1),
-                    rtc=RTCConfig(enabled=True))
-    runs = []
-    for backend in ("eager", compiled):
-        runner = PolicyRunner(policy, backend=backend, **settings)  # type: ignore[arg-type]
-        runner.set_instruction(TASK)
-        cams = _cams(policy)
-        keep = torch.tensor([0, 2, 3, 7, 9, 12])  # pruned: 6 of 16 tokens of camera1
-        cams["camera1"] = CameraTokens(cams["camera1"].tokens[keep], keep, cams["camera1"].grid)
-        first = runner.infer(cams, torch.zeros(6), noise=_noise(policy))
-        target = GuidanceTarget(first.x_final, delay=2, valid=policy.arch.chunk_size, ref_state=torch.zeros(6))
-        second = runner.infer(cams, torch.zeros(6), noise=_noise(policy, 1), guidance=target)
-        runs.append((first, second))
+    runs = [_every_hook_runs(policy, backend) for backend in ("eager", compiled)]
     for a, b in zip(runs[0], runs[1], strict=True):
         assert (a.actions - b.actions).abs().max() <= 1e-4
         assert (a.exit_layer, a.reused_expert_layers, a.guided) == (b.exit_layer, b.reused_expert_layers, b.guided)
@@ -334,19 +337,7 @@ def test_packed_backend_equals_eager_with_every_hook(policy) -> None:  # type: i
     from effvla_ros.core.backends.packed import PackedBackend
 
     packed = PackedBackend(policy)
-    settings = dict(expert_reuse=ExpertReuseConfig(enabled=True, threshold=10.0),
-                    early_exit=EarlyExitConfig(enabled=True, exit_layers=[1], thresholds=[0.5], min_layers=1),
-                    rtc=RTCConfig(enabled=True))
-    runs = []
-    for backend in ("eager", packed):
-        runner = PolicyRunner(policy, backend=backend, **settings)  # type: ignore[arg-type]
-        runner.set_instruction(TASK)
-        cams = _cams(policy)
-        keep = torch.tensor([0, 2, 3, 7, 9, 12])
-        cams["camera1"] = CameraTokens(cams["camera1"].tokens[keep], keep, cams["camera1"].grid)
-        first = runner.infer(cams, torch.zeros(6), noise=_noise(policy))
-        target = GuidanceTarget(first.x_final, delay=2, valid=policy.arch.chunk_size, ref_state=torch.zeros(6))
-        runs.append((first, runner.infer(cams, torch.zeros(6), noise=_noise(policy, 1), guidance=target)))
+    runs = [_every_hook_runs(policy, backend) for backend in ("eager", packed)]
     for a, b in zip(runs[0], runs[1], strict=True):
         assert 0 < (a.actions - b.actions).abs().max() <= 1e-4  # other kernels, same math
         assert (a.exit_layer, a.reused_expert_layers, a.guided) == (b.exit_layer, b.reused_expert_layers, b.guided)

@@ -72,11 +72,7 @@ def flow_pass(policy: SmolVLAPolicy, batch: Mapping[str, Any], *, noise: torch.T
     images, state, task = policy.split_observation(observation_of(batch))
     b = state.shape[0]
     x_t, u_t, t = policy.flow_training_sample(batch["action"], state, noise, t)
-    if "observation.language.tokens" in batch:
-        lang = batch["observation.language.tokens"].to(policy.device)
-        lmask = batch["observation.language.attention_mask"].to(policy.device).bool()
-    else:
-        lang, lmask = policy.tokenize([task] * b if isinstance(task, str) else list(task))
+    lang, lmask = policy.language(batch, task, b)
     enc = policy.encode_images(images, grad=True)
     pruning = prune is not None and bool(prune[1].any())
     # the prefix embeds its language tokens itself; these feed the pruning's queries and the alignment loss

@@ -46,6 +46,12 @@ class Projections:
 EAGER = Projections()
 
 
+def _heads(attn: Any, x: Tensor, proj: Projections) -> tuple[Tensor, Tensor, Tensor]:
+    """Q, K, V of x (B, n, D) split into heads: (B, H, n, hd), (B, Hkv, n, hd), (B, Hkv, n, hd)."""
+    b, n, _ = x.shape
+    return tuple(y.view(b, n, -1, attn.head_dim).transpose(1, 2) for y in proj.qkv(attn, x))  # type: ignore[return-value]
+
+
 # ------------------------------------------------------------------------------------------------ vision
 def siglip_layer(layer: Any, x: Tensor, *, rows: Tensor | None = None, cached_k: Tensor | None = None,
                  cached_v: Tensor | None = None, proj: Projections = EAGER) -> tuple[Tensor, Tensor, Tensor]:
@@ -58,10 +64,7 @@ def siglip_layer(layer: Any, x: Tensor, *, rows: Tensor | None = None, cached_k:
     """
     attn = layer.self_attn
     b, n, _ = x.shape
-    qf, kf, vf = proj.qkv(attn, layer.layer_norm1(x))
-    q = qf.view(b, n, -1, attn.head_dim).transpose(1, 2)                         # (B, H, n, hd)
-    k = kf.view(b, n, -1, attn.head_dim).transpose(1, 2)
-    v = vf.view(b, n, -1, attn.head_dim).transpose(1, 2)
+    q, k, v = _heads(attn, layer.layer_norm1(x), proj)                         # (B, H, n, hd)
     if rows is not None:
         if cached_k is None or cached_v is None:
             raise ValueError("siglip_layer: rows need the cached K/V of the frame")
@@ -96,11 +99,7 @@ def vlm_layer(layer: Any, h: Tensor, pos: Tensor, mask: Tensor, *, fused: bool =
               proj: Projections = EAGER) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """One VLM decoder layer over the prefix. h (B, P, D) -> (h_out, K, V (B, Hkv, P, D) post-RoPE, probs)."""
     attn = layer.self_attn
-    b, p, _ = h.shape
-    qf, kf, vf = proj.qkv(attn, layer.input_layernorm(h).to(attn.q_proj.weight.dtype))
-    q = qf.view(b, p, -1, attn.head_dim).transpose(1, 2)                        # (B, H, P, D)
-    k = kf.view(b, p, -1, attn.head_dim).transpose(1, 2)                        # (B, Hkv, P, D)
-    v = vf.view(b, p, -1, attn.head_dim).transpose(1, 2)
+    q, k, v = _heads(attn, layer.input_layernorm(h).to(attn.q_proj.weight.dtype), proj)  # (B, H|Hkv, P, D)
     q, k = apply_rope(q, pos), apply_rope(k, pos)
     a, probs = attend(q, k, v, mask, fused=fused, want_probs=want_probs)      # (B, P, H*D)
     return residual_mlp(layer, a, h, proj), k, v, probs
@@ -125,11 +124,7 @@ def expert_self_layer(layer: Any, h: Tensor, pk: Tensor, pv: Tensor, pos: Tensor
                       fused: bool = False, proj: Projections = EAGER) -> Tensor:
     """Expert self-attention over [prefix K/V; suffix K/V]. h (B, S, De); pk/pv (B, Hkv, P, D)."""
     attn = layer.self_attn
-    b, s, _ = h.shape
-    qf, kf, vf = proj.qkv(attn, layer.input_layernorm(h).to(attn.q_proj.weight.dtype))
-    q = qf.view(b, s, -1, attn.head_dim).transpose(1, 2)                        # (B, H, S, D)
-    k = kf.view(b, s, -1, attn.head_dim).transpose(1, 2)                        # (B, Hkv, S, D)
-    v = vf.view(b, s, -1, attn.head_dim).transpose(1, 2)
+    q, k, v = _heads(attn, layer.input_layernorm(h).to(attn.q_proj.weight.dtype), proj)  # (B, H|Hkv, S, D)
     q, k = apply_rope(q, pos), apply_rope(k, pos)
     k = torch.cat([pk, k], dim=2)                                              # (B, Hkv, P + S, D)
     v = torch.cat([pv, v], dim=2)

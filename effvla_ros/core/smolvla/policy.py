@@ -491,6 +491,15 @@ class SmolVLAPolicy:
             raise KeyError("observation is missing 'observation.state'")
         return images, observation["observation.state"], observation.get("task", "")
 
+    def language(self, observation: Mapping[str, Any], task: Any, batch: int) -> tuple[Tensor, Tensor]:
+        """(tokens (B, L) long, mask (B, L) bool): ``observation.language.tokens`` / ``.attention_mask`` when the
+        observation is already tokenized (LeRobot's preprocessor output), else ``task`` (one str for the whole
+        batch, or B of them) through :meth:`tokenize`."""
+        if "observation.language.tokens" in observation:
+            return (observation["observation.language.tokens"].to(self.device),
+                    observation["observation.language.attention_mask"].to(self.device).bool())
+        return self.tokenize([task] * batch if isinstance(task, str) else list(task))
+
     def predict_action_chunk(self, observation: Mapping[str, Any], noise: Tensor | None = None, *,
                              step_callback: StepCallback | None = None, record: bool = False,
                              prefill_callback: PrefillLayerCallback | None = None,
@@ -503,13 +512,7 @@ class SmolVLAPolicy:
         """
         t0 = time.perf_counter()
         images, state, task = self.split_observation(observation)
-        if "observation.language.tokens" in observation:
-            lang = observation["observation.language.tokens"].to(self.device)
-            lmask = observation["observation.language.attention_mask"].to(self.device).bool()
-        else:
-            b = state.shape[0]
-            tasks = [task] * b if isinstance(task, str) else list(task)
-            lang, lmask = self.tokenize(tasks)
+        lang, lmask = self.language(observation, task, state.shape[0])
         with torch.no_grad():
             enc = self.encode_images(images)
             cache = self.prefill(enc.tokens, lang, lmask, self.prepare_state(state), layer_callback=prefill_callback)
@@ -535,11 +538,7 @@ class SmolVLAPolicy:
         images, state, task = self.split_observation(observation)
         b = state.shape[0]
         x_t, u_t, t = self.flow_training_sample(actions, state, noise, t)
-        if "observation.language.tokens" in observation:
-            lang = observation["observation.language.tokens"].to(self.device)
-            lmask = observation["observation.language.attention_mask"].to(self.device).bool()
-        else:
-            lang, lmask = self.tokenize([task] * b if isinstance(task, str) else list(task))
+        lang, lmask = self.language(observation, task, b)
         enc = self.encode_images(images, grad=train_vision)
         cache = self.prefill(enc.tokens, lang, lmask, self.prepare_state(state), grad=True)
         v_t = self.velocity(cache, x_t, t)
