@@ -87,3 +87,32 @@ def test_outcome_classification():
     assert classify_outcome(False, 5.0, 6.0, 0.0) == "missed"
     assert classify_outcome(False, 1.0, 8.0, 0.5) == "not_lifted"
     assert classify_outcome(False, 1.0, 8.0, 4.0) == "not_placed"
+
+
+def test_eval_sim_on_another_backend_and_dtype(tmp_path):
+    """--backend / --dtype: the same short episode on the packed backend in fp32 follows the eager one (same
+    outcome, joint motion within float noise); in bf16 the report records the dtypes; an unknown backend is
+    refused with exit 2."""
+    from effvla_ros.commands import eval_sim
+
+    p = argparse.ArgumentParser()
+    eval_sim.add_arguments(p)
+    reports = {}
+    threads = torch.get_num_threads()
+    try:
+        for backend, dtype in (("eager", "float32"), ("packed", "float32"), ("packed", "bfloat16")):
+            out = tmp_path / f"{backend}_{dtype}.json"
+            args = p.parse_args(["--checkpoint", str(CKPT), "--episodes", "1", "--max-steps", "6", "--quiet",
+                                 "--threads", "1", "--backend", backend, "--dtype", dtype, "--out", str(out)])
+            assert eval_sim.run(args) == 0
+            reports[backend, dtype] = json.loads(out.read_text())
+        assert eval_sim.run(p.parse_args(["--checkpoint", str(CKPT), "--backend", "nope"])) == 2
+    finally:
+        torch.set_num_threads(threads)
+    eager, packed, bf16 = (reports[k]["settings"][0]["episode_results"][0] for k in
+                           (("eager", "float32"), ("packed", "float32"), ("packed", "bfloat16")))
+    assert reports["packed", "float32"]["backend"] == "packed"
+    assert reports["packed", "bfloat16"]["dtypes"] == ["bfloat16"] * 3
+    assert packed["steps"] == eager["steps"] and packed["outcome"] == eager["outcome"]
+    assert abs(packed["arm_motion"] - eager["arm_motion"]) < 1e-3
+    assert bf16["steps"] >= 1 and bf16["arm_motion"] > 0.01

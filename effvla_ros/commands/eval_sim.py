@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-steps", type=int, default=0, help="denoising steps (default: the checkpoint's)")
     parser.add_argument("--max-steps", type=int, default=150, help="control steps per episode at most (10 Hz)")
     parser.add_argument("--count-flops", action="store_true", help="also count prefill/denoise FLOPs (slower)")
+    parser.add_argument("--backend", default="eager", help="stage backend: eager (default), packed, compiled, cudagraph")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                        help="dtype of vision, VLM and expert (auto: bfloat16 where the CPU computes it natively; "
+                             "default: as LeRobot runs the checkpoint)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; per worker)")
     parser.add_argument("--workers", type=int, default=1,
                         help="episode worker processes (default 1; the episodes and results are the same)")
@@ -48,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MUJOCO_GL", "egl")
     import torch
 
-    from effvla_ros.core.smolvla import CheckpointError, load_policy
+    from effvla_ros.core.backends import BACKENDS
+    from effvla_ros.core.smolvla import CheckpointError, RuntimeConfig, load_policy
     from effvla_ros.train.evaluate import eval_settings, evaluate, evaluate_parallel, format_table, write_report
 
     if args.episodes < 1:
@@ -62,8 +67,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"effvla eval-sim: {e}", file=sys.stderr)
         return 2
+    if args.backend not in BACKENDS:
+        print(f"effvla eval-sim: --backend {args.backend!r} is not one of {sorted(BACKENDS)}", file=sys.stderr)
+        return 2
+    runtime = (RuntimeConfig(vision_dtype=args.dtype, vlm_dtype=args.dtype, expert_dtype=args.dtype)
+               if args.dtype else None)
     try:
-        policy = load_policy(args.checkpoint)
+        policy = load_policy(args.checkpoint, runtime=runtime)
     except CheckpointError as e:
         print(f"effvla eval-sim: {e}", file=sys.stderr)
         return 2
@@ -77,9 +87,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.workers > 1:
             report = evaluate_parallel(args.checkpoint, settings, seeds, workers=args.workers,
-                                       max_steps=args.max_steps, threads=max(1, args.threads), progress=progress)
+                                       max_steps=args.max_steps, threads=max(1, args.threads), progress=progress,
+                                       backend=args.backend, runtime=runtime)
         else:
-            report = evaluate(policy, settings, seeds, max_steps=args.max_steps, progress=progress)
+            report = evaluate(policy, settings, seeds, max_steps=args.max_steps, progress=progress,
+                              backend=args.backend)
     except ValueError as e:
         print(f"effvla eval-sim: {e}", file=sys.stderr)
         return 2

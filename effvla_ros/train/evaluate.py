@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from effvla_ros.core.backends.base import StageBackend, make_backend
 from effvla_ros.core.chunking import FixedDelay, IssuedChunk, guidance_toward
 from effvla_ros.core.compression.compressor import TokenCompressor
 from effvla_ros.core.observation import rgb_to_tensor
@@ -110,8 +111,9 @@ def classify_outcome(success: bool, dist_target_cm: float, dist_other_cm: float,
     return "not_lifted"
 
 
-def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *, max_steps: int = 150) -> EpisodeResult:
-    """One closed-loop episode of ``env`` (reset to ``seed``) under ``setting``."""
+def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *, max_steps: int = 150,
+                backend: StageBackend | str = "eager") -> EpisodeResult:
+    """One closed-loop episode of ``env`` (reset to ``seed``) under ``setting``, on the stage ``backend``."""
     cfg = setting.configs()
     arch = policy.arch
     h_chunk = arch.chunk_size
@@ -120,9 +122,9 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
     if horizon < 1 or horizon + delay > h_chunk:
         raise ValueError(f"execution horizon {horizon} + delay {delay} must be in 1..chunk_size ({h_chunk})")
     env.reset(seed=seed)
-    compressor = TokenCompressor(policy, cfg["pruning"], cfg["reuse"])
+    compressor = TokenCompressor(policy, cfg["pruning"], cfg["reuse"], backend=backend)
     runner = PolicyRunner(policy, inference=cfg["inference"], early_exit=cfg["early_exit"],
-                          expert_reuse=cfg["expert_reuse"], rtc=cfg["rtc"])
+                          expert_reuse=cfg["expert_reuse"], rtc=cfg["rtc"], backend=compressor.backend)
     instruction = env.instruction
     compressor.set_instruction(instruction)
     runner.set_instruction(instruction)
@@ -244,8 +246,9 @@ def summarize(setting: Setting, results: Sequence[EpisodeResult], *, default_hor
 
 def evaluate(policy: SmolVLAPolicy, settings: Sequence[Setting], seeds: Sequence[int], *,
              max_steps: int = 150, image_size: int | None = None, mesh_faces: int | None = None,
-             progress: Callable[[str, int, int, EpisodeResult], None] | None = None) -> dict[str, Any]:
-    """Run every setting on the same ``seeds``; returns the report (settings in order)."""
+             progress: Callable[[str, int, int, EpisodeResult], None] | None = None,
+             backend: str = "eager") -> dict[str, Any]:
+    """Run every setting on the same ``seeds`` on the stage ``backend`` (built once); returns the report."""
     from effvla_ros.sim.env import SimConfig, TwoCubePickPlaceEnv
 
     size = image_size or int(policy.arch.camera_shape[-1])
@@ -254,13 +257,14 @@ def evaluate(policy: SmolVLAPolicy, settings: Sequence[Setting], seeds: Sequence
         sim_kw["mesh_faces"] = mesh_faces
     env = TwoCubePickPlaceEnv(SimConfig(**sim_kw), seed=int(seeds[0]) if seeds else 0)
     report: dict[str, Any] = {"seeds": list(map(int, seeds)), "max_steps": max_steps, "image_size": size,
-                              "settings": []}
+                              "backend": backend, "dtypes": list(policy.runtime.resolved_dtypes()), "settings": []}
+    be = make_backend(backend, policy)
     t0 = time.perf_counter()
     try:
         for s in settings:
             results = []
             for i, seed in enumerate(seeds):
-                r = run_episode(policy, env, int(seed), s, max_steps=max_steps)
+                r = run_episode(policy, env, int(seed), s, max_steps=max_steps, backend=be)
                 results.append(r)
                 if progress is not None:
                     progress(s.name, i, len(seeds), r)
@@ -274,7 +278,8 @@ def evaluate(policy: SmolVLAPolicy, settings: Sequence[Setting], seeds: Sequence
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(checkpoint: str, sim_kw: dict[str, Any], threads: int, max_steps: int) -> None:
+def _worker_init(checkpoint: str, sim_kw: dict[str, Any], threads: int, max_steps: int, backend: str,
+                 runtime: Any) -> None:
     import os
 
     os.environ.setdefault("MUJOCO_GL", "egl")
@@ -282,18 +287,21 @@ def _worker_init(checkpoint: str, sim_kw: dict[str, Any], threads: int, max_step
     from effvla_ros.sim.env import SimConfig, TwoCubePickPlaceEnv
 
     torch.set_num_threads(max(1, threads))
-    _WORKER.update(policy=load_policy(checkpoint), env=TwoCubePickPlaceEnv(SimConfig(**sim_kw)), max_steps=max_steps)
+    policy = load_policy(checkpoint, runtime=runtime)
+    _WORKER.update(policy=policy, env=TwoCubePickPlaceEnv(SimConfig(**sim_kw)), max_steps=max_steps,
+                   backend=make_backend(backend, policy))
 
 
 def _worker_job(job: tuple[int, Setting, int]) -> tuple[int, EpisodeResult]:
     si, setting, seed = job
     w = _WORKER
-    return si, run_episode(w["policy"], w["env"], seed, setting, max_steps=w["max_steps"])
+    return si, run_episode(w["policy"], w["env"], seed, setting, max_steps=w["max_steps"], backend=w["backend"])
 
 
 def evaluate_parallel(checkpoint: str, settings: Sequence[Setting], seeds: Sequence[int], *, workers: int,
                       max_steps: int = 150, threads: int = 1,
-                      progress: Callable[[str, int, int, EpisodeResult], None] | None = None) -> dict[str, Any]:
+                      progress: Callable[[str, int, int, EpisodeResult], None] | None = None,
+                      backend: str = "eager", runtime: Any = None) -> dict[str, Any]:
     """:func:`evaluate` in ``workers`` processes (each loads ``checkpoint``); same report, same episodes."""
     import multiprocessing
 
@@ -306,13 +314,14 @@ def evaluate_parallel(checkpoint: str, settings: Sequence[Setting], seeds: Seque
     results: dict[int, dict[int, EpisodeResult]] = {si: {} for si in range(len(settings))}
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(str(checkpoint), sim_kw, threads, max_steps)) as pool:
+    with ctx.Pool(workers, initializer=_worker_init,
+                  initargs=(str(checkpoint), sim_kw, threads, max_steps, backend, runtime)) as pool:
         for si, r in pool.imap_unordered(_worker_job, jobs):
             results[si][r.seed] = r
             if progress is not None:
                 progress(settings[si].name, len(results[si]) - 1, len(seeds), r)
     report: dict[str, Any] = {"seeds": list(map(int, seeds)), "max_steps": max_steps, "image_size": size,
-                              "workers": workers, "settings": []}
+                              "workers": workers, "backend": backend, "settings": []}
     for si, s in enumerate(settings):
         report["settings"].append(summarize(s, [results[si][int(seed)] for seed in seeds],
                                             default_horizon=arch.n_action_steps))
