@@ -51,6 +51,11 @@ def test_graph_description_wiring() -> None:
     # the unpruned checkpoint's file turns pruning off over it and keeps temporal reuse
     comp = node_params(list(sim.params_files), "token_compressor")
     assert comp["pruning.method"] == "task" and comp["pruning.keep_ratio"] == 0.5 and comp["reuse.enabled"] is True
+    # ... on the eager reference in fp32, where its closed-loop numbers were measured (the target: packed, auto)
+    sim_pol = node_params(list(sim.params_files), "policy")
+    assert comp["backend"] == sim_pol["backend"] == "eager" and comp["vision_dtype"] == sim_pol["vlm_dtype"] == "float32"
+    real_pol = node_params(list(describe_graph("x86_cpu", checkpoint="/ckpt").params_files), "policy")
+    assert real_pol["backend"] == "packed" and real_pol["expert_dtype"] == "auto"
     unpruned = describe_graph("x86_cpu", sim=True, checkpoint="/ckpt",
                               params_file=REPO / "config" / "sim_unpruned.yaml")
     assert [f.name for f in unpruned.params_files][-2:] == ["sim.yaml", "sim_unpruned.yaml"]
@@ -131,6 +136,7 @@ def test_layered_params_parsed_by_rcl_are_valid_core_configs(target: str, tmp_pa
         assert pol["vlm_dtype"] == "bfloat16"
     if target == "x86_cpu":
         assert pol["device"] == "cpu" and pol["num_steps"] == 10
+        assert pol["backend"] == comp["backend"] == "packed" and pol["vlm_dtype"] == comp["vision_dtype"] == "auto"
 
 
 def test_startup_check_refuses_impossible_configuration(tmp_path: Path, ckpt: Path) -> None:
