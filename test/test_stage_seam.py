@@ -438,3 +438,21 @@ def test_cudagraph_backend_loop_over_static_buffers(policy) -> None:  # type: ig
     small = policy.prefill(short.visual_inputs(pruned), lang, lmask, policy.prepare_state(torch.zeros(1, 6)))
     with pytest.raises(ValueError, match="prefix"):
         DenoiseGraph(policy, cache, 10, 10.0).run(small, _noise(policy))
+
+
+def test_compiled_backend_keeps_its_compile_cache_across_restarts(policy, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from effvla_ros.core.backends.compiled import CompiledBackend, compile_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache_dir() == tmp_path / "effvla_ros" / "inductor"
+    backend = CompiledBackend(policy)
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "effvla_ros" / "inductor")
+    assert backend.caps.name == "compiled"
+    assert cache_dir() == str(tmp_path / "effvla_ros" / "inductor")  # where inductor writes and looks up graphs
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache_dir() == tmp_path / "mine"  # an explicit choice wins

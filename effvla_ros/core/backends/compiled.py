@@ -10,8 +10,10 @@ changes the prefix length.
 
 Static shapes: the prefix is padded with masked tokens up to a multiple of ``prefix_bucket`` (exact: padding
 tokens are masked for every query and key and take no position), so a change of the kept-token count
-recompiles only when it crosses a bucket. Graphs are specialised per shape; inductor's FX graph cache (on
-disk, ``TORCHINDUCTOR_CACHE_DIR``) makes a restart's compilation a cache lookup.
+recompiles only when it crosses a bucket. Graphs are specialised per shape; inductor's FX graph cache on disk
+makes a restart's compilation a cache lookup: it lives in ``$XDG_CACHE_HOME/effvla_ros/inductor`` (default
+``~/.cache/...``, kept across reboots, unlike inductor's default under /tmp) unless ``TORCHINDUCTOR_CACHE_DIR``
+is set.
 
 Not on this backend: the Eventful partial encode runs eager (its changed-row count varies every frame);
 VJP guidance (autograd through a compiled layer is not what this path is for) and attention probabilities
@@ -20,7 +22,9 @@ compiled graphs treat them as constants).
 """
 from __future__ import annotations
 
+import os
 import types
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +38,14 @@ from .base import Capabilities
 from .eager import EagerBackend
 
 
+def compile_cache_dir() -> Path:
+    """Where inductor's caches go (``TORCHINDUCTOR_CACHE_DIR`` if set, else under the user's cache directory)."""
+    env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "effvla_ros" / "inductor"
+
+
 def _compile(fn: Any, device: torch.device) -> Any:
     # freezing: weights become constants (on CPU: oneDNN weight prepacking and fused epilogues)
     return torch.compile(fn, dynamic=False, options={"freezing": device.type == "cpu"})
@@ -45,6 +57,7 @@ class CompiledBackend(EagerBackend):
 
     def __init__(self, policy: SmolVLAPolicy) -> None:
         super().__init__(policy)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())  # compiled graphs survive restarts
         policy.weights.requires_grad_(False)
         n_graphs = 8 * (policy.arch.num_vlm_layers + policy.arch.n_expert_layers)
         for name in ("recompile_limit", "cache_size_limit"):  # one graph per layer and prefix bucket
