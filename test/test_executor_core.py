@@ -85,6 +85,24 @@ def assert_within_limits(core: ChunkExecutorCore, t: np.ndarray, q: np.ndarray, 
     assert np.all(np.abs(np.diff(v, axis=0)) <= lim.acceleration * dt * (1 + 1e-7) + tol)
 
 
+def assert_safe_across_gaps(core: ChunkExecutorCore, t: np.ndarray, q: np.ndarray, v: np.ndarray) -> None:
+    """What the controller is asked for, point by point: within the limits along the published stream, and
+    after an interval that no published point covered (the controller held the last point, at rest: its own
+    stop, not a commanded one), the next point reachable from that held point at rest within one control
+    period."""
+    lim, dt = core.limits, core.dt
+    u, idx = np.unique(np.round(t, 9), return_index=True)
+    t, q, v = t[idx], q[idx], v[idx]
+    spacing = np.diff(t)
+    gaps = np.nonzero(spacing > 1.5 * np.median(spacing))[0]
+    bounds = [0, *(gaps + 1).tolist(), len(t)]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        assert_within_limits(core, t[a:b], q[a:b], v[a:b])
+    for i in gaps:
+        assert np.all(np.abs(q[i + 1] - q[i]) <= lim.acceleration * dt ** 2 * (1 + 1e-7) + 1e-12), (t[i], t[i + 1])
+        assert np.all(np.abs(v[i + 1]) <= lim.acceleration * dt * (1 + 1e-7) + 1e-12)
+
+
 # -- config -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kw, field",
@@ -380,11 +398,12 @@ def test_stream_commands_continuous_within_limits_all_strategies() -> None:
 
 
 @pytest.mark.parametrize("resume, sent_during_stall", [(1.9, (1.85,)), (2.3, (1.6, 1.7, 1.8, 1.9, 2.0, 2.1, 2.2))])
-def test_executor_stall_needs_no_clamp_when_chunks_keep_the_motion(resume: float, sent_during_stall: tuple[float, ...]) -> None:
+def test_executor_stall_restarts_from_the_held_point_and_rejoins_the_motion(
+        resume: float, sent_during_stall: tuple[float, ...]) -> None:
     """The executor's process stalls (0.4 s, 0.8 s) while the policy keeps sending chunks (observed after the
-    commit time): once it resumes, the queued chunks merge before the next tick, and the old plan fills
-    each gap up to a new chunk's first target, so a smooth policy needs no limit, for every strategy
-    (a burst of several: the old knots at or before the commit time must not hide the gap)."""
+    commit time): the controller has held the last published point since, so the stream restarts there at rest
+    (no jump), the queued chunks merge before the next tick, and the limited stream rejoins the policy's motion,
+    for every strategy (a burst of several: the old knots at or before the commit time must not hide the gap)."""
     for strategy in ("rtc", "temporal_ensemble", "crossfade", "latest"):
         core = started(cfg(merge_strategy=strategy, crossfade_window=0.1, watchdog_timeout=2.0),
                        q0=float(sine(np.zeros(1))[0, 0]))
@@ -398,14 +417,48 @@ def test_executor_stall_needs_no_clamp_when_chunks_keep_the_motion(resume: float
             if round(now * 100) % 10 == 0:
                 send(core, now)
 
-        run(core, 0.0, 1.5, policy=policy)  # converged on the sine
-        before = int(core.stats.clamps_total().sum())
+        t0, q0, v0 = run(core, 0.0, 1.5, policy=policy)  # converged on the sine
         for sent in sent_during_stall:  # chunks observed during the stall arrive together,
             send(core, resume - 0.01, sent=sent)  # then the ticks resume
-        t, q, v = run(core, resume, resume + 1.1, policy=policy)
-        assert_within_limits(core, t, q, v)
-        assert int(core.stats.clamps_total().sum()) == before, strategy
-        np.testing.assert_allclose(q, sine(t), atol=0.01)
+        t, q, v = run(core, resume, resume + 1.6, policy=policy)
+        assert core.stats.counts["reanchored"] == 1, strategy
+        assert core.stats.last_gap_s == pytest.approx(resume - 1.5 - 0.01, abs=0.011)
+        assert_safe_across_gaps(core, np.concatenate([t0, t]), np.concatenate([q0, q]), np.concatenate([v0, v]))
+        lim = core.limits
+        assert np.all(np.abs(q[0] - q0[-1]) <= lim.acceleration * core.dt ** 2 * (1 + 1e-7) + 1e-12)  # from rest
+        np.testing.assert_allclose(q[t > resume + 1.0], sine(t[t > resume + 1.0]), atol=0.01)  # motion rejoined
+
+
+@pytest.mark.parametrize("mode", ["stream", "rolling"])
+@pytest.mark.parametrize("stall", [0.05, 0.3, 1.0, 2.0])
+def test_no_jump_after_a_stall_in_any_strategy_or_output_mode(mode: str, stall: float) -> None:
+    """Issue #27: a stalled control thread (0.05-2 s; chunks still arriving, or none) must not make the next
+    command jump to where the plan is by now: every published point is reachable from the previous commanded
+    point within the limits, the held point after a gap included."""
+    extra = dict(output_mode="rolling", rolling_rate=20.0, rolling_horizon=0.2, rolling_points=5) if mode == "rolling" else {}
+    for strategy in ("rtc", "temporal_ensemble", "crossfade", "latest"):
+        for chunks_during_stall in (True, False):
+            core = started(cfg(merge_strategy=strategy, watchdog_timeout=0.5, **extra), q0=0.0)
+            nid = iter(range(1, 10_000))
+
+            def policy(core: ChunkExecutorCore, now: float, nid: Iterator[int] = nid) -> None:
+                if round(now * 100) % 10 == 0:  # fast motion: 1.2 rad/s peaks
+                    t0 = now - 0.05
+                    core.on_chunk(now, **raw(next(nid), t0, sine(t0 + 0.05 * np.arange(20), amp=0.6)))
+
+            period = 0.05 if mode == "rolling" else 0.01
+            t0, q0, v0 = run(core, 0.0, 1.0, period=period, policy=policy)
+            if chunks_during_stall:  # merged by another thread while the control loop is stalled
+                for k in range(1, int(round(stall / 0.1)) + 1):
+                    policy(core, 1.0 + 0.1 * k - 1e-9 + 0.0)
+            resume = round(1.0 + stall, 6)
+            t1, q1, v1 = run(core, resume, resume + 1.0, period=period, policy=policy)
+            assert_safe_across_gaps(core, np.concatenate([t0, t1]), np.concatenate([q0, q1]),
+                                    np.concatenate([v0, v1]))
+            covered = 0.2 if mode == "rolling" else 0.0
+            if stall > covered + 0.05:
+                assert core.stats.counts["reanchored"] >= 1, (strategy, mode, stall)
+                assert core.stats.max_gap_s > 0.0
 
 
 def test_burst_of_chunks_merged_at_every_tick_does_not_accumulate_error() -> None:

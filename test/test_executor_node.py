@@ -205,8 +205,11 @@ def points(trajs: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def check_limits(t: np.ndarray, p: np.ndarray, v: np.ndarray, lower: Any = LOWER, upper: Any = UPPER,
-                 vmax: Any = VMAX, amax: Any = AMAX) -> None:
-    """Positions, velocities and finite differences of a unique-time command sequence within limits."""
+                 vmax: Any = VMAX, amax: Any = AMAX, period: float = 0.01, spacing: float = 0.01) -> None:
+    """What the controller is asked for: positions, velocities and finite differences of a unique-time command
+    sequence within limits; where no published point covered an interval (a stalled output: the controller
+    held the last point, at rest), the next point is reachable from that held point at rest in one period.
+    ``spacing``: the largest time between two points of one message (stream: the period)."""
     assert np.all(np.isfinite(p)) and np.all(np.isfinite(v))
     tol = 1e-6
     assert np.all(p >= np.asarray(lower) - tol) and np.all(p <= np.asarray(upper) + tol)
@@ -215,9 +218,14 @@ def check_limits(t: np.ndarray, p: np.ndarray, v: np.ndarray, lower: Any = LOWER
     t, p, v = t[order], p[order], v[order]
     keep = np.concatenate([[True], np.diff(t) > 1e-7])
     t, p, v = t[keep], p[keep], v[keep]
-    dt = np.diff(t)[:, None]
-    assert np.all(np.abs(np.diff(p, axis=0)) <= np.asarray(vmax) * dt * (1 + 1e-6) + tol)
-    assert np.all(np.abs(np.diff(v, axis=0)) <= np.asarray(amax) * dt * (1 + 1e-6) + tol)
+    dt = np.diff(t)
+    gap = dt > 1.5 * spacing
+    dt = dt[:, None]
+    ok_p = np.abs(np.diff(p, axis=0)) <= np.asarray(vmax) * dt * (1 + 1e-6) + tol
+    ok_v = np.abs(np.diff(v, axis=0)) <= np.asarray(amax) * dt * (1 + 1e-6) + tol
+    assert np.all(ok_p[~gap]) and np.all(ok_v[~gap])
+    from_rest = np.abs(np.diff(p, axis=0)[gap]) <= np.asarray(amax) * period ** 2 * (1 + 1e-6) + tol
+    assert np.all(from_rest) and np.all(np.abs(v[1:][gap]) <= np.asarray(amax) * period * (1 + 1e-6) + tol)
 
 
 def wave(center: float = 0.2, amp: float = 0.3, w: float = 1.5) -> Callable[[np.ndarray], np.ndarray]:
@@ -479,8 +487,9 @@ def test_limits_never_exceeded_under_adversarial_chunks_rolling(tmp_path: Path) 
             if key in seen:
                 np.testing.assert_array_equal(seen[key], pi)
             seen[key] = pi
-        check_limits(ta, pa, va, lower[:5], upper[:5], vmax[:5], AMAX)
-        check_limits(tg, pg, vg, lower[5:], upper[5:], vmax[5:], AMAX)
+        spacing = max(float(np.diff([sec(pt.time_from_start) for pt in m.points]).max()) for m in arm)
+        check_limits(ta, pa, va, lower[:5], upper[:5], vmax[:5], AMAX, spacing=spacing)
+        check_limits(tg, pg, vg, lower[5:], upper[5:], vmax[5:], AMAX, spacing=spacing)
         assert proc.alive(), proc.log()
 
 
@@ -510,19 +519,19 @@ def test_parameters_via_set_parameters_service_and_continuity_per_strategy(tmp_p
             c0 = h.wait_diag(lambda d, s=strategy: d["merge_strategy"] == s)
             n0 = len(h.snapshot(h.traj))
             # the executor's process stalls 0.3 s (as on a starved machine) while chunks keep coming:
-            # they queue up and merge in a burst when it resumes, which must not need any limit
+            # they queue up and merge in a burst when it resumes
             os.kill(proc.proc.pid, signal.SIGSTOP)
             time.sleep(0.3)
             os.kill(proc.proc.pid, signal.SIGCONT)
-            wait_for(lambda n0=n0: len(h.snapshot(h.traj)) >= n0 + 60, 10)
+            wait_for(lambda n0=n0: len(h.snapshot(h.traj)) >= n0 + 150, 10)
             c1 = h.wait_diag(lambda d, a=int(c0["chunks.accepted"]): int(d["chunks.accepted"]) >= a + 4)
             t, p, v = points(h.snapshot(h.traj)[n0:])
-            check_limits(t, p, v)  # includes |dv| <= a*dt per step: C1 across chunk boundaries
-            clamps = sum(int(c1[f"clamp.{n}"]) - int(c0[f"clamp.{n}"]) for n in JOINTS)
-            # smooth policy: (almost) no limit needed at any boundary; a chunk delayed by the scheduler
-            # of a loaded machine can need a brief clamp (every point is still checked against the limits)
-            assert clamps <= 3, (strategy, clamps)
-            assert np.median(np.abs(p - smooth(t + EPOCH_NS * 1e-9))) < 0.01
+            # |dv| <= a*dt per step (C1 across chunk boundaries), and after the stall no jump: the stream
+            # restarts from the point the controller held, at rest (issue #27)
+            check_limits(t, p, v)
+            assert int(c1["gap.reanchored"]) > int(c0["gap.reanchored"]) and float(c1["gap.max_ms"]) >= 100.0
+            # then it rejoins the smooth policy's motion within the limits
+            assert np.median(np.abs(p[-50:] - smooth(t[-50:] + EPOCH_NS * 1e-9))) < 0.01, strategy
         h.stop_policy()
         assert int(h.diag_values()["chunks.rejected"]) == 0
         assert proc.alive(), proc.log()

@@ -158,6 +158,7 @@ class ChunkExecutorNode(Node):
         self._jitter = PeriodJitter(cfg.publish_period)
         self._last_log: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
+        self._reanchored_seen = 0  # core.stats.counts["reanchored"] already logged
         self._last_state = self._core.state
         self._rt_error: str | None = None
         self._fb_every = max(1, int(round((1.0 / cfg.publish_period) / ncfg.feedback_rate)))
@@ -341,6 +342,12 @@ class ChunkExecutorNode(Node):
             cmd = self._core.tick(now)
             fb = self._core.feedback(now) if send_fb else None
             state = self._core.state
+            reanchored, gap = self._core.stats.counts["reanchored"], self._core.stats.last_gap_s
+        if reanchored != self._reanchored_seen:
+            self._reanchored_seen = reanchored
+            self._throttled("reanchor", f"output stalled: nothing covered {gap * 1e3:.0f} ms, the controller held "
+                                        "the last point; restarting from it within the limits "
+                                        f"({reanchored} times so far)")
         if cmd is not None:
             self._publish_command(cmd)
         if fb is not None:
@@ -409,6 +416,8 @@ class ChunkExecutorNode(Node):
         else:
             wd = "armed" if state is ExecState.EXECUTING else "inactive"
         values["watchdog.state"] = wd
+        values["gap.reanchored"] = str(counts.get("reanchored", 0))  # restarts from the held point after a stall
+        values["gap.max_ms"] = f"{st.max_gap_s * 1e3:.1f}"
         values["watchdog.trips"] = str(trips)
         values["watchdog.timeout_s"] = f"{cfg.watchdog_timeout:g}"
         for n, (cp, cv, ca) in clamps.items():

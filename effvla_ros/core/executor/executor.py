@@ -6,6 +6,14 @@ Time is a float in seconds on the clock of the chunk stamps (the node's ROS cloc
 be published, and never change afterwards; the time of the last computed sample is the commit time
 ``committed_until``: a new chunk can only change the motion after it. Thread-safety is the caller's
 job (the node guards the core with a lock).
+
+Gaps. A trajectory controller (ros2_control's JTC) holds the last point of a trajectory that has run out.
+When the output stalls longer than what was published covers (a delayed control thread, a stopped process,
+a flood of callbacks), the arm stands at that point, at rest, by the time the next command arrives. The
+command stream is then re-anchored there: the next points start from the held point with zero velocity and
+reach the plan again within the velocity and acceleration limits, instead of continuing where the command
+would be by now (which would ask the arm to cover the stalled interval at once). Counted in
+``stats.counts["reanchored"]`` with the longest uncovered interval in ``stats.max_gap_s``.
 """
 from __future__ import annotations
 
@@ -97,10 +105,12 @@ class ExecutorStats:
     clamp_acceleration: NDArray[np.int64] = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     samples: int = 0
     watchdog_trips: int = 0
+    max_gap_s: float = 0.0  # longest interval no published command covered (the controller held)
+    last_gap_s: float = 0.0
 
     def __post_init__(self) -> None:
         d = len(self.joint_names)
-        for key in ("received", "accepted", "rejected", "actions_dropped", "joint_state_rejected"):
+        for key in ("received", "accepted", "rejected", "actions_dropped", "joint_state_rejected", "reanchored"):
             self.counts.setdefault(key, 0)
         for v in Verdict:
             if v is not Verdict.ACCEPTED:
@@ -164,6 +174,7 @@ class ChunkExecutorCore:
         self._samples: dict[int, tuple[FloatArray, FloatArray]] = {}
         self._k_pub_last = -1
         self._k_pub_first = -1
+        self._k_pub_end = -1  # last sample of the last published command: what the controller holds after it
         # timeline
         self._ref: Reference | None = None
         self._r_cache: tuple[int, Reference, FloatArray] | None = None
@@ -330,6 +341,7 @@ class ChunkExecutorCore:
             self._v = np.zeros(self.dof)
             self._samples = {0: (self._q.copy(), self._v.copy())}
             self._k_pub_last = -1
+            self._k_pub_end = -1
             self._ref = Reference.hold(t_c, self._q)
         assert self._ref is not None
         rtc_boundary = None
@@ -395,6 +407,21 @@ class ChunkExecutorCore:
             self._q, self._v, self._k_last = q, v, k
             self._samples[k] = (q, v)
 
+    def _reanchor(self, k0: int) -> None:
+        """Nothing published covered the samples after ``_k_pub_end`` up to ``k0``: the controller has held the
+        last published point (the last computed sample) at rest since. Continue from there: that point becomes
+        sample ``k0 - 1`` with zero velocity, and the limiter takes the stream back to the plan within limits."""
+        gap = (k0 - self._k_pub_end - 1) * self.dt
+        q = self._samples[self._k_pub_end][0] if self._k_pub_end in self._samples else self._q
+        self._q, self._v = q.copy(), np.zeros(self.dof)
+        self._k_last = k0 - 1
+        self._samples = {self._k_last: (self._q.copy(), self._v.copy())}
+        self._r_cache = None
+        st = self.stats
+        st.counts["reanchored"] += 1
+        st.last_gap_s = gap
+        st.max_gap_s = max(st.max_gap_s, gap)
+
     def check_watchdog(self, now: float) -> bool:
         """Enter HOLDING when no chunk was accepted within ``watchdog_timeout``; True if it just tripped."""
         if self.state is ExecState.EXECUTING and now - self._last_accept > self.cfg.watchdog_timeout:
@@ -416,6 +443,8 @@ class ChunkExecutorCore:
             self._origin = max(self._origin, now + cfg.stamp_lead)
         k0 = int(math.ceil((now + cfg.stamp_lead - self._origin) / self.dt - 1e-6))
         k0 = max(k0, self._k_pub_last + 1, 0)
+        if self._k_pub_end >= 0 and k0 > self._k_pub_end + 1:
+            self._reanchor(k0)
         if cfg.output_mode == "stream":
             ks = [k0]
         else:
@@ -426,6 +455,7 @@ class ChunkExecutorCore:
             del self._samples[k]
         self._k_pub_last = k0
         self._k_pub_first = k0
+        self._k_pub_end = ks[-1]
         pos = np.stack([self._samples[k][0] for k in ks])
         vel = np.stack([self._samples[k][1] for k in ks])
         tfs = np.array([(k - k0) * self.dt for k in ks], dtype=np.float64)
