@@ -299,13 +299,28 @@ def check_points(
     P, V = arr[:, 1:1 + n], arr[:, 1 + n:]
     dt = np.diff(T)[:, None]
     res["stamps_increasing"] = bool(res.get("stamps_increasing", True) and res["overlap_consistent"])
+    # where a message started more than a period after the previous one ended, the controller held that
+    # message's last point at rest: the next point must be reachable from it at rest (the executor restarts
+    # there); elsewhere consecutive points within the limits
+    along = np.ones(len(T) - 1, dtype=bool)
+    if spans.shape[0] > 1:
+        late = (spans[1:, 0] - spans[:-1, 1]) * 1e-9 > 1.5 * control_period
+        for end in spans[:-1, 1][late]:
+            i = int(np.searchsorted(arr[:, 0], end))
+            if i < len(along):
+                along[i] = False
+    res["restarts"] = int((~along).sum())
     res["max_vel"] = float(np.abs(V).max())
-    res["max_acc"] = float((np.abs(np.diff(V, axis=0)) / dt).max())
-    res["max_fd_vel"] = float((np.abs(np.diff(P, axis=0)) / dt).max())
+    res["max_acc"] = float((np.abs(np.diff(V, axis=0))[along] / dt[along]).max(initial=0.0))
+    res["max_fd_vel"] = float((np.abs(np.diff(P, axis=0))[along] / dt[along]).max(initial=0.0))
+    step = np.abs(np.diff(P, axis=0))[~along]
+    res["max_restart_step"] = float(step.max(initial=0.0))
     tol = 1e-6
     res["limits_ok"] = bool(
         np.all(np.isfinite(P)) and res["max_vel"] <= VMAX + tol and res["max_acc"] <= AMAX * (1 + tol) + tol
         and res["max_fd_vel"] <= VMAX * (1 + tol) + tol and np.all(np.abs(P) <= 3.14159 + tol)
+        and res["max_restart_step"] <= AMAX * control_period ** 2 * (1 + tol) + tol
+        and bool(np.all(np.abs(V[1:][~along]) <= AMAX * control_period * (1 + tol) + tol))
     )
     moving = np.nonzero(np.any(V != 0, axis=1))[0]
     if moving.size and moving[-1] + 1 < len(T):
