@@ -345,9 +345,10 @@ class ChunkExecutorNode(Node):
             reanchored, gap = self._core.stats.counts["reanchored"], self._core.stats.last_gap_s
         if reanchored != self._reanchored_seen:
             self._reanchored_seen = reanchored
-            self._throttled("reanchor", f"output stalled: nothing covered {gap * 1e3:.0f} ms, the controller held "
-                                        "the last point; restarting from it within the limits "
-                                        f"({reanchored} times so far)")
+            if gap >= 3 * self._core.dt:  # a stall; one or two late ticks are only counted (diagnostics gap.*)
+                self._throttled("reanchor", f"output stalled: nothing covered {gap * 1e3:.0f} ms, the controller "
+                                            "held the last point; restarting from it within the limits "
+                                            f"({reanchored} restarts so far)")
         if cmd is not None:
             self._publish_command(cmd)
         if fb is not None:
