@@ -36,7 +36,6 @@ class _GraphKey:
     length: int
     num_steps: int
     beta: float
-    schedule_free: bool = True
 
 
 class DenoiseGraph:
