@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from effvla_ros.core.runner import CameraTokens, PolicyRunner
+from effvla_ros.core.smolvla.policy import SmolVLAPolicy
 
 WARMUP_INSTRUCTION = "warm up"
 
@@ -48,6 +49,23 @@ def keep_counts(tokens_per_camera: int, keep_ratios: Sequence[float]) -> list[in
     return sorted(counts)
 
 
+@torch.no_grad()
+def time_encode(policy: SmolVLAPolicy, encode: Callable[[Tensor], Tensor], repeats: int = 2) -> float:
+    """Run ``encode`` (a backend's full-frame encoder) on a dummy model-size frame in the vision dtype, as the
+    token compressor sends them (the first call compiles / allocates), then time it warm: the fastest of
+    ``repeats`` calls (s)."""
+    arch = policy.arch
+    dtype = policy.weights.vision.embeddings.patch_embedding.weight.dtype
+    pixels = torch.zeros(1, 3, arch.image_size, arch.image_size, device=policy.device, dtype=dtype)
+    encode(pixels)
+    walls = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        encode(pixels)
+        walls.append(time.perf_counter() - t)
+    return min(walls)
+
+
 def warm_up(runner: PolicyRunner, counts: Sequence[int], *, encode: Callable[[Tensor], Tensor] | None = None,
             repeats: int = 2) -> WarmupReport:
     """Run ``runner`` (and ``encode``, a backend's full-frame encoder) on dummy inputs for each kept-token count in
@@ -75,16 +93,7 @@ def warm_up(runner: PolicyRunner, counts: Sequence[int], *, encode: Callable[[Te
             prefill_s = max(prefill_s, min(t["prefill_s"] for t in times))
             denoise_s = max(denoise_s, min(t["denoise_s"] for t in times))
         if encode is not None:
-            dtype = pol.weights.vision.embeddings.patch_embedding.weight.dtype  # as the token compressor sends them
-            pixels = torch.zeros(1, 3, arch.image_size, arch.image_size, device=pol.device, dtype=dtype)
-            with torch.no_grad():
-                encode(pixels)
-                walls = []
-                for _ in range(repeats):
-                    t = time.perf_counter()
-                    encode(pixels)
-                    walls.append(time.perf_counter() - t)
-            encode_s = min(walls)
+            encode_s = time_encode(pol, encode, repeats)
     finally:
         runner.prefix_reuse.reset()
         runner.instruction, runner._lang = instruction, lang

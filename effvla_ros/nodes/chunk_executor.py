@@ -402,6 +402,7 @@ class ChunkExecutorNode(Node):
             state = core.state
             hold_reached = core.hold_reached
             trips = st.watchdog_trips
+            max_gap_s = st.max_gap_s
             clamps = {
                 n: (int(st.clamp_position[i]), int(st.clamp_velocity[i]), int(st.clamp_acceleration[i]))
                 for i, n in enumerate(core.names)
@@ -418,7 +419,7 @@ class ChunkExecutorNode(Node):
             wd = "armed" if state is ExecState.EXECUTING else "inactive"
         values["watchdog.state"] = wd
         values["gap.reanchored"] = str(counts.get("reanchored", 0))  # restarts from the held point after a stall
-        values["gap.max_ms"] = f"{st.max_gap_s * 1e3:.1f}"
+        values["gap.max_ms"] = f"{max_gap_s * 1e3:.1f}"
         values["watchdog.trips"] = str(trips)
         values["watchdog.timeout_s"] = f"{cfg.watchdog_timeout:g}"
         for n, (cp, cv, ca) in clamps.items():

@@ -77,12 +77,7 @@ class CompiledBackend(EagerBackend):
         return self._encode(pixels)  # type: ignore[no-any-return]
 
     def begin_prefill(self, visual: Any, lang_tokens: Tensor, lang_mask: Tensor, state: Tensor) -> PrefixCache:
-        p = lang_tokens.shape[1] + 1                                           # language + state token
-        for vt in visual.values():
-            tokens = vt if isinstance(vt, Tensor) else vt.tokens
-            p += int(vt.keep.shape[-1]) if not isinstance(vt, Tensor) and vt.keep is not None else tokens.shape[1]
-        b = self.prefix_bucket
-        return self.policy.begin_prefill(visual, lang_tokens, lang_mask, state, pad_to=-(-p // b) * b)
+        return self.policy.begin_prefill(visual, lang_tokens, lang_mask, state, pad_multiple=self.prefix_bucket)
 
     def prefill(self, cache: PrefixCache, start: int, stop: int) -> None:
         self.policy.prefill_layers(cache, start, stop, ops=self.ops)

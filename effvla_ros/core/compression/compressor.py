@@ -30,6 +30,7 @@ from effvla_ros.core.compression.eventful import EventfulState, dilate
 from effvla_ros.core.compression.pruning import PruningConfig, instruction_queries, select_tokens
 from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.core.smolvla.policy import SmolVLAPolicy
+from effvla_ros.core.warmup import time_encode
 
 
 @dataclass
@@ -113,20 +114,10 @@ class TokenCompressor:
                 self.reset()  # caches of the other mode are not valid
             self.reuse = reuse
 
-    @torch.no_grad()
     def warm_up(self, repeats: int = 2) -> float:
         """Encode a dummy model-size frame through the backend (the first call compiles a compiled backend), then
         time it warm; returns the fastest warm full encode (s). The camera caches are untouched."""
-        arch = self.policy.arch
-        dtype = self.policy.weights.vision.embeddings.patch_embedding.weight.dtype
-        pixels = torch.zeros(1, 3, arch.image_size, arch.image_size, device=self.policy.device, dtype=dtype)
-        self.backend.encode(pixels)
-        walls = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            self.backend.encode(pixels)
-            walls.append(time.perf_counter() - t0)
-        return min(walls)
+        return time_encode(self.policy, self.backend.encode, repeats)
 
     def reset(self, camera: str | None = None) -> None:
         for name in [camera] if camera else list(self._cams):

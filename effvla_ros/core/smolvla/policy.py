@@ -249,7 +249,8 @@ class SmolVLAPolicy:
 
     # ======================================================================================= stage 2
     def embed_prefix(self, visual: Mapping[str, VisualTokens | Tensor], lang_tokens: Tensor, lang_mask: Tensor,
-                     state: Tensor, pad_to: int = 0) -> tuple[Tensor, Tensor, Tensor, dict[str, tuple[int, int]], dict[str, Tensor]]:
+                     state: Tensor, pad_multiple: int = 1
+                     ) -> tuple[Tensor, Tensor, Tensor, dict[str, tuple[int, int]], dict[str, Tensor]]:
         """[images x sqrt(D) per camera; language x sqrt(D); state_proj(state)] with pad/att masks.
 
         Returns embeddings (B, P, D), pad_mask (B, P), att_mask (B, P), segments, token_index.
@@ -305,7 +306,7 @@ class SmolVLAPolicy:
         emb = torch.cat(embs, dim=1)                                              # type promotion as LeRobot
         pad_mask = torch.cat(pads, dim=1)
         att_mask = torch.cat(atts, dim=1)
-        target = max(self.arch.prefix_length, pad_to)
+        target = max(self.arch.prefix_length, -(-emb.shape[1] // pad_multiple) * pad_multiple)
         if 0 < emb.shape[1] < target:  # padding tokens: masked for every query and key, no position
             extra = target - emb.shape[1]
             emb = F.pad(emb, (0, 0, 0, extra))
@@ -314,12 +315,13 @@ class SmolVLAPolicy:
         return emb, pad_mask, att_mask, segments, token_index
 
     def begin_prefill(self, visual: Mapping[str, VisualTokens | Tensor], lang_tokens: Tensor, lang_mask: Tensor,
-                      state: Tensor, pad_to: int = 0) -> PrefixCache:
+                      state: Tensor, pad_multiple: int = 1) -> PrefixCache:
         """The prefix's embeddings and masks, no layer computed yet (``cache.hidden`` = the embeddings).
-        ``pad_to``: pad the prefix with masked tokens up to this length (static shapes for compiled backends; the
-        valid tokens' K/V and the actions are unchanged, as with the checkpoint's ``prefix_length``)."""
+        ``pad_multiple``: pad the prefix with masked tokens up to a multiple of this length (static shapes for
+        compiled backends; the valid tokens' K/V and the actions are unchanged, as with the checkpoint's
+        ``prefix_length``)."""
         emb, pad_mask, att_mask, segments, token_index = self.embed_prefix(visual, lang_tokens, lang_mask, state,
-                                                                           pad_to)
+                                                                           pad_multiple)
         att_2d = make_att_2d_masks(pad_mask, att_mask)                           # (B, P, P)
         position_ids = torch.cumsum(pad_mask.long(), dim=1) - 1                  # (B, P)
         return PrefixCache([], [], pad_mask, att_mask, position_ids, emb, segments, token_index, hidden=emb,
