@@ -4,12 +4,17 @@
 
 The nodes, parameter-file layering and remappings come from ``effvla_ros.graph.describe_graph``,
 the same description ``effvla run`` uses (so the wiring is tested without ``launch``).
+
+Every node is required: when one exits (a node refused to start: bad parameter, missing checkpoint,
+``device: cuda`` without CUDA; or it died), the whole launch shuts down (``on_exit``), so the robot
+never runs half a graph. Ctrl-C: each node exits 0 without a traceback, also on the second SIGINT that
+launch forwards after the terminal's.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, Shutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
@@ -54,7 +59,8 @@ def _setup(context, *_, **__):  # type: ignore[no-untyped-def]
         if sim:
             argv.append("--sim")
         # no name/parameters here: `effvla run` gives every node its own --ros-args from the graph
-        return [Node(package=PACKAGE, executable="effvla", arguments=argv, output="screen")]
+        return [Node(package=PACKAGE, executable="effvla", arguments=argv, output="screen",
+                     on_exit=_shutdown("effvla run (composition)"))]
     return [
         Node(
             package=PACKAGE,
@@ -66,9 +72,15 @@ def _setup(context, *_, **__):  # type: ignore[no-untyped-def]
             arguments=["--ros-args", "--log-level", a["log_level"]],
             output="screen",
             emulate_tty=True,
+            on_exit=_shutdown(spec.name),
         )
         for spec in graph.nodes
     ]
+
+
+def _shutdown(name: str) -> list[Shutdown]:
+    """End the whole launch when the required process ``name`` exits (never half a graph)."""
+    return [Shutdown(reason=f"{name} exited (a required node); see its log above")]
 
 
 def generate_launch_description() -> LaunchDescription:

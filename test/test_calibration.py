@@ -73,3 +73,34 @@ def test_calibrate_exit_command_writes_vlm_and_expert_thresholds(tmp_path: Path)
     except SystemExit as e:
         assert e.code in (0, None)
     assert "expert_thresholds" not in yaml.safe_load((tmp_path / "vlm.yaml").read_text())
+
+
+def test_bad_calibration_files_are_refused_with_the_reason(tmp_path: Path) -> None:
+    """A missing, non-YAML, non-mapping or non-numeric file: a ValueError naming calibration_file and what is wrong
+    (before: AttributeError "'str' object has no attribute 'get'" at every inference)."""
+    import pytest
+
+    from effvla_ros.core.early_exit import ExpertReuseConfig
+
+    cases = {
+        "missing.yaml": (None, "does not exist"),
+        "words.txt": ("just some words\n", "holds a str, not the mapping"),
+        "broken.yaml": ("exit_layers: [1, 2\nthresholds: :\n", "is not a YAML file"),
+        "list.yaml": ("- 1\n- 2\n", "holds a list"),
+        "text.yaml": ("exit_layers: [a, b]\nthresholds: [0.9, 0.9]\n", "exit_layers must hold integers"),
+        "thr.yaml": ("exit_layers: [1]\nthresholds: [high]\nexpert_thresholds: [x]\n", "must hold numbers"),
+        "binary.yaml": (b"\xff\xfe\x00garbage", "is not a YAML file"),
+    }
+    for name, (content, why) in cases.items():
+        p = tmp_path / name
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        elif content is not None:
+            p.write_text(content)
+        with pytest.raises(ValueError, match="calibration_file") as e:
+            EarlyExitConfig(enabled=True, calibration_file=str(p)).resolved(4)
+        assert why in str(e.value), (name, str(e.value))
+    with pytest.raises(ValueError, match="expert_thresholds must hold numbers"):
+        ExpertReuseConfig(enabled=True, calibration_file=str(tmp_path / "thr.yaml")).resolved(2)
+    with pytest.raises(ValueError, match="not the mapping"):
+        load_calibration(tmp_path / "words.txt", expert=True)

@@ -426,6 +426,13 @@ def test_bad_input_rejected_and_counted(tmp_path: Path) -> None:
         log = proc.log()
         for kind in ("duplicate", "out_of_order", "late", "early", "joint_mismatch", "nonfinite", "invalid"):
             assert f"rejected ({kind})" in log, kind
+        # a JointState with 6 names and 5 positions: the reason in words, not "lacks joints []"
+        m = h.JointState()
+        m.header.stamp = h.node.get_clock().now().to_msg()
+        m.name, m.position = list(JOINTS), [0.1] * 5
+        wait_for(lambda: h.js_pub.publish(m) or "JointState ignored: it has 6 names but 5 positions" in proc.log(),
+                 10, period=0.1)
+        assert proc.alive()
 
 
 def _write_urdf(path: Path) -> None:
@@ -505,8 +512,14 @@ def test_parameters_via_set_parameters_service_and_continuity_per_strategy(tmp_p
         assert not res[0].successful and "watchdog_timeout" in res[0].reason
         res = h.set_params(crossfade_window=0.25, ensemble_m=0.02)
         assert all(r.successful for r in res), [r.reason for r in res]
-        res = h.set_params(crossfade_window="wide")  # wrong type: refused by rclpy's descriptor check
+        res = h.set_params(crossfade_window="wide")  # wrong type: refused with the reason in words
         assert not res[0].successful
+        assert res[0].reason == "crossfade_window: expected a number, got a string 'wide'", res[0].reason
+        res = h.set_params(watchdog_timeout=3)  # `ros2 param set ... watchdog_timeout 3`: an integer, taken as 3.0
+        assert res[0].successful, res[0].reason
+        h.wait_diag(lambda d: d["watchdog.timeout_s"] == "3")
+        res = h.set_params(watchdog_timeout=2.0)
+        assert res[0].successful
         res = h.set_params(control_rate=500.0)  # read-only
         assert not res[0].successful and "control_rate" in res[0].reason
         h.joint_state_until_seen([0.0] * 6)

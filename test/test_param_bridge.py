@@ -109,3 +109,59 @@ def test_bridge_writes_no_private_attribute_of_another_object():
               and len(n.args) > 1 and isinstance(n.args[1], ast.Constant) and isinstance(n.args[1].value, str)
               and private(n.args[1].value)}
     assert sorted(found) == []
+
+
+def test_live_integers_for_float_parameters_are_converted(make):
+    """`ros2 param set /node rate 3`: an integer for a float parameter is taken as 3.0 and stored as a double."""
+    node, cp = make()
+    res = node.set_parameters([Parameter("rate", value=3)])[0]
+    assert res.successful, res.reason
+    assert cp.config.rate == 3.0 and isinstance(cp.config.rate, float)
+    assert node.get_parameter("rate").type_ == Parameter.Type.DOUBLE and node.get_parameter("rate").value == 3.0
+    assert node.set_parameters([Parameter("gains", value=[1, 2])])[0].successful
+    assert node.get_parameter("gains").type_ == Parameter.Type.DOUBLE_ARRAY and cp.config.gains == [1.0, 2.0]
+    # the range still applies to the converted value
+    res = node.set_parameters([Parameter("rate", value=30)])[0]
+    assert not res.successful and "rate" in res.reason and cp.config.rate == 3.0
+
+
+@pytest.mark.parametrize("empty_type", [Parameter.Type.BOOL_ARRAY, Parameter.Type.BYTE_ARRAY,
+                                        Parameter.Type.INTEGER_ARRAY, Parameter.Type.STRING_ARRAY])
+def test_empty_lists_survive_dump_and_load(make, empty_type):
+    """`ros2 param dump` writes an empty list as [], which `ros2 param load` sends as an empty bool array: accepted
+    for any list parameter and stored with the field's type."""
+    node, cp = make([Parameter("gains", value=[0.5])])
+    assert cp.config.gains == [0.5]
+    res = node.set_parameters([Parameter("gains", empty_type, [])])[0]
+    assert res.successful, res.reason
+    assert cp.config.gains == [] and node.get_parameter("gains").type_ == Parameter.Type.DOUBLE_ARRAY
+    # dump -> load of every parameter as `ros2 param load` sends it: [] as a bool array, the rest as typed
+    writable = [n for n in ("rate", "gains") if not node.describe_parameter(n).read_only]
+    dumped = {n: node.get_parameter(n).value for n in writable}
+    loaded = [Parameter(n, Parameter.Type.BOOL_ARRAY, []) if isinstance(v, (list, tuple)) and not len(v)
+              else Parameter(n, value=v) for n, v in dumped.items()]
+    assert all(r.successful for r in node.set_parameters(loaded))
+
+
+def test_empty_list_overrides_from_a_parameter_file(make):
+    """A parameter file with `gains: []` (read as an empty bool array) starts the node with an empty typed list."""
+    node, cp = make([Parameter("gains", Parameter.Type.BOOL_ARRAY, []), Parameter("names", Parameter.Type.BYTE_ARRAY, [])])
+    assert cp.config.gains == [] and cp.config.names == []
+    assert node.get_parameter("gains").type_ == Parameter.Type.DOUBLE_ARRAY
+    assert node.describe_parameter("gains").type == ParameterType.PARAMETER_DOUBLE_ARRAY
+    assert node.describe_parameter("names").read_only
+
+
+def test_type_errors_have_a_reason_in_words(make):
+    node, cp = make()
+    res = node.set_parameters([Parameter("rate", value="fast")])[0]
+    assert not res.successful
+    assert res.reason == "rate: expected a number, got a string 'fast'"
+    res = node.set_parameters([Parameter("gains", value=["a"])])[0]
+    assert not res.successful and res.reason == "gains: expected a list of numbers, got a list of strings ['a']"
+    res = node.set_parameters([Parameter("rate", value=True)])[0]
+    assert not res.successful and "expected a number, got a boolean" in res.reason
+    # a rejected value leaves the parameter, its type (ros2 param describe) and the config as they were
+    assert node.get_parameter("rate").value == 0.5 and cp.config.rate == 0.5
+    assert node.describe_parameter("rate").type == ParameterType.PARAMETER_DOUBLE
+    assert node.describe_parameter("gains").type == ParameterType.PARAMETER_DOUBLE_ARRAY

@@ -48,6 +48,7 @@ def test_policy_node_end_to_end(tmp_path: Path, ckpt: Path) -> None:
     argv = ["-m", "effvla_ros.nodes.policy", "--ros-args", "-p", f"checkpoint:={ckpt}",
             "-p", "cameras:=[camera1,camera2]", "-p", f"state_joint_names:=[{','.join(names)}]",
             "-p", "fps:=20.0", "-p", "execution_horizon:=2", "-p", "attention:=fused",
+            "-p", "startup_check:=false",  # a 0.1 s deadline: a loaded machine fails it (test_policy_node_startup)
             "-r", "/policy/visual_tokens:=/vt", "-r", "/policy/execution_feedback:=/fb"]
     chunks: list[ActionChunk] = []
     with node_process(argv, tmp_path, "policy") as proc, spinner() as sp:

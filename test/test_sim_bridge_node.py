@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -203,4 +204,29 @@ def test_seed_parameter_resets_and_invalid_values_are_refused(bridge):
     assert not res.successful and "camera_rate" in res.reason
     res = set_param("image_size", ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=64))
     assert not res.successful  # read-only: needs a restart
+    assert proc.alive()
+
+
+def test_trajectory_stamped_far_ahead_is_logged(bridge):
+    """A trajectory stamped 1 h ahead of the bridge's clock (wrong clock at the sender) is held until due, like
+    joint_trajectory_controller, but no longer silently: one warning with the offset."""
+    proc, probe = bridge
+    from builtin_interfaces.msg import Duration
+    from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+    wait_for(lambda: probe.traj.get_subscription_count() > 0, 30)
+    before = probe.joints()
+    clock = probe.last("clock").clock
+    msg = JointTrajectory()
+    msg.header.stamp.sec = clock.sec + 3600
+    msg.header.stamp.nanosec = clock.nanosec
+    msg.joint_names = ["shoulder_pan"]
+    msg.points = [JointTrajectoryPoint(positions=[before["shoulder_pan"] + 0.5],
+                                       time_from_start=Duration(sec=0, nanosec=300_000_000))]
+    probe.traj.publish(msg)
+    line = wait_for(lambda: next((ln for ln in proc.log().splitlines() if "ahead of the simulated clock" in ln), None),
+                    30)
+    assert "arm_controller: trajectory stamped 3600" in line
+    time.sleep(0.5)
+    assert abs(probe.joints()["shoulder_pan"] - before["shoulder_pan"]) < 0.05  # held, not executed early
     assert proc.alive()

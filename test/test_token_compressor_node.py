@@ -98,7 +98,9 @@ def test_compressor_node_end_to_end(tmp_path: Path, ckpt: Path) -> None:
         before = len(n_for("camera1"))
         weird = Image(height=48, width=64, encoding="yuv422", step=128, data=bytes(48 * 128))
         short = Image(height=48, width=64, encoding="rgb8", step=192, data=bytes(100))
-        for bad_msg, expected in ((weird, "unsupported encoding 'yuv422'"), (short, "data length 100")):
+        strip = Image(height=1, width=4000, encoding="rgb8", step=12000, data=bytes(12000))  # refused before torch
+        for bad_msg, expected in ((weird, "unsupported encoding 'yuv422'"), (short, "data length 100"),
+                                  (strip, "image 4000x1 (width x height) has an aspect ratio above 8:1")):
             def send_bad(bad_msg=bad_msg, expected=expected) -> bool:  # type: ignore[no-untyped-def]
                 nonlocal stamp
                 stamp += 1

@@ -36,9 +36,21 @@ def run(args: argparse.Namespace) -> int:
     graph = graph_from_args(args)
     print("effvla run: nodes " + ", ".join(n.name for n in graph.nodes) + "; parameters "
           + " < ".join(str(f) for f in graph.params_files))
-    b = Bringup(graph, log_level=args.log_level)
+    from effvla_ros.nodes.common import ShutdownSignals
+
+    # Ctrl-C / SIGTERM end the spin once; a second one (terminal + launch) must not interrupt the shutdown
+    signals = ShutdownSignals().install()
+    try:
+        b = Bringup(graph, log_level=args.log_level)
+    except KeyboardInterrupt:
+        signals.shutting_down()
+        return 0
     try:
         b.spin(args.duration)
+    except KeyboardInterrupt:
+        pass
     finally:
+        signals.shutting_down()
         b.shutdown()
+        signals.shutting_down()  # again: rclpy's shutdown may have put its saved handlers back
     return 0

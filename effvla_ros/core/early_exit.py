@@ -154,8 +154,9 @@ class PrefixReuse:
         self.last_similarities: dict[int, Tensor] = {}
 
     def configure(self, cfg: EarlyExitConfig) -> None:
+        layers, thresholds = cfg.resolved(self.num_layers)  # raises before anything changes
         self.cfg = cfg
-        self.exit_layers, self.thresholds = cfg.resolved(self.num_layers)
+        self.exit_layers, self.thresholds = layers, thresholds
         self._thr = dict(zip(self.exit_layers, self.thresholds))
 
     def reset(self) -> None:
@@ -224,9 +225,9 @@ class ExpertReuse(ExpertPlan):
         self.reset()
 
     def configure(self, cfg: ExpertReuseConfig) -> None:
-        self.cfg = cfg
         n = len(self.layers) or 1
-        thr = cfg.resolved(n) if self.layers else [cfg.threshold]
+        thr = cfg.resolved(n) if self.layers else [cfg.threshold]  # raises before anything changes
+        self.cfg = cfg
         self._thr = dict(zip(self.layers, thr)) if self.layers else {}
         self._default_thr = thr[0]
 
@@ -389,14 +390,31 @@ def load_calibration(path: str | Path, expert: bool = False) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"calibration_file: {p} does not exist (write it with `effvla calibrate-exit`)")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"calibration_file: {p} is not a YAML file ({type(e).__name__}); write it with "
+                         "`effvla calibrate-exit`") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"calibration_file: {p} holds a {type(data).__name__}, not the mapping `effvla "
+                         "calibrate-exit` writes (exit_layers, thresholds, expert_thresholds)")
+
+    def numbers(key: str, kind: type) -> None:
+        bad = [v for v in data[key] if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int)]
+        if bad:
+            raise ValueError(f"calibration_file: {p}: {key} must hold {'numbers' if kind is float else 'integers'}, "
+                             f"got {bad[:3]!r}")
+
     if expert:
         if not isinstance(data.get("expert_thresholds"), list) or not data["expert_thresholds"]:
             raise ValueError(f"calibration_file: {p} lacks an expert_thresholds list (recalibrate with "
                              "`effvla calibrate-exit`)")
+        numbers("expert_thresholds", float)
         return data
     if not isinstance(data.get("exit_layers"), list) or not isinstance(data.get("thresholds"), list):
         raise ValueError(f"calibration_file: {p} lacks exit_layers/thresholds lists")
+    numbers("exit_layers", int)
+    numbers("thresholds", float)
     if len(data["exit_layers"]) != len(data["thresholds"]):
         raise ValueError(f"calibration_file: {p} has {len(data['exit_layers'])} exit layers but "
                          f"{len(data['thresholds'])} thresholds")

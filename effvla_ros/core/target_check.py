@@ -245,3 +245,43 @@ def check_checkpoint(checkpoint: str, target: str, vlm_dir: str | None = None, *
     arch = read_arch(checkpoint, vlm_dir)
     weights = Path(checkpoint) / "model.safetensors"
     return check(arch, target, weights_file=str(weights) if weights.is_file() else None, **kw)
+
+
+def device_problem(device: str, target: str | None = None) -> str | None:
+    """Why torch ``device`` cannot run here (None: it can), naming ``device``, the target and how to override.
+
+    Checked at node start, before any weight or tensor touches the device: torch's own failure for a
+    missing accelerator is an ``AssertionError: Torch not compiled with CUDA enabled`` deep in the
+    model load, naming neither the parameter nor the target that asked for it."""
+    import torch
+
+    on = f" (target {target})" if target else ""
+    fix = ("override with device:=cpu" + (" (and target:=x86_cpu for the CPU startup check)"
+                                         if target and target != "x86_cpu" else "")
+           + ", or run on a machine with that accelerator")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        return f"device: {device!r} is not a torch device ({e}); use cpu, cuda or cuda:<index>"
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            why = f"this torch ({torch.__version__}) is built without CUDA"
+        elif not torch.cuda.is_available():
+            why = "CUDA finds no GPU on this machine"
+        elif dev.index is not None and dev.index >= torch.cuda.device_count():
+            why = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+        else:
+            return None
+        return f"device: {device!r}{on} cannot be used: {why}; {fix}"
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        return f"device: {device!r}{on} cannot be used: MPS is not available on this machine; {fix}"
+    if dev.type not in ("cpu", "cuda", "mps"):
+        return f"device: {device!r}{on} is not supported by effvla_ros (cpu, cuda, cuda:<index>, mps)"
+    return None
+
+
+def check_device(device: str, target: str | None = None) -> None:
+    """Raise ``ValueError`` with :func:`device_problem`'s reason when ``device`` cannot run here."""
+    problem = device_problem(device, target)
+    if problem:
+        raise ValueError(problem)

@@ -29,19 +29,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import rclpy
 from builtin_interfaces.msg import Duration as DurationMsg
 from builtin_interfaces.msg import Time as TimeMsg
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import ROSClock
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import JointState
@@ -59,7 +57,7 @@ from effvla_ros.core.executor import (
 )
 from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.msg import ActionChunk, ExecutionFeedback
-from effvla_ros.nodes.common import Deadlines
+from effvla_ros.nodes.common import Deadlines, join_thread, run_node
 from effvla_ros.nodes.param_bridge import ConfigParameters
 
 _STATE_NAMES = {s: s.name.lower() for s in ExecState}
@@ -132,6 +130,21 @@ def to_duration_msg(t: float) -> DurationMsg:
 
 def stamp_to_sec(msg: Any, epoch_ns: int = 0) -> float:
     return (int(msg.sec) * 1_000_000_000 + int(msg.nanosec) - epoch_ns) * 1e-9
+
+
+def joint_state_problem(msg: JointState, joints: Sequence[str]) -> str:
+    """Why a JointState cannot give the executor's joints, in words (for the log line)."""
+    names, pos = list(msg.name), list(msg.position)
+    if len(names) != len(pos):
+        return f"it has {len(names)} names but {len(pos)} positions"
+    index = {n: i for i, n in enumerate(names)}
+    missing = [n for n in joints if n not in index]
+    if missing:
+        return f"it lacks joints {missing} (it has {names})"
+    bad = [n for n in joints if not math.isfinite(pos[index[n]])]
+    if bad:
+        return f"non-finite positions (NaN/Inf) for {bad}"
+    return "rejected by the executor"
 
 
 class ChunkExecutorNode(Node):
@@ -243,7 +256,7 @@ class ChunkExecutorNode(Node):
             ok = self._core.on_joint_state(list(msg.name), list(msg.position), stamp_to_sec(msg.header.stamp, self._epoch_ns))
             state = self._core.state
         if not ok:
-            self._throttled("joint_state", "JointState ignored: it lacks some executor joints or has NaN/Inf")
+            self._throttled("joint_state", f"JointState ignored: {joint_state_problem(msg, self._core.names)}")
         self._log_state(state)
 
     def _on_chunk(self, msg: ActionChunk) -> None:
@@ -284,9 +297,16 @@ class ChunkExecutorNode(Node):
             self.get_logger().info(msg)
 
     def destroy_node(self) -> None:
-        self._stop.set()
-        if self._control.is_alive() and self._control is not threading.current_thread():
-            self._control.join(2.0)
+        """Stop the control loop (joined, 2 s at most) and destroy the node; idempotent, and safe after a failed
+        ``__init__`` (rclpy's context shutdown destroys a half-built node too)."""
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+        if not join_thread(getattr(self, "_control", None), 2.0):
+            self.get_logger().warning("control thread did not stop within 2 s")
+        if getattr(self, "_destroyed", False):
+            return
+        self._destroyed = True
         super().destroy_node()
 
     def _control_loop(self) -> None:
@@ -456,23 +476,7 @@ class ChunkExecutorNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    try:
-        node = ChunkExecutorNode()
-    except ValueError as e:
-        print(f"chunk_executor: {e}", file=sys.stderr)
-        rclpy.try_shutdown()
-        sys.exit(2)
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(ChunkExecutorNode, "chunk_executor", args)
 
 
 if __name__ == "__main__":

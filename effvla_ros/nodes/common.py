@@ -37,10 +37,65 @@ INSTRUCTION_VOLATILE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                                       reliability=ReliabilityPolicy.RELIABLE)
 
 
+# The model resizes every image into a square with padding: a strip such as 1x4000 would shrink to
+# nothing in torch. Camera images beyond this aspect ratio are refused before any conversion.
+MAX_IMAGE_ASPECT = 8.0
+
+
 def image_to_rgb(msg: Any) -> np.ndarray:
     """sensor_msgs/Image -> (H, W, 3) uint8 RGB (:func:`effvla_ros.core.observation.image_to_rgb`: size,
-    step and data length checked, row padding removed; raises :class:`ImageError` with the reason)."""
+    step and data length checked, row padding removed; raises :class:`ImageError` with the reason).
+    Images more elongated than :data:`MAX_IMAGE_ASPECT` are refused here, before they reach torch."""
+    h, w = int(msg.height), int(msg.width)
+    if h > 0 and w > 0 and max(h, w) > MAX_IMAGE_ASPECT * min(h, w):
+        raise ImageError(f"image {w}x{h} (width x height) has an aspect ratio above {MAX_IMAGE_ASPECT:g}:1; "
+                         "not a camera image the model can use")
     return _image_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data)
+
+
+def describe_text(text: str, limit: int = 120) -> str:
+    """``text`` for a log line: its first ``limit`` characters (repr) and, when cut, its length."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def clean_instruction(raw: str) -> tuple[str, str | None]:
+    """An instruction as received -> (the text used, a problem to log or None).
+
+    A NUL character cuts the string for the tokenizer's C side and for every C consumer: the text is
+    kept up to the first NUL and the rest reported (never dropped silently)."""
+    text, problem = raw, None
+    if "\x00" in text:
+        cut = text.index("\x00")
+        problem = (f"instruction contains a NUL character at position {cut}: the {len(text) - cut - 1} "
+                   "characters after it are ignored")
+        text = text[:cut]
+    return text.strip(), problem
+
+
+class Throttle:
+    """At most one log line per ``period`` seconds per kind; lines held back are counted and the count is
+    appended to the next line of that kind."""
+
+    def __init__(self, period: float = 2.0) -> None:
+        self.period = float(period)
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, msg: str) -> str | None:
+        """The line to log now (with the held-back count), or None: throttled."""
+        import time
+
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(kind, -1e18) < self.period:
+                self._held[kind] = self._held.get(kind, 0) + 1
+                return None
+            self._last[kind] = now
+            n = self._held.pop(kind, 0)
+        return msg + (f" ({n} more since the last such message)" if n else "")
 
 
 def stamp_to_sec(stamp: TimeMsg) -> float:
@@ -153,33 +208,134 @@ class NodeWorker:
                                               throttle_duration_sec=2.0)
                 time.sleep(0.05)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the loop and join the thread (at most ``timeout`` s); True when it ended. Idempotent."""
         self._running = False
-        with self._cond:
-            self._cond.notify_all()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=timeout)
+        if self._cond.acquire(timeout=1.0):  # a step holding the lock for long must not block shutdown
+            try:
+                self._cond.notify_all()
+            finally:
+                self._cond.release()
+        if threading.current_thread() is self._thread:
+            return False
+        return join_thread(self._thread, timeout)
+
+
+def join_thread(thread: threading.Thread | None, timeout: float) -> bool:
+    """Join ``thread`` for at most ``timeout`` seconds (a never-started or absent thread counts as ended);
+    True when it ended. A KeyboardInterrupt while joining (a second Ctrl-C) does not abort the join."""
+    import time
+
+    if thread is None or thread is threading.current_thread() or thread.ident is None:
+        return True
+    deadline = time.monotonic() + timeout
+    while thread.is_alive():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            thread.join(min(left, 0.1))
+        except KeyboardInterrupt:
+            continue
+    return True
 
 
 # ------------------------------------------------------------------------------------- entry points
+class ShutdownSignals:
+    """SIGINT and SIGTERM for a node process: the first one ends the spin (``KeyboardInterrupt`` in the main
+    thread, after rclpy's own handler has woken the executors and shut the context down), every later one is
+    ignored, as is any that arrives once :meth:`shutting_down` was called (the node being destroyed).
+
+    Ctrl-C in a terminal under ``ros2 launch`` delivers SIGINT twice (from the terminal and from launch);
+    without this the second one interrupted ``destroy_node`` (a thread join, a future) with a traceback and
+    a non-zero exit. Install before ``rclpy.init`` (rclpy chains its handlers to the ones installed before
+    it) and from the main thread; :meth:`restore` puts the previous handlers back.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._stopping = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> ShutdownSignals:
+        import signal
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received.append(signum)
+        if self._stopping or len(self.received) > 1:
+            return  # shutdown already under way
+        self._stopping = True
+        raise KeyboardInterrupt
+
+    def shutting_down(self) -> None:
+        """From now on every SIGINT/SIGTERM is ignored (the process is already shutting down).
+
+        Ignored at the OS level, not only by this handler: Python's finalization puts SIG_DFL back for
+        signals with a Python handler, and a SIGINT arriving then (the second Ctrl-C, a few ms late) killed
+        the process with exit code -2."""
+        import signal
+
+        self._stopping = True
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                try:
+                    signal.signal(getattr(signal, name), signal.SIG_IGN)
+                except (ValueError, OSError):
+                    pass
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            try:
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            except (ValueError, TypeError):  # not the main thread / interpreter finalizing
+                pass
+        self._previous.clear()
+
+
+def _stop_node(node: Any, signals: ShutdownSignals) -> None:
+    signals.shutting_down()
+    if node is not None:
+        try:
+            node.destroy_node()
+        except KeyboardInterrupt:
+            pass
+
+
 def run_node(node_cls: Any, name: str, args: list[str] | None = None) -> None:
-    """``main()`` of a node: init, spin a SingleThreadedExecutor, shut down cleanly on Ctrl-C.
+    """``main()`` of a node: init, spin a SingleThreadedExecutor, shut down cleanly on Ctrl-C / SIGTERM.
 
     Single-threaded on purpose: the heavy work runs in the node's worker thread (:class:`NodeWorker`),
     the callbacks only store messages; rclpy's MultiThreadedExecutor would re-poll entities it has
     handed to its pool in a loop that holds the GIL and slows that worker down (see
     :class:`effvla_ros.bringup.Bringup`).
 
-    Configuration errors (bad parameters, missing checkpoint) end the process with a fatal log
-    that names what to change, and exit code 2.
+    One or two SIGINTs, or SIGTERM, end the process with exit code 0 and no traceback
+    (:class:`ShutdownSignals`); the node's threads are joined with a timeout in ``destroy_node``.
+    Configuration errors (bad parameters, missing checkpoint, an impossible device) end the process
+    with a fatal log that names what to change, and exit code 2.
     """
+    import os
+    import sys
+
     import rclpy
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
-    rclpy.init(args=args)
+    signals = ShutdownSignals().install()
     node = None
     code = 0
     try:
+        rclpy.init(args=args)
         node = node_cls()
         executor = SingleThreadedExecutor()
         executor.add_node(node)
@@ -187,11 +343,23 @@ def run_node(node_cls: Any, name: str, args: list[str] | None = None) -> None:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (ValueError, FileNotFoundError, RuntimeError) as e:
+        signals.shutting_down()
         rclpy.logging.get_logger(name).fatal(f"{type(e).__name__}: {e}")
         code = 2
     finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+        _stop_node(node, signals)
+        try:
+            rclpy.try_shutdown()
+        except KeyboardInterrupt:
+            pass
+        signals.shutting_down()  # again: rclpy's shutdown may have put its saved handlers back
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    leftover = [t.name for t in others if not join_thread(t, 1.0)]
+    if leftover:  # e.g. a worker still inside a long inference: exiting under it can abort (SIGABRT) in C++
+        print(f"[{name}] threads still running at exit: {leftover}; exiting without waiting for them",
+              file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     if code:
         raise SystemExit(code)

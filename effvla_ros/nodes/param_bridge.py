@@ -28,6 +28,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from effvla_ros.core.params import ConfigBase
+from effvla_ros.nodes.compat import parameter_type_code
 
 C = TypeVar("C", bound=ConfigBase)
 
@@ -78,51 +79,83 @@ def _descriptor(name: str, meta: dict[str, Any], ptype: int, elem: type, *,
     return desc
 
 
+_WORDS = {
+    ParameterType.PARAMETER_NOT_SET: "no value",
+    ParameterType.PARAMETER_BOOL: "a boolean (true/false)",
+    ParameterType.PARAMETER_INTEGER: "an integer",
+    ParameterType.PARAMETER_DOUBLE: "a number",
+    ParameterType.PARAMETER_STRING: "a string",
+    ParameterType.PARAMETER_BYTE_ARRAY: "a list of bytes",
+    ParameterType.PARAMETER_BOOL_ARRAY: "a list of booleans",
+    ParameterType.PARAMETER_INTEGER_ARRAY: "a list of integers",
+    ParameterType.PARAMETER_DOUBLE_ARRAY: "a list of numbers",
+    ParameterType.PARAMETER_STRING_ARRAY: "a list of strings",
+}
+_ARRAY_TYPES = {ParameterType.PARAMETER_BYTE_ARRAY, *_ARRAY.values()}
+
+
+def _type_words(ptype: int) -> str:
+    return _WORDS.get(ptype, f"parameter type {ptype}")
+
+
+def convert(pname: str, ptype: int, elem: type, is_list: bool, p: Parameter) -> Any:
+    """The Python value of ``p`` for a field of ROS type ``ptype`` (element type ``elem``), converted the way
+    people type values: an integer (list) for a float (list) field, and an empty list of any type for any
+    list field (``ros2 param dump`` writes ``[]``, which reads back as a bool or byte array). Raises
+    ValueError naming the parameter, the expected and the given type in words."""
+    got = parameter_type_code(p)  # int(p.type_) fails on Jazzy/Humble (plain Enum)
+    value = p.value
+    if got == ptype:
+        if is_list:
+            return [elem(v) for v in value]
+        return float(value) if elem is float else value
+    if is_list and got in _ARRAY_TYPES and len(value) == 0:
+        return []
+    if elem is float and got == ParameterType.PARAMETER_INTEGER and not is_list:
+        return float(value)
+    if elem is float and got == ParameterType.PARAMETER_INTEGER_ARRAY and is_list:
+        return [float(v) for v in value]
+    shown = "" if got == ParameterType.PARAMETER_NOT_SET else f" {value!r}"
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        shown = f" {list(value)!r}"
+    raise ValueError(f"{pname}: expected {_type_words(ptype)}, got {_type_words(got)}{shown}")
+
+
 def _declare(node: Node, pname: str, default: Any, meta: dict[str, Any], ptype: int, elem: type,
-             is_list: bool) -> Parameter:
-    """Declare one parameter (rclpy's public API only) and return it, its override applied.
+             is_list: bool) -> Any:
+    """Declare one parameter (rclpy's public API only) and return its value, its override applied and converted.
 
-    Two cases need more than ``declare_parameter``:
-
-    * an empty list default cannot carry its element type (rclpy would declare a byte array): the parameter is
-      declared by its type alone and, without an override, set to an empty list of that type; a read-only one
-      is declared writable for this and made read-only after (``set_descriptor``);
-    * an integer override of a float parameter (``-p rate:=0``, ``rate: 0`` in YAML) is rejected by rclpy's
-      type check: it is read back through a dynamically typed declaration, which is then undeclared, and
-      the parameter is declared with the override as a float (``ignore_override``).
+    Declared with dynamic typing, so that whatever a parameter file or ``-p`` gives reaches :func:`convert`
+    (rclpy's own type check refuses an integer for a float, and ``[]``, with only type codes as the reason);
+    the converted value is then stored with the field's type, and the descriptor ends up with that type
+    (``ros2 param describe``), the field's range and its read-only flag.
     """
-    read_only = bool(meta.get("read_only", False))
-    typed_empty = is_list and not default
-    initial: Any = Parameter.Type(ptype) if typed_empty else (list(default) if is_list else default)
-    try:  # declare_parameter writes the inferred type into the descriptor: each call gets a fresh one
-        p = node.declare_parameter(pname, initial, _descriptor(pname, meta, ptype, elem,
-                                                               read_only=read_only and not typed_empty))
-    except ParameterException as e:  # an override from a file / the command line is invalid
-        value = _float_of_integer_override(node, pname) if elem is float else None
-        if value is None:
-            raise ValueError(f"invalid parameter {pname}: {e}") from None
+    desc = _descriptor(pname, meta, ptype, elem, read_only=False)
+    desc.dynamic_typing = True
+    initial: Any = list(default) if is_list else default
+    if is_list and not initial:
+        initial = None  # declared without a value; the typed empty list is stored below
+    try:
+        p = node.declare_parameter(pname, initial, desc)
+    except ParameterException as e:  # e.g. outside the declared range
+        raise ValueError(f"invalid parameter {pname}: {e}") from None
+    if p.type_ == Parameter.Type.NOT_SET:
+        value: Any = list(default) if is_list else default
+    else:
         try:
-            p = node.declare_parameter(pname, value, _descriptor(pname, meta, ptype, elem), ignore_override=True)
-        except ParameterException as e2:
-            raise ValueError(f"invalid parameter {pname}: {e2}") from None
-    if typed_empty and p.type_ == Parameter.Type.NOT_SET:  # no override: an empty, typed list
-        p = Parameter(pname, Parameter.Type(ptype), [])
-        node.set_parameters([p])
-    if read_only and not node.describe_parameter(pname).read_only:
-        node.set_descriptor(pname, _descriptor(pname, meta, ptype, elem))
-    return p
-
-
-def _float_of_integer_override(node: Node, pname: str) -> float | list[float] | None:
-    """The override of ``pname`` as a float (list) when it is an integer (list), else None; read through a
-    dynamically typed declaration of ``pname``, undeclared again."""
-    probe = node.declare_parameter(pname, None, ParameterDescriptor(name=pname, dynamic_typing=True))
-    node.undeclare_parameter(pname)
-    if probe.type_ == Parameter.Type.INTEGER:
-        return float(probe.value)
-    if probe.type_ == Parameter.Type.INTEGER_ARRAY and len(probe.value) > 0:
-        return [float(v) for v in probe.value]
-    return None
+            value = convert(pname, ptype, elem, is_list, p)
+        except ValueError as e:  # a parameter file / -p of the wrong type: refuse to start, say why
+            raise ValueError(f"invalid parameter {e}") from None
+    if p.type_ != Parameter.Type(ptype) or (is_list and p.value is None):
+        node.set_parameters([Parameter(pname, Parameter.Type(ptype), value)])
+    final = _descriptor(pname, meta, ptype, elem)
+    final.dynamic_typing = True  # the type check is convert()'s, with a reason in words
+    final.type = ptype
+    try:
+        node.set_descriptor(pname, final)
+    except ParameterException as e:  # the converted value outside the declared range
+        raise ValueError(f"invalid parameter {pname}: {e}") from None
+    return value
 
 
 class ConfigParameters(Generic[C]):
@@ -153,12 +186,13 @@ class ConfigParameters(Generic[C]):
             ptype, elem, is_list = _ros_type(hints[f.name])
             self._fields[f.name] = (ptype, elem, is_list)
             pname = prefix + f.name
-            p = _declare(node, pname, getattr(cfg, f.name), dict(f.metadata), ptype, elem, is_list)
-            values[f.name] = self._from_ros(f.name, p.value)
+            values[f.name] = _declare(node, pname, getattr(cfg, f.name), dict(f.metadata), ptype, elem, is_list)
         try:
             self.config: C = cfg.replace(**values)
         except ValueError as e:  # bad parameter file / command line: refuse to start, name the field
             raise ValueError(f"invalid parameter {prefix}{e}") from None
+        if hasattr(node, "add_pre_set_parameters_callback"):  # Iron+: store converted values with the field's type
+            node.add_pre_set_parameters_callback(self._canonical)
         node.add_on_set_parameters_callback(self._validate)
         if hasattr(node, "add_post_set_parameters_callback"):
             node.add_post_set_parameters_callback(self._apply)
@@ -167,13 +201,9 @@ class ConfigParameters(Generic[C]):
             self._apply_in_validate = True
 
     # -- conversion --------------------------------------------------------------------------
-    def _from_ros(self, name: str, value: Any) -> Any:
-        _, elem, is_list = self._fields[name]
-        if is_list:
-            return [elem(v) for v in (value or [])]
-        if elem is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        return value
+    def _convert(self, name: str, p: Parameter) -> Any:
+        ptype, elem, is_list = self._fields[name]
+        return convert(self._prefix + name, ptype, elem, is_list, p)
 
     def _mine(self, params: list[Parameter]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -183,40 +213,62 @@ class ConfigParameters(Generic[C]):
         return out
 
     # -- callbacks ---------------------------------------------------------------------------
+    def _canonical(self, params: list[Parameter]) -> list[Parameter]:
+        """Pre-set: an integer for a float field, an untyped empty list, ... become the field's type (what
+        ``ros2 param get`` / ``dump`` then show); values that do not convert pass unchanged and are
+        rejected with the reason in :meth:`_validate`."""
+        out: list[Parameter] = []
+        for p in params:
+            name = p.name[len(self._prefix):] if p.name.startswith(self._prefix) else None
+            if name in self._fields and p.type_ != Parameter.Type.NOT_SET:
+                ptype = self._fields[name][0]
+                try:
+                    value = self._convert(name, p)
+                except ValueError:
+                    out.append(p)
+                    continue
+                p = Parameter(p.name, Parameter.Type(ptype), value)
+            out.append(p)
+        return out
+
     def _validate(self, params: list[Parameter]) -> SetParametersResult:
         mine = self._mine(params)
         if not mine:
             return SetParametersResult(successful=True)
         changes: dict[str, Any] = {}
         for name, p in mine.items():
-            ptype, elem, _ = self._fields[name]
-            if p.type_ == Parameter.Type.INTEGER and ptype == ParameterType.PARAMETER_DOUBLE:
-                changes[name] = float(p.value)
-            elif int(p.type_) != ptype:
-                return SetParametersResult(
-                    successful=False,
-                    reason=f"{self._prefix}{name}: expected {Parameter.Type(ptype).name.lower()}, got {p.type_.name.lower()}",
-                )
-            else:
-                changes[name] = self._from_ros(name, p.value)
+            try:
+                changes[name] = self._convert(name, p)
+            except ValueError as e:
+                self._restore_types(mine)
+                return SetParametersResult(successful=False, reason=str(e))
         try:
             new = self.config.replace(**changes)
         except ValueError as e:
+            self._restore_types(mine)
             return SetParametersResult(successful=False, reason=f"{self._prefix}{e}")
         if self.check is not None:
             try:
                 self.check(new)
             except ValueError as e:
+                self._restore_types(mine)
                 return SetParametersResult(successful=False, reason=str(e))
         if self._apply_in_validate:
             self._commit(new, set(changes))
         return SetParametersResult(successful=True)
 
+    def _restore_types(self, mine: dict[str, Any]) -> None:
+        """A rejected set must leave ``ros2 param describe`` as it was: rclpy writes the type of the value
+        tried into a dynamically typed parameter's descriptor before the on-set callbacks run."""
+        for name in mine:
+            desc = self._node.describe_parameter(self._prefix + name)
+            desc.type = self._fields[name][0]
+
     def _apply(self, params: list[Parameter]) -> None:
         mine = self._mine(params)
         if not mine:
             return
-        changes = {name: self._from_ros(name, p.value) for name, p in mine.items()}
+        changes = {name: self._convert(name, p) for name, p in mine.items()}
         self._commit(self.config.replace(**changes), set(changes))
 
     def _commit(self, new: C, changed: set[str]) -> None:

@@ -52,9 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -65,12 +63,15 @@ from std_msgs.msg import Bool, Int64, String
 from trajectory_msgs.msg import JointTrajectory
 
 from effvla_ros.core.params import param
-from effvla_ros.nodes.common import Deadlines
+from effvla_ros.nodes.common import Deadlines, join_thread, run_node
 from effvla_ros.nodes.param_bridge import ConfigParameters
 from effvla_ros.sim.env import JOINT_NAMES, SimConfig, TwoCubePickPlaceEnv
 from effvla_ros.sim.follower import JointTrajectoryFollower, TrajectoryError, TrajectoryPoint
 
 _NS = 1_000_000_000
+# a trajectory whose first point lies this far (s) ahead of the bridge's clock is executed when due, like
+# joint_trajectory_controller does, but with a warning: usually a wrong clock (wall vs simulated) at the sender
+FUTURE_STAMP_WARN_S = 1.0
 
 
 @dataclasses.dataclass
@@ -219,6 +220,9 @@ class SimBridge(Node):
             return Time(nanoseconds=self._t_ns)
         return self.get_clock().now()
 
+    def _time_base(self) -> str:
+        return "simulated" if self._sim_time_mode else "ROS (wall)"
+
     def _now_s(self) -> float:
         """Current time in the trajectory time base (seconds)."""
         return self._stamp().nanoseconds / _NS
@@ -246,8 +250,14 @@ class SimBridge(Node):
                 self._reset(req)
                 continue
             controller, names, points, start = req
+            now = self._now_s()
+            if start - now > FUTURE_STAMP_WARN_S:
+                self.get_logger().warning(
+                    f"{controller}: trajectory stamped {start - now:.1f} s ahead of the {self._time_base()} clock; "
+                    "the joints hold their targets until then (is the sender on the same clock / use_sim_time?)",
+                    throttle_duration_sec=2.0)
             try:
-                self._followers[controller][0].set_trajectory(names, points, now=self._now_s(), start_time=start)
+                self._followers[controller][0].set_trajectory(names, points, now=now, start_time=start)
             except TrajectoryError as e:
                 self.get_logger().warning(f"{controller}: trajectory rejected: {e}", throttle_duration_sec=1.0)
 
@@ -376,32 +386,31 @@ class SimBridge(Node):
             pub.publish(msg)
 
     def destroy_node(self) -> None:
-        try:
-            self._stop_physics.set()
-            if self._physics.is_alive() and self._physics is not threading.current_thread():
-                self._physics.join(5.0)
-            with self._lock:
-                self._gl.submit(self._env.close).result(timeout=5)
-            self._gl.shutdown(wait=False)
-        except Exception:  # noqa: BLE001 - best effort at shutdown
-            pass
+        """Stop the physics thread (joined, 5 s at most), close the renderer, destroy the node; idempotent, and
+        safe after a failed ``__init__`` (rclpy's context shutdown destroys a half-built node too)."""
+        stop = getattr(self, "_stop_physics", None)
+        if stop is not None:
+            stop.set()
+        if not join_thread(getattr(self, "_physics", None), 5.0):
+            self.get_logger().warning("physics thread did not stop within 5 s")
+        gl = getattr(self, "_gl", None)
+        env = getattr(self, "_env", None)
+        if gl is not None and not getattr(self, "_gl_closed", False):
+            self._gl_closed = True
+            try:
+                if env is not None and not isinstance(env, Exception):
+                    gl.submit(env.close).result(timeout=5)
+            except (Exception, KeyboardInterrupt):  # noqa: BLE001 - best effort at shutdown
+                pass
+            gl.shutdown(wait=False)
+        if getattr(self, "_destroyed", False):
+            return
+        self._destroyed = True
         super().destroy_node()
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = SimBridge()
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(SimBridge, "sim_bridge", args)
 
 
 if __name__ == "__main__":
