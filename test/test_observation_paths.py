@@ -26,7 +26,8 @@ from effvla_ros.replay.observations import ObservationOptions, build_episode
 from effvla_ros.replay.synthetic import write_episode_bag
 
 CAMS = ["camera1", "camera2"]
-STATE_JOINTS = ["j5", "j0", "j3", "j1", "j4", "j2"]  # not the message's order: picked by name
+STATE_JOINTS = ["gripper", "shoulder_pan", "wrist_flex", "shoulder_lift", "wrist_roll", "elbow_flex"]  # not the
+# message's order: picked by name
 FPS = 10.0
 SEED = 7
 N_OBS = 4
@@ -87,14 +88,16 @@ def _rclpy_messages(path: Path) -> list[tuple[str, Any]]:
 
 def _node(policy: Any, setting: Setting, tokens_mode: bool = False) -> Any:
     """A stand-in ``self`` for PolicyNode's methods: the attributes they use, the node's configs."""
+    from effvla_ros.core.observation import resolve_state_spec
     from effvla_ros.nodes.policy import PolicyNodeConfig
 
     cfg = PolicyNodeConfig(checkpoint="unused", cameras=list(CAMS), state_joint_names=list(STATE_JOINTS), fps=FPS,
                            input_mode="tokens" if tokens_mode else "images")
+    spec = resolve_state_spec(6, explicit=cfg.state_joint_names)  # what PolicyNode.__init__ resolves
     comp = TokenCompressor(policy, setting.pruning, setting.reuse)
     logger = _Logger()
     return types.SimpleNamespace(
-        node_params=types.SimpleNamespace(config=cfg), rtc_params=types.SimpleNamespace(config=setting.rtc),
+        node_params=types.SimpleNamespace(config=cfg), state_spec=spec, rtc_params=types.SimpleNamespace(config=setting.rtc),
         policy=policy, compressor=None if tokens_mode else comp, _image_tokens={},
         _chunks=ChunkHistory(maxlen=8), delay=FixedDelay(1),  # replay's fixed d (the node measures it)
         counts={"rejected_tokens": 0, "rejected_state": 0, "unsynced_state": 0}, get_logger=lambda: logger, log=logger)

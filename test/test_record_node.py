@@ -1,5 +1,7 @@
 """Recorder node (issue 8) over real DDS: records what the test publishes, then the bag is replayed;
-killed with SIGKILL mid-recording, the bag stays readable up to the last flush."""
+killed with SIGKILL mid-recording, the bag stays readable up to the last flush, and ``effvla bag repair``
+turns it into a complete bag that rosbags and the ``mcap`` package's seeking reader open (issue 26);
+SIGINT and SIGTERM finish the bag (summary, footer, metadata.yaml) as rosbag2 writes it."""
 from __future__ import annotations
 
 import os
@@ -18,7 +20,7 @@ from effvla_ros.replay.synthetic import frame_image
 from ros_helpers import node_process, spinner, wait_for
 
 H, W = 48, 64
-JOINTS = ["j0", "j1", "j2", "j3", "j4", "j5"]
+JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
 TOPICS = ["/camera/camera1/image_raw", "/camera/camera2/image_raw", "/joint_states", "/instruction", "/action_chunk"]
 
 
@@ -187,3 +189,131 @@ def test_sigkill_leaves_readable_bag(tmp_path: Path) -> None:
     assert len(imgs) >= 3 and all(len(i.data) == H * W * 3 for i in imgs)
     ep = build_episode(b, ["camera1", "camera2"], 6, ObservationOptions(mode="frames"))
     assert ep.observations and ep.instructions == ["stack the blocks"]
+
+
+def _mcap_summary(path: Path):  # type: ignore[no-untyped-def]
+    """The mcap package's seeking reader: (summary, messages per topic) - raises on an unfinished file."""
+    from mcap.reader import SeekingReader
+
+    with open(path, "rb") as f:
+        r = SeekingReader(f)
+        summary = r.get_summary()
+        assert summary is not None and summary.chunk_indexes  # indexed
+        counts: dict[str, int] = {}
+        for _schema, channel, _msg in r.iter_messages():
+            counts[channel.topic] = counts.get(channel.topic, 0) + 1
+    return summary, counts
+
+
+def _rosbags_counts(bag: Path) -> dict[str, int]:
+    from rosbags.rosbag2 import Reader
+
+    counts: dict[str, int] = {}
+    with Reader(bag) as r:
+        for conn, _t, _raw in r.messages():
+            counts[conn.topic] = counts.get(conn.topic, 0) + 1
+        assert {c.topic: c.msgcount for c in r.connections if c.msgcount} == counts  # metadata.yaml agrees
+    return counts
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_finish_the_bag_as_rosbag2_does(tmp_path: Path, sig: signal.Signals) -> None:
+    from effvla_ros.replay.bagio import ros_distro
+
+    bag = tmp_path / "stopped"
+    with spinner() as sp:
+        pub = Publisher(sp)
+        pub.instruction("stack the blocks")
+        with _recorder(bag, tmp_path, f"recorder_{sig.name}") as rec:
+            try:
+                wait_for(lambda: _subscribed(pub.node, TOPICS[:4]), timeout=30)
+            except TimeoutError:
+                pytest.fail("recorder did not subscribe:\n" + rec.log())
+            time.sleep(0.3)
+            for _ in range(4):
+                pub.tick()
+                time.sleep(0.1)
+            time.sleep(0.5)
+            os.killpg(rec.proc.pid, sig)
+            rec.proc.wait(30)
+            assert rec.proc.returncode == 0, rec.log()
+    data = (bag / "stopped.mcap").read_bytes()
+    assert data.endswith(MCAP_MAGIC)  # summary + footer
+    summary, counts = _mcap_summary(bag / "stopped.mcap")
+    assert counts == _rosbags_counts(bag) and counts["/joint_states"] == 8
+    assert summary.statistics.message_count == sum(counts.values())
+    meta = yaml.safe_load((bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert meta["custom_data"]["effvla.recording"] == "complete" and meta["message_count"] == sum(counts.values())
+    assert meta["ros_distro"] == ros_distro() != "rosbags"
+    # channel metadata as rosbag2 writes it
+    from effvla_ros.replay.bagio import make_typestore
+
+    ts = make_typestore()
+    by_topic = {c.topic: c for c in summary.channels.values()}
+    js = by_topic["/joint_states"]
+    assert js.metadata["topic_type_hash"] == ts.hash_rihs01("sensor_msgs/msg/JointState")
+    assert "reliability" in js.metadata["offered_qos_profiles"]
+    assert "transient_local" in by_topic["/instruction"].metadata["offered_qos_profiles"]
+
+
+def test_sigkill_then_bag_repair(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A recording killed with SIGKILL: no reader but ours opens it; ``effvla bag repair`` rewrites it into a
+    complete, indexed bag that rosbags and the mcap seeking reader open, with every flushed message."""
+    from mcap.reader import SeekingReader
+
+    from effvla_ros.cli import main
+    from effvla_ros.replay.bagio import scan_mcap
+
+    bag = tmp_path / "killed"
+    with spinner() as sp:
+        pub = Publisher(sp)
+        pub.instruction("stack the blocks")
+        with _recorder(bag, tmp_path, "recorder_killed2") as rec:
+            try:
+                wait_for(lambda: _subscribed(pub.node, TOPICS), timeout=30)
+            except TimeoutError:
+                pytest.fail("recorder did not subscribe:\n" + rec.log())
+            time.sleep(0.3)
+            for _ in range(8):
+                pub.tick()
+                time.sleep(0.1)
+            wait_for(lambda: _flushed_count(bag) >= 20, timeout=10)
+            os.killpg(rec.proc.pid, signal.SIGKILL)
+            rec.proc.wait(10)
+            assert rec.proc.returncode == -signal.SIGKILL
+    flushed = _flushed_count(bag)
+    scan = scan_mcap(bag / "killed.mcap")
+    on_disk = sum(scan.counts.values())
+    assert not scan.complete and on_disk >= flushed >= 20
+    with open(bag / "killed.mcap", "rb") as f, pytest.raises(Exception):  # noqa: B017 - no footer: refused
+        SeekingReader(f).get_summary()
+    with pytest.raises(SystemExit) as e:
+        main(["bag", "repair", str(bag)])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    fixed = tmp_path / "killed_repaired"
+    assert f"repaired {bag} -> {fixed}: {on_disk} messages" in out and "the source was interrupted" in out
+    summary, counts = _mcap_summary(fixed / "killed_repaired.mcap")
+    with capsys.disabled():
+        print(f"\nSIGKILL: {flushed} messages flushed per metadata.yaml, {on_disk} complete on disk; repaired: "
+              f"mcap seeking reader {sum(counts.values())}, rosbags {sum(_rosbags_counts(fixed).values())}")
+    assert counts == _rosbags_counts(fixed)
+    assert sum(counts.values()) == on_disk == summary.statistics.message_count
+    scan_counts = {scan.channels[c][1]: n for c, n in scan.counts.items()}
+    assert counts == {t: n for t, n in scan_counts.items() if n}
+    meta = yaml.safe_load((fixed / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert meta["message_count"] == on_disk and meta["custom_data"]["effvla.repaired_from"] == str(bag.resolve())
+    assert meta["custom_data"]["effvla.recording"] == "complete"
+    # the same bytes under the same log times, the offered QoS and type hashes kept
+    orig = open_bag(bag)
+    rep = open_bag(fixed)
+    assert not rep.recovered
+    assert [(t, ts, bytes(r)) for t, ts, r in orig.messages(["/camera/camera1/image_raw"])] == \
+        [(t, ts, bytes(r)) for t, ts, r in rep.messages(["/camera/camera1/image_raw"])]
+    for t in ("/joint_states", "/instruction", "/action_chunk"):
+        assert rep.topics[t].digest == orig.topics[t].digest and rep.topics[t].digest.startswith("RIHS01_")
+        assert rep.topics[t].qos == orig.topics[t].qos and rep.topics[t].qos
+    # `effvla record --repair` is the same, and an existing output is never overwritten
+    with pytest.raises(SystemExit) as e:
+        main(["record", "--repair", str(bag), "--out", str(fixed)])
+    assert e.value.code == 2 and "exists already" in capsys.readouterr().err

@@ -7,8 +7,12 @@ Examples::
     effvla record --out runs/cams --topics '/camera/*/image_raw' /joint_states /instruction
 
 The bag is a standard rosbag2 directory (``metadata.yaml`` + ``<name>.mcap``, CDR, message
-definitions embedded): ``ros2 bag info/play`` and ``effvla replay`` read it. Killed with SIGKILL,
-it stays readable up to the last flush (``--flush-period``, default 1 s).
+definitions embedded, channel metadata ``offered_qos_profiles`` and ``topic_type_hash`` as rosbag2
+writes them): ``ros2 bag info/play``, rosbags, the ``mcap`` readers and ``effvla replay`` read it.
+Ctrl-C (SIGINT) and SIGTERM finish the bag (summary, footer, metadata.yaml). Killed with SIGKILL, the
+MCAP has no summary/footer: ``effvla replay`` still reads it up to the last flush (``--flush-period``,
+default 1 s), and ``effvla record --repair BAG`` (= ``effvla bag repair BAG``) rewrites it into a complete
+bag that every reader opens.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use-sim-time", action="store_true", help="stamp receive times with /clock")
     parser.add_argument("--namespace", default="", help="namespace for relative topic patterns")
     parser.add_argument("--fsync", action="store_true", help="fsync at every flush")
+    parser.add_argument("--repair", default=None, metavar="BAG",
+                        help="do not record: rewrite the interrupted recording BAG into a complete bag at --out "
+                             "(default <BAG>_repaired), as `effvla bag repair`")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +45,13 @@ def run(args: argparse.Namespace) -> int:
 
     from effvla_ros.nodes.recorder import run_recorder
 
+    if args.repair:
+        from effvla_ros.replay.bagio import repair_bag
+
+        res = repair_bag(args.repair, args.out or None)
+        print(f"repaired {res.source} -> {res.out}: {res.messages} messages on {len(res.topics)} topics"
+              + (f" (the source was interrupted: {res.reason})" if res.reason else " (the source was complete)"))
+        return 0
     if args.duration < 0:
         raise ValueError("--duration: must be >= 0")
     overrides = [

@@ -23,7 +23,10 @@ every node, the chunk executor included, which must not load torch.
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -95,6 +98,64 @@ def image_to_rgb(encoding: str, height: int, width: int, step: int, data: bytes 
     if enc.startswith("bgr"):
         return np.ascontiguousarray(px[..., 2::-1])  # B, G, R -> R, G, B
     return np.ascontiguousarray(px[..., :3])
+
+
+def compressed_format(fmt: str) -> tuple[str, str]:
+    """A sensor_msgs/CompressedImage ``format`` -> (codec ``jpeg``/``png``, the source encoding or "").
+
+    image_transport writes ``"<encoding>; jpeg compressed <target>"`` (or ``png``), older drivers just
+    ``"jpeg"``/``"png"``; ``compressedDepth`` (depth PNG with a quantization header) is refused."""
+    f = str(fmt).strip()
+    low = f.lower()
+    if "compresseddepth" in low:
+        raise ImageError(f"CompressedImage format {f!r}: compressedDepth (depth images) is not a camera image the "
+                         "policy can use; record the colour stream (<topic>/compressed or image_raw)")
+    enc = f.split(";", 1)[0].strip() if ";" in f else ""
+    for codec, keys in (("jpeg", ("jpeg", "jpg")), ("png", ("png",))):
+        if any(k in low for k in keys):
+            return codec, enc
+    raise ImageError(f"CompressedImage format {f!r}: not JPEG or PNG")
+
+
+def decode_compressed(fmt: str, data: bytes | bytearray | memoryview | np.ndarray | Sequence[int]) -> np.ndarray:
+    """A sensor_msgs/CompressedImage (``format``, ``data``) -> the decoded image as OpenCV returns it:
+    ``(H, W)`` mono or ``(H, W, 3)`` RGB ``uint8`` (alpha dropped). Decoded by OpenCV's ``imdecode``."""
+    import cv2
+
+    codec, _enc = compressed_format(fmt)
+    if isinstance(data, np.ndarray):
+        buf = data.reshape(-1).astype(np.uint8, copy=False)
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        buf = np.frombuffer(data, dtype=np.uint8)
+    else:
+        buf = np.frombuffer(bytes(data), dtype=np.uint8)
+    if buf.size == 0:
+        raise ImageError(f"empty {codec} image")
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ImageError(f"{codec} data ({buf.size} bytes) could not be decoded (corrupt?)")
+    if img.dtype != np.uint8:
+        raise ImageError(f"{codec} image of {img.dtype} (16-bit?); a camera image of 8 bits per channel is needed")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    if img.ndim == 2:
+        return np.ascontiguousarray(img)
+    if img.shape[2] == 4:
+        return np.ascontiguousarray(img[..., 2::-1])  # BGRA -> RGB
+    return np.ascontiguousarray(img[..., ::-1])  # BGR -> RGB
+
+
+def compressed_to_rgb(fmt: str, data: bytes | bytearray | memoryview | np.ndarray | Sequence[int]) -> np.ndarray:
+    """A sensor_msgs/CompressedImage (``format``, ``data``) -> ``(H, W, 3)`` ``uint8`` RGB (mono repeated to 3
+    channels, as :func:`image_to_rgb` does for ``mono8``). Raises :class:`ImageError` with the reason."""
+    img = decode_compressed(fmt, data)
+    return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
+
+
+def is_mono(encoding_or_format: str) -> bool:
+    """Whether an Image ``encoding`` or a CompressedImage ``format`` says the image is single-channel."""
+    e = str(encoding_or_format).split(";", 1)[0].strip().lower()
+    return e in ("mono8", "8uc1", "mono16", "16uc1")
 
 
 def rgb_to_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -173,7 +234,7 @@ def state_vector(names: Sequence[str], positions: Sequence[float] | np.ndarray, 
         index = {n: i for i, n in enumerate(names)}
         missing = [n for n in joint_names if n not in index]
         if missing:
-            raise StateError(f"lacks joints {missing} (has {list(names)})")
+            raise StateError(f"lacks joints {missing} (it has {list(names)})")
         if pos.size != len(names):
             raise StateError(f"has {len(names)} names but {pos.size} positions")
         picked = [index[n] for n in joint_names]
@@ -195,6 +256,144 @@ def state_vector(names: Sequence[str], positions: Sequence[float] | np.ndarray, 
             raise StateError(f"contains Inf (joints {where})")
         raise StateError(f"positions beyond the float32 range (joints {where})")
     return state
+
+
+# ------------------------------------------------------------------------------------------ joint names
+#: Sidecar of a checkpoint directory declaring its joint names (LeRobot's config.json has no field for
+#: them): ``{"state": [...], "action": [...]}``. ``config.json``'s ``input_features["observation.state"]``
+#: / ``output_features["action"]`` ``names`` (the LeRobot dataset feature layout) are read too.
+JOINT_NAMES_FILE = "joint_names.json"
+
+
+def _names_of(feature: object) -> list[str]:
+    names = feature.get("names") if isinstance(feature, dict) else None
+    if isinstance(names, dict):  # LeRobot datasets: {"motors": [...]}
+        names = next((v for v in names.values() if isinstance(v, list)), None)
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def checkpoint_joint_names(checkpoint: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+    """(state joint names, action names) a checkpoint directory declares (empty lists: none).
+
+    ``<checkpoint>/joint_names.json`` (``{"state": [...], "action": [...]}``) first, then ``names`` of
+    ``config.json``'s ``observation.state`` / ``action`` features."""
+    import json
+
+    d = Path(checkpoint)
+    state: list[str] = []
+    action: list[str] = []
+    side = d / JOINT_NAMES_FILE
+    if side.is_file():
+        try:
+            data = json.loads(side.read_text())
+        except (OSError, ValueError) as e:
+            raise StateError(f"{side}: not readable JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise StateError(f"{side}: expected {{\"state\": [...], \"action\": [...]}}")
+        state = [str(n) for n in data.get("state") or []]
+        action = [str(n) for n in data.get("action") or []]
+    cfg = d / "config.json"
+    if (not state or not action) and cfg.is_file():
+        try:
+            c = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            c = {}
+        state = state or _names_of((c.get("input_features") or {}).get("observation.state"))
+        action = action or _names_of((c.get("output_features") or {}).get("action"))
+    return state, action
+
+
+def parse_joint_map(text: str | Sequence[str] | None) -> dict[str, str]:
+    """``"old=new,old2=new2"`` (or a list of such items) -> {old: new}: bag/robot joint name -> policy name.
+    An item ``prefix*=`` strips ``prefix`` from every name that starts with it, ``*suffix=`` a suffix
+    (e.g. ``so101_*=`` for ``so101_shoulder_pan`` -> ``shoulder_pan``)."""
+    items: list[str] = []
+    if isinstance(text, str):
+        items = [x for x in text.split(",")]
+    elif text:
+        for t in text:
+            items.extend(t.split(","))
+    out: dict[str, str] = {}
+    for raw in items:
+        item = raw.strip()
+        if not item:
+            continue
+        old, eq, new = item.partition("=")
+        old, new = old.strip(), new.strip()
+        if not eq or not old or (not new and "*" not in old):
+            raise StateError(f"joint map item {item!r}: expected OLD=NEW (or PREFIX*= / *SUFFIX= to strip)")
+        if "*" in old and (old.count("*") != 1 or new or not (old.startswith("*") or old.endswith("*"))):
+            raise StateError(f"joint map item {item!r}: a pattern is PREFIX*= or *SUFFIX= (strips it)")
+        out[old] = new
+    return out
+
+
+def map_joint_names(names: Sequence[str], joint_map: dict[str, str]) -> list[str]:
+    """The robot's joint names renamed by :func:`parse_joint_map`'s mapping (exact names first, then
+    prefix/suffix strips); names the map does not mention are kept."""
+    if not joint_map:
+        return list(names)
+    out = []
+    for n in names:
+        if n in joint_map:
+            out.append(joint_map[n])
+            continue
+        m = n
+        for pat in joint_map:
+            if pat.endswith("*") and m.startswith(pat[:-1]):
+                m = m[len(pat) - 1:]
+            elif pat.startswith("*") and m.endswith(pat[1:]) and len(pat) > 1:
+                m = m[: len(m) - len(pat) + 1]
+        out.append(m)
+    return out
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """How the policy's state vector is assembled from a JointState: by joint name (``joint_names`` in
+    order, after renaming the message's names with ``joint_map``) or, only when asked for
+    (``by_position``), the first ``dim`` positions. ``source`` says where the names came from. The policy
+    node, replay and evaluation all go through :meth:`vector`."""
+
+    dim: int
+    joint_names: tuple[str, ...] = ()
+    joint_map: tuple[tuple[str, str], ...] = ()
+    by_position: bool = False
+    source: str = ""
+
+    def vector(self, names: Sequence[str], positions: Sequence[float] | np.ndarray) -> np.ndarray:
+        return state_vector(map_joint_names(list(names), dict(self.joint_map)), positions,
+                            [] if self.by_position else list(self.joint_names), self.dim)
+
+    def describe(self) -> str:
+        if self.by_position:
+            return f"the first {self.dim} JointState positions (by position, {self.source})"
+        return f"joints {list(self.joint_names)} by name ({self.source})"
+
+
+def resolve_state_spec(dim: int, *, explicit: Sequence[str] = (), checkpoint: Sequence[str] = (),
+                       target: Sequence[str] = (), target_source: str = "the target's state_joint_names",
+                       joint_map: dict[str, str] | None = None, by_position: bool = False) -> StateSpec:
+    """The state rule: names given explicitly (``--state-joint-names`` / the node's ``state_joint_names``),
+    else the checkpoint's declared names, else the deployment target's; positions only with
+    ``by_position``. Raises :class:`StateError` when a list has the wrong length or there is no rule."""
+    jm = tuple(sorted((joint_map or {}).items()))
+    if by_position:
+        if explicit:
+            raise StateError("state by position and explicit state joint names exclude each other")
+        return StateSpec(int(dim), (), jm, True, "asked for explicitly")
+    for names, src in ((explicit, "given explicitly"), (checkpoint, "declared by the checkpoint"),
+                       (target, target_source)):
+        if names:
+            if len(names) != dim:
+                raise StateError(f"{len(names)} state joint names {list(names)} ({src}), the checkpoint's state has "
+                                 f"{dim} dimensions")
+            if len(set(names)) != len(names):
+                raise StateError(f"duplicate state joint names {list(names)} ({src})")
+            return StateSpec(int(dim), tuple(str(n) for n in names), jm, False, src)
+    raise StateError(f"no state joint names: the checkpoint declares none ({JOINT_NAMES_FILE}) and no target gives "
+                     f"them; name the {dim} joints forming the state (--state-joint-names a,b,...) or take the "
+                     "first positions explicitly (--state-by-position)")
 
 
 # ------------------------------------------------------------------------------------------ tokens
@@ -258,8 +457,10 @@ def camera_tokens_equal(a: CameraTokens, b: CameraTokens) -> bool:
 
 
 __all__ = [
-    "BYTES_PER_PIXEL", "DEFAULT_STATE_STAMP_TOLERANCE_S", "STAMP_EPS", "SUPPORTED_ENCODINGS", "WIRE_DTYPES",
-    "ImageError", "ObservationError", "StateError", "TokenError", "camera_tokens_equal", "decode_tokens",
-    "encode_tokens", "image_to_rgb", "missing_camera", "newest_before", "observation_stamp", "rgb_to_tensor",
-    "state_at", "state_at_sorted", "state_vector",
+    "BYTES_PER_PIXEL", "DEFAULT_STATE_STAMP_TOLERANCE_S", "JOINT_NAMES_FILE", "STAMP_EPS", "SUPPORTED_ENCODINGS",
+    "WIRE_DTYPES", "ImageError", "ObservationError", "StateError", "StateSpec", "TokenError", "camera_tokens_equal",
+    "checkpoint_joint_names", "compressed_format", "compressed_to_rgb", "decode_compressed", "decode_tokens",
+    "encode_tokens", "image_to_rgb", "is_mono", "map_joint_names", "missing_camera", "newest_before",
+    "observation_stamp", "parse_joint_map", "resolve_state_spec", "rgb_to_tensor", "state_at", "state_at_sorted",
+    "state_vector",
 ]

@@ -52,6 +52,7 @@ class TopicInfo:
     msgdef_format: str = ""  # "ros2msg" | "ros2idl" | "" (none)
     msgdef: str = ""
     digest: str = ""
+    qos: list[Any] = field(default_factory=list)  # offered QoS profiles (rosbags Qos) as recorded
 
 
 # ------------------------------------------------------------------------------------------ types
@@ -208,6 +209,7 @@ def iter_mcap(path: Path, out: McapScan) -> Iterator[tuple[str, int, bytes]]:
     """
     from rosbags.rosbag2.storage_mcap import decompress
 
+    size = path.stat().st_size
     with open(path, "rb") as f:
         if f.read(8) != MCAP_MAGIC:
             raise BagError(f"{path}: not an MCAP file (bad magic)")
@@ -218,11 +220,12 @@ def iter_mcap(path: Path, out: McapScan) -> Iterator[tuple[str, int, bytes]]:
                 op = bio.read(1)
                 if not op:
                     return
+                n = -1
                 try:
                     (n,) = struct.unpack("<Q", _read(bio, 8))
                     body = _read(bio, n)
                 except _Truncated:
-                    raise _Truncated(pos) from None
+                    raise _Truncated(pos, n) from None
                 yield op[0], body, pos
 
         def handle(op: int, body: bytes) -> tuple[str, int, bytes] | None:
@@ -269,9 +272,13 @@ def iter_mcap(path: Path, out: McapScan) -> Iterator[tuple[str, int, bytes]]:
                         yield m
         except _Truncated as e:
             out.truncated_at = int(e.args[0]) if e.args else None
-            out.reason = f"file ends inside a record at byte {out.truncated_at} (recording was interrupted)"
+            rec_len = int(e.args[1]) if len(e.args) > 1 else -1
+            what = (f"a record of {rec_len + 9} bytes starting at byte {out.truncated_at}" if rec_len >= 0
+                    else f"the record starting at byte {out.truncated_at}")
+            out.reason = (f"truncated: the file ends at byte {size}, inside {what}; the {out.truncated_at} bytes "
+                          "before it were read (recording was interrupted)")
     if not out.complete and not out.reason:
-        out.reason = "no MCAP footer (recording was interrupted)"
+        out.reason = f"no MCAP footer: all {size} bytes read, the summary is missing (recording was interrupted)"
 
 
 def scan_mcap(path: Path) -> McapScan:
@@ -318,12 +325,17 @@ class Bag:
             else:
                 from rosbags.rosbag2 import Reader
 
-                with Reader(src.path) as reader:
-                    conns = [c for c in reader.connections if want is None or c.topic in want]
-                    if not conns:
-                        continue
-                    for conn, ts, raw in reader.messages(connections=conns):
-                        yield conn.topic, int(ts), raw
+                try:
+                    with Reader(src.path) as reader:
+                        conns = [c for c in reader.connections if want is None or c.topic in want]
+                        if not conns:
+                            continue
+                        for conn, ts, raw in reader.messages(connections=conns):
+                            yield conn.topic, int(ts), raw
+                except (BagError, GeneratorExit):
+                    raise
+                except Exception as e:  # noqa: BLE001 - a corrupt storage file: one line naming it
+                    raise BagError(f"{src.path}: reading the messages failed ({type(e).__name__}: {e})") from None
 
     def decode(self, topic: str, raw: bytes) -> Any:
         return self.typestore.deserialize_cdr(raw, self.topics[topic].msgtype)
@@ -356,20 +368,43 @@ def _topics_from_reader(reader: Any) -> dict[str, TopicInfo]:
         fmt = {MessageDefinitionFormat.MSG: "ros2msg", MessageDefinitionFormat.IDL: "ros2idl"}.get(c.msgdef.format, "")
         t = topics.get(c.topic)
         if t is None:
-            topics[c.topic] = TopicInfo(c.topic, c.msgtype, int(c.msgcount), fmt, c.msgdef.data, c.digest or "")
+            qos = list(getattr(c.ext, "offered_qos_profiles", None) or [])
+            topics[c.topic] = TopicInfo(c.topic, c.msgtype, int(c.msgcount), fmt, c.msgdef.data, c.digest or "", qos)
         else:
             t.count += int(c.msgcount)
     return topics
 
 
+def channel_metadata(meta: bytes) -> dict[str, str]:
+    """An MCAP channel's metadata (a string map) -> dict."""
+    out: dict[str, str] = {}
+    bio = io.BytesIO(meta)
+    try:
+        while bio.tell() < len(meta):
+            k = _str(bio)
+            out[k] = _str(bio)
+    except (_Truncated, UnicodeDecodeError):
+        pass
+    return out
+
+
 def _topics_from_scan(scan: McapScan) -> dict[str, TopicInfo]:
     topics: dict[str, TopicInfo] = {}
-    for cid, (sid, topic, _enc, _meta) in scan.channels.items():
+    for cid, (sid, topic, _enc, meta) in scan.channels.items():
         name, enc, data = scan.schemas.get(sid, ("", "", ""))
         t = topics.get(topic)
         if t is None:
+            md = channel_metadata(meta)
+            qos: list[Any] = []
+            if md.get("offered_qos_profiles"):
+                try:
+                    from rosbags.rosbag2.metadata import parse_qos
+
+                    qos = list(parse_qos(md["offered_qos_profiles"]))
+                except Exception:  # noqa: BLE001 - QoS is informative only
+                    qos = []
             topics[topic] = TopicInfo(topic, name, scan.counts.get(cid, 0), enc if enc in ("ros2msg", "ros2idl") else "",
-                                      data)
+                                      data, md.get("topic_type_hash", ""), qos)
         else:
             t.count += scan.counts.get(cid, 0)
     return topics
@@ -391,8 +426,8 @@ def _open_file(path: Path, kind: str, notes: list[str]) -> tuple[_Source, dict[s
             err = e
     if kind == "mcap":
         scan = scan_mcap(path)
-        notes.append(f"{path.name}: {scan.reason}; read up to the last complete record "
-                     f"({sum(scan.counts.values())} messages)" if not scan.complete
+        notes.append(f"{path.name}: {scan.reason}; kept the {sum(scan.counts.values())} complete messages before it"
+                     if not scan.complete
                      else f"{path.name}: read by linear scan ({err})")
         return _Source(path, "scan"), _topics_from_scan(scan), not scan.complete
     raise BagError(f"{path}: cannot read this {kind} storage file ({err})")
@@ -452,6 +487,58 @@ def open_bag(path: str | os.PathLike[str]) -> Bag:
 
 
 # ------------------------------------------------------------------------------------------ writing
+def ros_distro() -> str:
+    """The running ROS 2 distribution: ``$ROS_DISTRO``, else the one of the installed rclpy (apt's
+    ``/opt/ros/<distro>`` or the ``ros-<distro>-rclpy`` wheel), else ``unknown``."""
+    d = os.environ.get("ROS_DISTRO", "").strip()
+    if d:
+        return d
+    try:
+        import rclpy
+
+        parts = Path(rclpy.__file__).resolve().parts
+        if "ros" in parts and parts.index("ros") + 1 < len(parts) and parts[parts.index("ros") - 1] == "opt":
+            return parts[parts.index("ros") + 1]
+    except Exception:  # noqa: BLE001 - rclpy not importable: try the wheels' metadata
+        pass
+    try:
+        import importlib.metadata as md
+
+        for dist in md.distributions():
+            name = (dist.metadata["Name"] or "").lower()
+            if name.startswith("ros-") and name.endswith("-rclpy") and name.count("-") == 2:
+                return name.split("-")[1]
+    except Exception:  # noqa: BLE001
+        pass
+    return "unknown"
+
+
+def _rosbag2_channels(storage: Any, distro: str) -> None:
+    """Make rosbags' MCAP storage writer write what rosbag2's does: channel metadata with
+    ``offered_qos_profiles`` *and* ``topic_type_hash`` (RIHS01), and ``ros_distro`` of the running ROS in
+    the embedded bag metadata (rosbags writes ``rosbags``)."""
+    from rosbags.rosbag2.storage_mcap import Channel, write_channel, write_string
+
+    orig_close = storage.close
+
+    def add_connection(connection: Any, offered_qos_profiles: str) -> None:
+        meta = io.BytesIO()
+        write_string(meta, "offered_qos_profiles")
+        write_string(meta, offered_qos_profiles)
+        write_string(meta, "topic_type_hash")
+        write_string(meta, str(connection.digest or ""))
+        storage.channels.append(Channel(connection.id, connection.msgtype, connection.topic,
+                                        connection.ext.serialization_format, meta.getvalue()))
+        storage.channel_stats[connection.id] = 0
+        write_channel(storage.chunk.bio, storage.channels[-1], storage.schemas)
+
+    def close(version: int, metadata: str) -> None:
+        orig_close(version, metadata.replace("ros_distro: rosbags", f"ros_distro: {distro}"))
+
+    storage.add_connection = add_connection
+    storage.close = close
+
+
 def to_rosbags_qos(profiles: Sequence[Any]) -> list[Any]:
     """rclpy QoSProfile (or TopicEndpointInfo.qos_profile) list -> rosbags ``Qos`` list."""
     from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
@@ -485,6 +572,8 @@ class McapBagWriter:
         self.typestore = typestore or make_typestore()
         self.writer = Writer(self.path, version=9, storage_plugin=StoragePlugin.MCAP)
         self.writer.open()
+        self.ros_distro = ros_distro()
+        _rosbag2_channels(self.writer.storage, self.ros_distro)
         self.max_chunk_bytes = int(max_chunk_bytes)
         self.fsync = fsync
         self.connections: dict[str, Any] = {}
@@ -502,13 +591,16 @@ class McapBagWriter:
         return self.writer.storage
 
     def add_topic(self, topic: str, msgtype: str, *, qos: Sequence[Any] = (),
-                  fallback_rihs01: str | None = None) -> Any:
+                  fallback_rihs01: str | None = None, msgdef: str | None = None) -> Any:
         """Declare a topic. The message definition and RIHS01 hash come from the typestore (standard
         types, effvla_ros, any ``.msg`` on the ament prefix path); an unknown type is stored without a
-        definition, with ``fallback_rihs01`` (the publishers' type hash) when given."""
+        definition, with ``fallback_rihs01`` (the publishers' type hash) when given. ``msgdef`` and
+        ``fallback_rihs01`` given together are stored as they are (a copy of another bag's topic)."""
         if topic in self.connections:
             return self.connections[topic]
-        if ensure_type(self.typestore, msgtype):
+        if msgdef is not None and fallback_rihs01:
+            rihs01 = fallback_rihs01
+        elif ensure_type(self.typestore, msgtype):
             msgdef, _ = self.typestore.generate_msgdef(msgtype, ros_version=2)
             rihs01 = self.typestore.hash_rihs01(msgtype)
         else:
@@ -577,7 +669,7 @@ class McapBagWriter:
             "files": [{"path": name, "starting_time": {"nanoseconds_since_epoch": start},
                        "duration": {"nanoseconds": duration}, "message_count": count}],
             "custom_data": {**self.writer.custom_data, **(custom or {"effvla.recording": "in_progress"})},
-            "ros_distro": "rosbags",
+            "ros_distro": self.ros_distro,
         }}
         yaml = YAML(typ="safe")
         yaml.default_flow_style = False
@@ -596,3 +688,74 @@ class McapBagWriter:
         self.writer.set_custom_data("effvla.recording", "complete")
         self.writer.close()
         self.closed = True
+        meta = self.path / "metadata.yaml"  # rosbags' writer says ros_distro: rosbags
+        text = meta.read_text()
+        tmp = self.path / "metadata.yaml.tmp"
+        tmp.write_text(text.replace("ros_distro: rosbags", f"ros_distro: {self.ros_distro}"))
+        tmp.replace(meta)
+
+
+# ------------------------------------------------------------------------------------------ repair
+@dataclass
+class RepairResult:
+    source: Path
+    out: Path
+    messages: int
+    topics: dict[str, int]
+    reason: str  # why the source needed repairing ("" if it was complete)
+
+
+def default_repair_out(path: str | os.PathLike[str]) -> Path:
+    """``<bag>_repaired`` next to the bag directory (for a storage file inside one: next to that directory)."""
+    p = Path(str(path).rstrip("/")).expanduser()
+    if p.is_dir():
+        return p.parent / f"{p.name}_repaired"
+    if (p.parent / "metadata.yaml").is_file() or p.stem.startswith(p.parent.name):
+        return p.parent.parent / f"{p.parent.name}_repaired"
+    return p.parent / f"{p.stem}_repaired"
+
+
+def repair_bag(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> RepairResult:
+    """Rewrite a (possibly interrupted) rosbag2 into a complete MCAP bag at ``out``: every complete message
+    of the source (its log times, bytes, topics, types, embedded definitions, offered QoS and type hashes
+    kept), then the summary section, the footer and a metadata.yaml with the true counts. The source is
+    not modified. Raises BagError when there is nothing to keep."""
+    src = Path(path)
+    bag = open_bag(src)
+    dst = Path(out) if out is not None else default_repair_out(src)
+    if dst.exists():
+        raise BagError(f"{dst} exists already; choose another --out (bags are never overwritten)")
+    if bag.message_count == 0:
+        raise BagError(f"{src}: no complete message to keep ({'; '.join(bag.notes) or 'empty bag'})")
+    custom: dict[str, str] = {}
+    meta = src / "metadata.yaml" if src.is_dir() else None
+    if meta is not None and meta.is_file():
+        try:
+            import yaml
+
+            info = (yaml.safe_load(meta.read_text()) or {}).get("rosbag2_bagfile_information") or {}
+            custom = {str(k): str(v) for k, v in (info.get("custom_data") or {}).items() if k != "effvla.recording"}
+        except Exception:  # noqa: BLE001 - the old custom data is informative only
+            custom = {}
+    reason = "; ".join(bag.notes) if bag.recovered or not bag.has_metadata else ""
+    custom["effvla.repaired_from"] = str(src.resolve())
+    if reason:
+        custom["effvla.repair_reason"] = reason
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    w = McapBagWriter(dst, bag.typestore)
+    counts: dict[str, int] = {}
+    try:
+        for t in bag.topics.values():
+            rihs = t.digest if t.digest.startswith("RIHS01_") else None
+            if t.msgdef and rihs:
+                w.add_topic(t.topic, t.msgtype, qos=t.qos, fallback_rihs01=rihs, msgdef=t.msgdef)
+            else:
+                w.add_topic(t.topic, t.msgtype, qos=t.qos, fallback_rihs01=rihs)
+        for topic, log_ns, raw in bag.messages():
+            w.write(topic, log_ns, raw)
+            counts[topic] = counts.get(topic, 0) + 1
+    except BaseException:
+        w.close(custom)
+        raise
+    w.close(custom)
+    return RepairResult(src, dst, sum(counts.values()), counts, reason)

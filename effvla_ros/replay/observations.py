@@ -15,9 +15,14 @@ Rules (the policy node's, applied offline):
 * state: the policy node's pairing (:func:`effvla_ros.core.observation.state_at`): the newest JointState
   stamped at or before the observation and at most ``state_stamp_tolerance_s`` older (0: no limit);
   none at or before it: skipped (``before_first_state``), the newest one older than the tolerance:
-  skipped (``unsynced_state``), unless a fixed ``--state`` is given. ``state_joint_names`` picks and
-  orders the joints (default: the first ``state_dim`` positions), as the node's
-  :func:`~effvla_ros.core.observation.state_vector`;
+  skipped (``unsynced_state``), unless a fixed ``--state`` is given. The state vector is assembled by
+  joint name (:class:`~effvla_ros.core.observation.StateSpec`, the node's rule): the names given, else
+  the checkpoint's, else the target's, after renaming the bag's names with the joint map; by position
+  only when asked for. JointStates lacking a joint or holding NaN/Inf are dropped and counted by reason;
+  when none is usable the error names the reason (missing joints with the names the bag has, NaN);
+* images: ``sensor_msgs/Image`` and ``sensor_msgs/CompressedImage`` (JPEG/PNG, decoded by OpenCV;
+  ``compressedDepth`` refused); warnings for mono images fed to the colour policy and for image sizes
+  that change within a camera's stream;
 * instruction: the newest ``std_msgs/String`` on the instruction topic received (log time) at or
   before the observation's newest frame was received; observations before the first instruction
   use the first one (counted as ``instruction_backfilled``); ``--instruction`` overrides the bag.
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,13 +42,18 @@ from effvla_ros.core.observation import (
     STAMP_EPS,
     ImageError,
     StateError,
+    StateSpec,
+    decode_compressed,
+    is_mono,
+    resolve_state_spec,
     state_at_sorted,
-    state_vector,
 )
 from effvla_ros.core.observation import image_to_rgb as _raw_image_to_rgb
 from effvla_ros.replay.bagio import Bag, BagError, cdr_header_stamp_ns
 
-IMAGE_TYPES = ("sensor_msgs/msg/Image",)
+RAW_IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_IMAGE_TYPE = "sensor_msgs/msg/CompressedImage"
+IMAGE_TYPES = (RAW_IMAGE_TYPE, COMPRESSED_IMAGE_TYPE)
 JOINT_STATE_TYPE = "sensor_msgs/msg/JointState"
 STRING_TYPE = "std_msgs/msg/String"
 CHUNK_TYPE = "effvla_ros/msg/ActionChunk"
@@ -108,8 +119,10 @@ class ObservationOptions:
     action_chunk_topic: str | None = None
     instruction: str | None = None
     state: list[float] | None = None
-    state_joint_names: list[str] = field(default_factory=list)
-    state_joint_names_strict: bool = True  # False: fall back to the first state_dim positions when absent
+    state_joint_names: list[str] = field(default_factory=list)  # explicit (else the checkpoint's / target's)
+    joint_map: dict[str, str] = field(default_factory=dict)  # bag joint name (or PREFIX*) -> policy name
+    state_by_position: bool = False  # the first state_dim positions, names ignored (only when asked for)
+    state_spec: StateSpec | None = None  # resolved rule (run_replay sets it); None: from the fields above
     stamp_tolerance_s: float = 0.05
     state_stamp_tolerance_s: float = DEFAULT_STATE_STAMP_TOLERANCE_S  # the policy node's parameter (0: no limit)
     mode: str = "auto"  # auto | chunks | frames
@@ -119,9 +132,21 @@ class ObservationOptions:
 
 # ------------------------------------------------------------------------------------------ images
 def image_to_rgb(msg: Any) -> np.ndarray:
-    """A rosbags ``sensor_msgs/msg/Image`` -> (H, W, 3) uint8 RGB (:func:`effvla_ros.core.observation.image_to_rgb`)."""
+    """A rosbags ``sensor_msgs/msg/Image`` or ``CompressedImage`` -> (H, W, 3) uint8 RGB
+    (:func:`effvla_ros.core.observation.image_to_rgb` / :func:`~effvla_ros.core.observation.compressed_to_rgb`)."""
+    return _decode_image(msg)[0]
+
+
+def _decode_image(msg: Any) -> tuple[np.ndarray, bool]:
+    """(RGB image, whether the source was single-channel)."""
     try:
-        return _raw_image_to_rgb(str(msg.encoding), int(msg.height), int(msg.width), int(msg.step), msg.data)
+        if hasattr(msg, "format"):  # CompressedImage
+            img = decode_compressed(str(msg.format), msg.data)
+            if img.ndim == 2:
+                return np.repeat(img[..., None], 3, axis=2), True
+            return img, False
+        return (_raw_image_to_rgb(str(msg.encoding), int(msg.height), int(msg.width), int(msg.step), msg.data),
+                is_mono(str(msg.encoding)))
     except ImageError as e:
         raise BagError(f"image: {e}") from None
 
@@ -144,10 +169,10 @@ def _pick(bag: Bag, explicit: str | None, msgtype: str, preferred: tuple[str, ..
 def map_cameras(bag: Bag, cameras: list[str], explicit: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """checkpoint camera -> image topic (explicit mapping, else a topic with the camera's name as a
     path segment, e.g. /camera/<cam>/image_raw); cameras without a topic are replayed as missing."""
-    image_topics = [t for t in bag.topics_of_type(*IMAGE_TYPES) if bag.topics[t].count > 0]
+    all_image_topics = bag.topics_of_type(*IMAGE_TYPES)
+    image_topics = [t for t in all_image_topics if bag.topics[t].count > 0]
     if not image_topics:
-        others = ", ".join(f"{t} [{i.msgtype}]" for t, i in sorted(bag.topics.items())) or "none"
-        raise BagError(f"the bag has no sensor_msgs/msg/Image messages: nothing to replay (topics: {others})")
+        raise BagError(no_images_reason(bag, all_image_topics))
     unknown = [c for c in explicit if c not in cameras]
     if unknown:
         raise BagError(f"--camera {unknown[0]}=...: not a camera of the checkpoint {cameras}")
@@ -162,14 +187,89 @@ def map_cameras(bag: Bag, cameras: list[str], explicit: dict[str, str]) -> tuple
         hits = [t for t in image_topics if cam in t.strip("/").split("/")]
         if len(hits) == 1:
             mapping[cam] = hits[0]
-        elif len(hits) > 1:
+        elif len(hits) > 1:  # raw image_raw first, then image_transport's image_raw/compressed, then the rest
             exact = [t for t in hits if t.rstrip("/").endswith(f"/{cam}/image_raw")]
-            mapping[cam] = exact[0] if exact else hits[0]
+            comp = [t for t in hits if t.rstrip("/").endswith(f"/{cam}/image_raw/compressed")]
+            mapping[cam] = (exact or comp or hits)[0]
     if not mapping:
         raise BagError(f"no image topic matches the checkpoint's cameras {cameras} (image topics in the bag: "
                        f"{image_topics}); map them with --camera CAMERA=TOPIC, e.g. "
                        f"--camera {cameras[0]}={image_topics[0]}")
     return mapping, [c for c in cameras if c not in mapping]
+
+
+def no_images_reason(bag: Bag, image_topics: list[str] | None = None) -> str:
+    """Why a bag has no usable camera images, naming the cause (truncated file, empty topics, no topic)."""
+    image_topics = bag.topics_of_type(*IMAGE_TYPES) if image_topics is None else image_topics
+    others = ", ".join(f"{t} [{i.msgtype}]" for t, i in sorted(bag.topics.items())) or "none"
+    if bag.recovered and bag.message_count == 0:
+        why = "; ".join(bag.notes) or "incomplete MCAP"
+        return f"the bag is truncated: no complete message could be read ({why})"
+    if image_topics:
+        what = ", ".join(f"{t} [{bag.topics[t].msgtype}]" for t in image_topics)
+        cut = f" (the file is truncated: {'; '.join(bag.notes)})" if bag.recovered else ""
+        return f"the bag's image topics {what} have no messages{cut}: nothing to replay"
+    cut = f"; the file is truncated ({'; '.join(bag.notes)})" if bag.recovered else ""
+    return ("the bag has no camera topic (sensor_msgs/msg/Image or sensor_msgs/msg/CompressedImage): nothing to "
+            f"replay (topics: {others}){cut}")
+
+
+def state_spec_for(dim: int, opts: ObservationOptions, checkpoint_names: Sequence[str], target: str | None,
+                   policy_params: dict[str, Any]) -> StateSpec:
+    """The state rule of a replay: ``--state-joint-names``, else the checkpoint's declared names, else the
+    target's (``--target``) or the deployment default's (config/base.yaml) policy ``state_joint_names``;
+    ``--state-by-position`` only when given. Raises BagError naming what is wrong."""
+    tnames = list(policy_params.get("state_joint_names") or [])
+    tsrc = f"target {target}'s policy state_joint_names" if target else ""
+    if not tnames and not target:
+        try:
+            from effvla_ros.graph import share_dir
+            from effvla_ros.replay.settings import node_params
+
+            tnames = list(node_params([share_dir() / "config" / "base.yaml"], "policy").get("state_joint_names") or [])
+            tsrc = "config/base.yaml's policy state_joint_names (the deployment default; --target for another)"
+        except (OSError, ValueError):
+            tnames = []
+    try:
+        return resolve_state_spec(dim, explicit=opts.state_joint_names, checkpoint=checkpoint_names, target=tnames,
+                                  target_source=tsrc, joint_map=opts.joint_map, by_position=opts.state_by_position)
+    except StateError as e:
+        raise BagError(str(e)) from None
+
+
+def _state_reason(err: str) -> str:
+    """A StateError message -> its reason key (for counting dropped JointStates)."""
+    if "NaN" in err:
+        return "nan"
+    if "Inf" in err or "float32 range" in err:
+        return "inf"
+    if "lacks joints" in err:
+        return "missing_joints"
+    return "malformed"
+
+
+def _no_state_reason(topic: str, n: int, rejected: dict[str, int], first: dict[str, str],
+                     seen: dict[tuple[str, ...], int], spec: StateSpec) -> str:
+    """One line naming why no JointState of ``topic`` could form the state."""
+    if n == 0:
+        return (f"the joint state topic {topic} has no messages: the policy needs the robot state "
+                "(pass a fixed --state v1,v2,... or another --joint-states-topic)")
+    if rejected.get("nan", 0) + rejected.get("inf", 0) == n:
+        what = "NaN" if rejected.get("nan") else "Inf"
+        return f"all {n} JointStates on {topic} contain {what} positions (the first: JointState {first.get('nan') or first.get('inf')})"
+    if "missing_joints" in rejected:
+        have = sorted({x for names in seen for x in names})
+        want = list(spec.joint_names)
+        mapped = f" after --joint-map {dict(spec.joint_map)}" if spec.joint_map else ""
+        from effvla_ros.core.observation import map_joint_names
+
+        have_m = sorted(set(map_joint_names(have, dict(spec.joint_map))))
+        missing = [j for j in want if j not in have_m]
+        return (f"the JointStates on {topic} lack joints {missing} of the state {want} ({spec.source}); they have "
+                f"{have}{mapped}: rename them with --joint-map OLD=NEW,... (or PREFIX*= to strip a prefix), name the "
+                "state's joints with --state-joint-names, or take positions explicitly with --state-by-position")
+    k = max(rejected, key=lambda r: rejected[r])
+    return f"none of the {n} JointStates on {topic} is usable: {rejected[k]} {k} (the first: JointState {first[k]})"
 
 
 def _sorted_stream(items: list[tuple[int, Any]]) -> tuple[list[tuple[int, Any]], int]:
@@ -203,6 +303,9 @@ def build_episode(bag: Bag, cameras: list[str], state_dim: int, opts: Observatio
                        "values) or the topic with --joint-states-topic")
     if opts.state is not None and len(opts.state) != state_dim:
         raise BagError(f"--state: {len(opts.state)} values, the checkpoint's state has {state_dim}")
+    spec = opts.state_spec
+    if spec is None and opts.state is None:
+        spec = state_spec_for(state_dim, opts, [], None, {})
     if opts.instruction is None and instr_topic is None:
         raise BagError(f"the bag has no std_msgs/msg/String instruction topic (topics: {sorted(bag.topics)}): "
                        "pass the task with --instruction TEXT (or its topic with --instruction-topic)")
@@ -213,9 +316,10 @@ def build_episode(bag: Bag, cameras: list[str], state_dim: int, opts: Observatio
     states: list[tuple[int, np.ndarray]] = []
     instr: list[tuple[int, str]] = []
     chunks: list[tuple[int, RecordedChunk]] = []
-    rejected_states = 0
-    first_rejection: str | None = None
-    state_names_fallback = 0
+    rejected: dict[str, int] = {}  # reason -> JointStates dropped
+    first_rejection: dict[str, str] = {}
+    seen_names: dict[tuple[str, ...], int] = {}  # joint name lists the bag's JointStates have
+    state_msgs = 0
     wanted = set(frames) | {t for t in (state_topic, instr_topic, chunk_topic) if t}
     for topic, log_ns, raw in bag.messages(wanted):
         if topic in frames:
@@ -223,18 +327,18 @@ def build_episode(bag: Bag, cameras: list[str], state_dim: int, opts: Observatio
             frames[topic].append((s, Frame(topic, seqs[topic], log_ns, s)))
             seqs[topic] += 1
         elif topic == state_topic:
+            if spec is None:  # a fixed --state replaces the bag's
+                continue
             msg = bag.decode(topic, raw)
+            state_msgs += 1
+            names = tuple(str(n) for n in msg.name)
+            seen_names[names] = seen_names.get(names, 0) + 1
             try:
-                try:
-                    vec = state_vector(list(msg.name), msg.position, opts.state_joint_names, state_dim)
-                except StateError:
-                    if not (opts.state_joint_names and not opts.state_joint_names_strict):
-                        raise
-                    vec = state_vector(list(msg.name), msg.position, [], state_dim)
-                    state_names_fallback += 1
+                vec = spec.vector(names, msg.position)
             except StateError as e:
-                rejected_states += 1
-                first_rejection = first_rejection or str(e)
+                reason = _state_reason(str(e))
+                rejected[reason] = rejected.get(reason, 0) + 1
+                first_rejection.setdefault(reason, str(e))
                 continue
             states.append((_stamp(raw, log_ns), vec))
         elif topic == instr_topic:
@@ -271,13 +375,15 @@ def build_episode(bag: Bag, cameras: list[str], state_dim: int, opts: Observatio
     instr.sort(key=lambda x: x[0])
     if opts.instruction is None and not instr:
         raise BagError(f"the instruction topic {instr_topic} has no messages: pass the task with --instruction TEXT")
-    if state_topic and not states and opts.state is None:
-        raise BagError(f"the joint state topic {state_topic} has no usable messages "
-                       f"({rejected_states} rejected, the first: JointState {first_rejection}); "
-                       "pass --state v1,v2,... or --state-joint-names")
+    if state_topic and not states and spec is not None:
+        raise BagError(_no_state_reason(state_topic, state_msgs, rejected, first_rejection, seen_names, spec))
     for cam, t in cam_topics.items():
         if not sorted_frames[t]:
             raise BagError(f"camera {cam}: topic {t} has no messages")
+    warnings: list[str] = []
+    if rejected:
+        warnings.append(f"{sum(rejected.values())} of {state_msgs} JointStates on {state_topic} dropped: "
+                        + "; ".join(f"{n} {k} (the first: {first_rejection[k]})" for k, n in sorted(rejected.items())))
 
     # ---- observation times
     mode = opts.mode
@@ -364,11 +470,30 @@ def build_episode(bag: Bag, cameras: list[str], state_dim: int, opts: Observatio
     need = {(f.topic, f.seq) for o in obs for f in o.frames.values()}
     images: dict[tuple[str, int], np.ndarray] = {}
     counters = {t: 0 for t in frames}
+    sizes: dict[str, dict[tuple[int, int], int]] = {t: {} for t in frames}  # topic -> (H, W) -> images used
+    mono: dict[str, int] = {}
     for topic, _log, raw in bag.messages(set(frames)):
         seq = counters[topic]
         counters[topic] += 1
         if (topic, seq) in need:
-            images[(topic, seq)] = image_to_rgb(bag.decode(topic, raw))
+            msg = bag.decode(topic, raw)
+            try:
+                img, is_gray = _decode_image(msg)
+            except BagError as e:
+                raise BagError(f"{topic} message {seq}: {e}") from None
+            images[(topic, seq)] = img
+            hw = (int(img.shape[0]), int(img.shape[1]))
+            sizes[topic][hw] = sizes[topic].get(hw, 0) + 1
+            if is_gray:
+                mono[topic] = mono.get(topic, 0) + 1
+    for topic, n in sorted(mono.items()):
+        warnings.append(f"{topic}: {n} single-channel (mono) images fed to a colour policy (the grey level is "
+                        "repeated to R, G and B; the policy was trained on colour)")
+    for topic, by_size in sorted(sizes.items()):
+        if len(by_size) > 1:
+            desc = ", ".join(f"{w}x{h} ({n})" for (h, w), n in sorted(by_size.items(), key=lambda x: -x[1]))
+            warnings.append(f"{topic}: the image size changes within the stream: {desc} (each image is resized "
+                            "to the policy's input)")
 
     stats = {
         "mode": mode,
@@ -378,8 +503,17 @@ def build_episode(bag: Bag, cameras: list[str], state_dim: int, opts: Observatio
         "duplicate_frames": duplicates,
         "out_of_order": out_of_order,
         "instruction_backfilled": backfilled,
-        "rejected_joint_states": rejected_states,
-        "state_names_fallback": state_names_fallback,
+        "rejected_joint_states": sum(rejected.values()),
+        "dropped": {"joint_states": dict(sorted(rejected.items()))},
+        "state": {"rule": spec.describe() if spec is not None else "fixed --state",
+                  "joint_names": list(spec.joint_names) if spec is not None else [],
+                  "by_position": bool(spec.by_position) if spec is not None else False,
+                  "source": spec.source if spec is not None else "--state",
+                  "joint_map": dict(spec.joint_map) if spec is not None else {},
+                  "bag_joint_names": [list(n) for n in sorted(seen_names, key=lambda k: -seen_names[k])][:4]},
+        "image_types": {t: bag.topics[t].msgtype for t in sorted(frames)},
+        "image_sizes": {t: [[w, h] for (h, w) in sorted(v)] for t, v in sorted(sizes.items())},
+        "warnings": warnings,
         "frames": {t: len(v) for t, v in sorted_frames.items()},
         "joint_states": len(states),
         "recorded_chunks": len(chunks),

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from effvla_ros.core.observation import checkpoint_joint_names
 from effvla_ros.replay.bagio import BagError, open_bag
 from effvla_ros.replay.evaluate import (
     SettingRun,
@@ -25,7 +26,7 @@ from effvla_ros.replay.evaluate import (
     latency_ms,
     run_setting,
 )
-from effvla_ros.replay.observations import Episode, ObservationOptions, build_episode
+from effvla_ros.replay.observations import Episode, ObservationOptions, build_episode, state_spec_for
 from effvla_ros.replay.settings import Setting, build_settings, parse_replay_sweep, target_overrides
 
 REPORT_VERSION = 1
@@ -105,10 +106,9 @@ def run_replay(cfg: ReplayConfig, policy: Any = None) -> ReplayResult:
     else:
         cams0, state_dim0 = list(policy.cameras), policy.arch.state_dim
     obs_opts = cfg.observations
-    if not obs_opts.state_joint_names and policy_params.get("state_joint_names"):
-        names = list(policy_params["state_joint_names"])
-        if len(names) == state_dim0:  # the target's joints, when the bag's JointStates have them
-            obs_opts.state_joint_names, obs_opts.state_joint_names_strict = names, False
+    ckpt_state, ckpt_action = checkpoint_joint_names(cfg.checkpoint)
+    if obs_opts.state is None and obs_opts.state_spec is None:
+        obs_opts.state_spec = state_spec_for(state_dim0, obs_opts, ckpt_state, cfg.target, policy_params)
     episode = build_episode(bag, cams0, state_dim0, obs_opts)
     if policy is None:
         policy = load_policy(cfg.checkpoint, vlm_dir=cfg.vlm_dir, runtime=RuntimeConfig(device=cfg.device))
@@ -133,8 +133,13 @@ def run_replay(cfg: ReplayConfig, policy: Any = None) -> ReplayResult:
         rec_names = [c.joint_names for c in episode.chunks if len(c.joint_names) == arch.action_dim]
         if rec_names:
             names = list(rec_names[0])
+        elif len(ckpt_action) == arch.action_dim:
+            names = list(ckpt_action)
         elif policy_params.get("action_joint_names") and len(policy_params["action_joint_names"]) == arch.action_dim:
             names = list(policy_params["action_joint_names"])
+        elif (obs_opts.state_spec is not None and not obs_opts.state_spec.by_position
+              and len(obs_opts.state_spec.joint_names) == arch.action_dim):  # the action commands the state's joints
+            names = list(obs_opts.state_spec.joint_names)
         else:
             names = [f"joint_{i}" for i in range(arch.action_dim)]
     if len(names) != arch.action_dim:
@@ -228,6 +233,8 @@ def run_replay(cfg: ReplayConfig, policy: Any = None) -> ReplayResult:
         "checkpoint": {"path": str(cfg.checkpoint), "cameras": list(policy.cameras), "chunk_size": arch.chunk_size,
                        "action_dim": arch.action_dim, "state_dim": arch.state_dim, "num_steps": policy.num_steps,
                        "action_std": [float(x) for x in std], "action_names": names},
+        "warnings": ([f"recovered from an interrupted recording: {n}" for n in bag.notes] if bag.recovered else [])
+                    + list(episode.stats.get("warnings", [])),
         "episode": {"camera_topics": episode.camera_topics, "missing_cameras": episode.missing_cameras,
                     "state_topic": episode.state_topic, "instruction_topic": episode.instruction_topic,
                     "action_chunk_topic": episode.chunk_topic, "instructions": episode.instructions,

@@ -3,11 +3,16 @@
 ``report.json``::
 
     version, timing_keys            keys holding wall-clock values (latency_ms, wall_s)
+    warnings                        what was accepted but may not be what was meant (also on stdout and in
+                                    report.md): mono images into a colour policy, image size changes,
+                                    JointStates dropped by reason, an interrupted recording
     bag                             path, storage, recovered (killed recording), notes, topics {type, count}
     checkpoint                      cameras, chunk_size, action_dim, state_dim, num_steps, action_std, action_names
     episode                         camera_topics, missing_cameras, state/instruction/chunk topics, instructions,
                                     mode (chunks|frames), observations, skipped {unmatched, duplicate,
-                                    before_first_state}, out_of_order {topic: n}, duplicate_frames, frames ...
+                                    before_first_state}, out_of_order {topic: n}, duplicate_frames, frames,
+                                    state {rule, joint_names, by_position, source, joint_map, bag_joint_names},
+                                    dropped {joint_states: {reason: n}}, image_types, image_sizes ...
     replay                          seed, fps (+ source), rtc_delay_steps, executor, sweep, target
     recorded                        what the live run reported in its ActionChunks (or null)
     settings[]                      name, baseline, overrides, implied, config (every efficiency config),
@@ -57,6 +62,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{ep['out_of_order']}, cameras {ep['camera_topics']}"
         + (f", missing cameras {ep['missing_cameras']}" if ep["missing_cameras"] else ""),
         f"- instructions: {ep['instructions']}",
+        *([f"- state: {ep['state']['rule']}"] if ep.get("state") else []),
+        f"- action names: {report['checkpoint']['action_names']}",
         *([f"- recorded (live run): {rec['chunks']} chunks, inference latency p50/p95 "
            f"{rec['inference_latency_ms']['p50']:.1f}/{rec['inference_latency_ms']['p95']:.1f} ms, denoising steps "
            f"{rec['denoising_steps_mean']:.1f}, exit layers {_f(rec['exit_layers_mean'], '{:.2f}')}"]
@@ -97,6 +104,8 @@ def markdown(report: dict[str, Any]) -> str:
             f" | {_f(dr['nrmse'], '{:.4f}') if dr else '–'}"
             f" | {_f(bj.get('mean'), '{:.3f}')}/{_f(bj.get('max'), '{:.3f}')}"
             f" | {_f(sm.get('rms_jerk'), '{:.3g}')} |")
+    if report.get("warnings"):
+        lines += ["", "**Warnings:**", *[f"- {w}" for w in report["warnings"]]]
     if report["bag"]["notes"]:
         lines += ["", "Notes:", *[f"- {n}" for n in report["bag"]["notes"]]]
     lines += ["", "Plots: `actions_<setting>.png` (executed trajectory per joint, baseline vs setting), "

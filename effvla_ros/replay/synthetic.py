@@ -46,7 +46,7 @@ def write_episode_bag(
     image_size: tuple[int, int] = (48, 64),
     start: float = 100.0,
     joint_rate: float = 20.0,
-    joint_names: Sequence[str] = ("j0", "j1", "j2", "j3", "j4", "j5"),
+    joint_names: Sequence[str] = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"),
     instruction: str | None = "pick up the red cube",
     include_joint_states: bool = True,
     chunks: dict[str, Any] | None = None,  # {"rate": Hz, "num_actions": H, "step_period": s}
