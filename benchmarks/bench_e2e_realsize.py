@@ -35,6 +35,8 @@ A control step, per row (batch of one, CPU, ``--threads`` threads; every row see
   config/targets/x86_cpu.yaml (task pruning, keep_ratio 0.5, patch-level reuse), plus expert reuse enabled
   with per-layer thresholds calibrated as ``effvla calibrate-exit`` does (``--expert-reuse-fraction``, on frames
   of another sim episode; 0: the config's uncalibrated default threshold, which never fires on random weights).
+  On an exported backend (``onnxruntime`` with ``--export-dir``) "on" is what it can run: pruning and frame-level
+  reuse (no patch-level reuse, no expert reuse).
 
 Reported per row: the median over the frames after ``--warmup`` of the wall seconds per control step, and
 of its stages: vision (ours: ``CompressedCamera.time_s`` of both cameras, including resize, change
@@ -186,10 +188,12 @@ def run_ours(policy: Any, backend: Any, on: bool, cfgs: dict[str, dict[str, Any]
     from effvla_ros.core.rtc import RTCConfig
     from effvla_ros.core.runner import InferenceConfig, PolicyRunner, compressed_to_camera_tokens
 
-    if on:
+    if on:  # the target's compression, less what the backend cannot run (exported: no patch-level / expert reuse)
+        caps = backend.caps
         pruning = PruningConfig.from_dict(cfgs["pruning"])
-        reuse = ReuseConfig.from_dict(cfgs["reuse"])
-        expert = ExpertReuseConfig.from_dict({**cfgs["expert_reuse"], "enabled": True})
+        reuse = ReuseConfig.from_dict({**cfgs["reuse"], "patch_level": cfgs["reuse"].get("patch_level", True)
+                                       and caps.partial_encode})
+        expert = ExpertReuseConfig.from_dict({**cfgs["expert_reuse"], "enabled": caps.expert_plans})
     else:
         pruning, reuse, expert = PruningConfig(method="none"), ReuseConfig(enabled=False), ExpertReuseConfig(enabled=False)
     comp = TokenCompressor(policy, pruning, reuse, count_flops=False, backend=backend)
@@ -223,7 +227,9 @@ def run_ours(policy: Any, backend: Any, on: bool, cfgs: dict[str, dict[str, Any]
               f"{res.times['prefill_s']:.3f}, denoise {res.times['denoise_s']:.3f}; {'/'.join(rec['kinds'][-1])}, "
               f"kept {rec['kept'][-1]}, expert reused {res.reused_expert_layers}/"
               f"{res.reused_expert_layers + res.computed_expert_layers})", file=sys.stderr, flush=True)
-    if not args.no_flops:  # one extra counted step on the next frame of the sequence
+    # one extra counted step on the next frame of the sequence (FlopCounterMode counts torch ops: not the exported
+    # backends' runtimes, whose FLOPs are those of the same rows on a torch backend)
+    if not args.no_flops and backend.caps.name not in ("onnxruntime", "tensorrt"):
         comp.count_flops = True
         runner.configure(inference=InferenceConfig(num_steps=policy.num_steps, count_flops=True))
         _, outs, res = step(args.frames)
@@ -290,6 +296,8 @@ def main() -> int:
     ap.add_argument("--calib-frames", type=int, default=6)
     ap.add_argument("--tiny", action="store_true", help="quick check: a tiny checkpoint (built in a temp dir "
                     "unless --checkpoint is given: LeRobot's with the kit, or ours with --skip-lerobot)")
+    ap.add_argument("--export-dir", default=None,
+                    help="`effvla export` directory of the checkpoint, for the exported backends (onnxruntime)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -405,8 +413,8 @@ def main() -> int:
                   f"{len(obs)} frames of sim seed 11 in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         for b in backends:
             try:
-                be = make_backend(b, policy)
-            except (CapabilityError, ImportError, RuntimeError) as ex:
+                be = make_backend(b, policy, export_dir=args.export_dir)
+            except (CapabilityError, ImportError, RuntimeError, ValueError) as ex:
                 print(f"# backend {b!r} ({d}) unavailable: {ex}: its rows are skipped", file=sys.stderr)
                 continue
             for on in (False, True):
@@ -469,6 +477,16 @@ def main() -> int:
                   f"{gf(f['prefill'])} | {gf(f['denoise'])} | {gf(f['total_step'])} | {gf(f['total_seq'])} | "
                   f"{fmt(f['x_off'], '.2f')} |")
     fid = next((r for r in rows.values() if r["impl"] == "ours" and not r["compression"] and r["dtype"] == "fp32"), None)
+    firsts: dict[str, tuple[str, Any]] = {}  # dtype -> the first backend's all-off row: the others' parity reference
+    for name, r in rows.items():
+        if r["impl"] != "ours" or r["compression"]:
+            continue
+        if r["dtype"] not in firsts:
+            firsts[r["dtype"]] = (name, r.get("actions0"))
+            continue
+        base, a0 = firsts[r["dtype"]]
+        r["max_abs_daction0_vs_" + base.replace(" ", "_")] = d = max_diff(r.get("actions0"), a0)
+        print(f"\nparity: max |action f0 ({name}) - action f0 ({base})| = {fmt(d, '.2e')}")
     if ref_a0 is not None and fid is not None:
         print(f"\nfidelity: max |action(ours all-off fp32) - action(LeRobot fp32)| on frame 0 = "
               f"{fid['max_abs_daction0_vs_lerobot_fp32']:.2e}")

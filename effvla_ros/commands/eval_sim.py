@@ -37,7 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-steps", type=int, default=0, help="denoising steps (default: the checkpoint's)")
     parser.add_argument("--max-steps", type=int, default=150, help="control steps per episode at most (10 Hz)")
     parser.add_argument("--count-flops", action="store_true", help="also count prefill/denoise FLOPs (slower)")
-    parser.add_argument("--backend", default="eager", help="stage backend: eager (default), packed, compiled, cudagraph")
+    parser.add_argument("--backend", default="eager",
+                        help="stage backend: eager (default), packed, compiled, cudagraph, or an exported one: "
+                             "onnxruntime, tensorrt (with --export-dir)")
+    parser.add_argument("--export-dir", default=None, help="the directory `effvla export` wrote (exported backends)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
                         help="dtype of vision, VLM and expert (auto: bfloat16 where the CPU computes it natively; "
                              "default: as LeRobot runs the checkpoint)")
@@ -88,10 +91,10 @@ def run(args: argparse.Namespace) -> int:
         if args.workers > 1:
             report = evaluate_parallel(args.checkpoint, settings, seeds, workers=args.workers,
                                        max_steps=args.max_steps, threads=max(1, args.threads), progress=progress,
-                                       backend=args.backend, runtime=runtime)
+                                       backend=args.backend, runtime=runtime, export_dir=args.export_dir)
         else:
             report = evaluate(policy, settings, seeds, max_steps=args.max_steps, progress=progress,
-                              backend=args.backend)
+                              backend=args.backend, export_dir=args.export_dir)
     except ValueError as e:
         print(f"effvla eval-sim: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-steps", type=int, default=0, help="denoising steps (0 = the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise when --noise is not given")
     parser.add_argument("--flops", action="store_true", help="count FLOPs per stage (slower)")
+    parser.add_argument("--backend", default="eager",
+                        help="stage backend (effvla_ros.core.backends): eager (default, LeRobot's computation), packed, "
+                             "compiled, or onnxruntime / tensorrt with --export-dir")
+    parser.add_argument("--export-dir", default=None, help="the directory `effvla export` wrote (exported backends)")
     parser.add_argument("--out", required=True, help="output .safetensors (key 'action')")
 
 
@@ -89,16 +93,29 @@ def run(args: argparse.Namespace) -> int:
         b = obs["observation.state"].shape[0]  # type: ignore[attr-defined]
         noise = torch.randn((b, policy.arch.chunk_size, policy.arch.max_action_dim), generator=g)
     try:
-        result = policy.predict_action_chunk(obs, noise=noise)
+        if args.backend == "eager":
+            result = policy.predict_action_chunk(obs, noise=noise)
+            actions, normalized = result.actions, result.actions_normalized
+            stats = {k: {"wall_s": round(s.wall_s, 6), "flops": s.flops} for k, s in result.stats.items()}
+        else:  # the same chunk through another stage backend (exported graphs: one observation at a time)
+            import time
+
+            from effvla_ros.core.backends import make_backend
+            from effvla_ros.core.runner import backend_chunk
+
+            backend = make_backend(args.backend, policy, export_dir=args.export_dir)
+            t0 = time.perf_counter()
+            actions, normalized = backend_chunk(backend, obs, noise)
+            stats = {"total": {"wall_s": round(time.perf_counter() - t0, 6), "flops": None}}
     except KeyError as e:
         print(f"effvla infer: {e.args[0]}", file=sys.stderr)
         return 2
-    stats = {k: {"wall_s": round(s.wall_s, 6), "flops": s.flops} for k, s in result.stats.items()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"action": result.actions.float().cpu().contiguous(),
-               "action_normalized": result.actions_normalized.float().cpu().contiguous()},
-              str(out), metadata={"stats": json.dumps(stats), "checkpoint": str(args.checkpoint)})
-    print(json.dumps({"out": str(out), "shape": list(result.actions.shape), "stats": stats,
+    save_file({"action": actions.float().cpu().contiguous(),
+               "action_normalized": normalized.float().cpu().contiguous()},
+              str(out), metadata={"stats": json.dumps(stats), "checkpoint": str(args.checkpoint),
+                                  "backend": args.backend})
+    print(json.dumps({"out": str(out), "shape": list(actions.shape), "stats": stats, "backend": args.backend,
                       "attention": "fused" if policy.fused_attention else "eager"}))
     return 0

@@ -219,3 +219,29 @@ class PolicyRunner:
 def compressed_to_camera_tokens(out: Any) -> CameraTokens:
     """A :class:`~effvla_ros.core.compression.compressor.CompressedCamera` as policy input."""
     return CameraTokens(out.tokens, out.kept, out.grid)
+
+
+@torch.no_grad()
+def backend_chunk(backend: StageBackend, observation: Any, noise: Tensor, num_steps: int | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """:meth:`SmolVLAPolicy.predict_action_chunk` (every optimization off) through a stage backend's ``encode``,
+    ``prefill`` and ``velocity``, one observation of the batch at a time (exported graphs take a batch of one).
+    observation as there (LeRobot keys); noise (B, chunk, max_action_dim). Returns (actions (B, chunk,
+    action_dim) unnormalized and absolute, normalized actions)."""
+    pol = backend.policy
+    images, state, task = pol.split_observation(observation)
+    b = state.shape[0]
+    lang, lmask = pol.language(observation, task, b)
+    xs = []
+    for i in range(b):
+        tokens = {c: backend.encode(pol.preprocess_image(img[i:i + 1])) for c, img in images.items()}
+        cache = backend.begin_prefill(tokens, lang[i:i + 1], lmask[i:i + 1], pol.prepare_state(state[i:i + 1]))
+        backend.prefill(cache, 0, pol.arch.num_vlm_layers)
+
+        def velocity(x: Tensor, t: Tensor, step: int, cache: Any = cache) -> Tensor:
+            return backend.velocity(cache, x, t)
+
+        xs.append(euler_integrate(velocity, noise[i:i + 1].to(pol.device), num_steps or pol.num_steps))
+    actions, norm = pol.decode_actions(torch.cat(xs))
+    return pol.to_absolute(actions, state.reshape(b, -1)), norm
+

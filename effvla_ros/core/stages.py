@@ -155,7 +155,7 @@ class PrefixCache:
 
     @property
     def length(self) -> int:
-        return int(self.pad_mask.shape[1])
+        return self.pad_mask.shape[1]  # no int(): a symbolic length stays symbolic when traced (ONNX export)
 
     @property
     def num_valid(self) -> Tensor:

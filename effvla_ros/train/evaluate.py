@@ -247,8 +247,9 @@ def summarize(setting: Setting, results: Sequence[EpisodeResult], *, default_hor
 def evaluate(policy: SmolVLAPolicy, settings: Sequence[Setting], seeds: Sequence[int], *,
              max_steps: int = 150, image_size: int | None = None, mesh_faces: int | None = None,
              progress: Callable[[str, int, int, EpisodeResult], None] | None = None,
-             backend: str = "eager") -> dict[str, Any]:
-    """Run every setting on the same ``seeds`` on the stage ``backend`` (built once); returns the report."""
+             backend: str = "eager", export_dir: str | None = None) -> dict[str, Any]:
+    """Run every setting on the same ``seeds`` on the stage ``backend`` (built once; an exported backend runs the
+    graphs in ``export_dir``); returns the report."""
     from effvla_ros.sim.env import SimConfig, TwoCubePickPlaceEnv
 
     size = image_size or int(policy.arch.camera_shape[-1])
@@ -258,7 +259,7 @@ def evaluate(policy: SmolVLAPolicy, settings: Sequence[Setting], seeds: Sequence
     env = TwoCubePickPlaceEnv(SimConfig(**sim_kw), seed=int(seeds[0]) if seeds else 0)
     report: dict[str, Any] = {"seeds": list(map(int, seeds)), "max_steps": max_steps, "image_size": size,
                               "backend": backend, "dtypes": list(policy.runtime.resolved_dtypes()), "settings": []}
-    be = make_backend(backend, policy)
+    be = make_backend(backend, policy, export_dir=export_dir)
     t0 = time.perf_counter()
     try:
         for s in settings:
@@ -279,7 +280,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(checkpoint: str, sim_kw: dict[str, Any], threads: int, max_steps: int, backend: str,
-                 runtime: Any) -> None:
+                 runtime: Any, export_dir: str | None = None) -> None:
     import os
 
     os.environ.setdefault("MUJOCO_GL", "egl")
@@ -289,7 +290,7 @@ def _worker_init(checkpoint: str, sim_kw: dict[str, Any], threads: int, max_step
     torch.set_num_threads(max(1, threads))
     policy = load_policy(checkpoint, runtime=runtime)
     _WORKER.update(policy=policy, env=TwoCubePickPlaceEnv(SimConfig(**sim_kw)), max_steps=max_steps,
-                   backend=make_backend(backend, policy))
+                   backend=make_backend(backend, policy, export_dir=export_dir))
 
 
 def _worker_job(job: tuple[int, Setting, int]) -> tuple[int, EpisodeResult]:
@@ -301,7 +302,7 @@ def _worker_job(job: tuple[int, Setting, int]) -> tuple[int, EpisodeResult]:
 def evaluate_parallel(checkpoint: str, settings: Sequence[Setting], seeds: Sequence[int], *, workers: int,
                       max_steps: int = 150, threads: int = 1,
                       progress: Callable[[str, int, int, EpisodeResult], None] | None = None,
-                      backend: str = "eager", runtime: Any = None) -> dict[str, Any]:
+                      backend: str = "eager", runtime: Any = None, export_dir: str | None = None) -> dict[str, Any]:
     """:func:`evaluate` in ``workers`` processes (each loads ``checkpoint``); same report, same episodes."""
     import multiprocessing
 
@@ -315,7 +316,7 @@ def evaluate_parallel(checkpoint: str, settings: Sequence[Setting], seeds: Seque
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(workers, initializer=_worker_init,
-                  initargs=(str(checkpoint), sim_kw, threads, max_steps, backend, runtime)) as pool:
+                  initargs=(str(checkpoint), sim_kw, threads, max_steps, backend, runtime, export_dir)) as pool:
         for si, r in pool.imap_unordered(_worker_job, jobs):
             results[si][r.seed] = r
             if progress is not None:

@@ -5,7 +5,7 @@ LeRobot 0.6.1). Further backends (compiled, ONNX Runtime, TensorRT) implement th
 :class:`~.base.StageBackend` protocol and declare what they support in :class:`~.base.Capabilities`; the
 runner (:mod:`effvla_ros.core.runner`) and the token compressor write every hook once, against the protocol.
 """
-from .base import BACKENDS, Capabilities, StageBackend, make_backend
+from .base import BACKENDS, EXPORTED_BACKENDS, Capabilities, StageBackend, make_backend
 from .eager import EagerBackend
 
-__all__ = ["BACKENDS", "Capabilities", "EagerBackend", "StageBackend", "make_backend"]
+__all__ = ["BACKENDS", "EXPORTED_BACKENDS", "Capabilities", "EagerBackend", "StageBackend", "make_backend"]

@@ -35,7 +35,11 @@ BACKENDS: dict[str, str] = {  # backend name -> "module:class"
     "compiled": "effvla_ros.core.backends.compiled:CompiledBackend",
     "packed": "effvla_ros.core.backends.packed:PackedBackend",
     "cudagraph": "effvla_ros.core.backends.graphs:GraphBackend",
+    "onnxruntime": "effvla_ros.core.backends.ort:OnnxRuntimeBackend",
+    "tensorrt": "effvla_ros.core.backends.trt:TensorRTBackend",
 }
+#: backends that run the stage graphs of ``effvla export`` (they need its ``export_dir``)
+EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
 
 
 class CapabilityError(ValueError):
@@ -99,10 +103,17 @@ class StageBackend(Protocol):
         ...
 
 
-def make_backend(name: str, policy: SmolVLAPolicy) -> StageBackend:
-    """The backend called ``name`` (one of :data:`BACKENDS`) over ``policy``'s weights."""
+def make_backend(name: str, policy: SmolVLAPolicy, *, export_dir: str | None = None,
+                 target: str | None = None) -> StageBackend:
+    """The backend called ``name`` (one of :data:`BACKENDS`) over ``policy``'s weights; the exported ones
+    (:data:`EXPORTED_BACKENDS`) run the graphs in ``export_dir`` (TensorRT: the engines built for ``target``)."""
     if name not in BACKENDS:
         raise CapabilityError(f"backend: {name!r} is not one of {sorted(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
-    backend: StageBackend = getattr(importlib.import_module(module), cls)(policy)
+    factory = getattr(importlib.import_module(module), cls)
+    if name == "tensorrt":
+        return factory(policy, export_dir=export_dir, target=target)  # type: ignore[no-any-return]
+    if name in EXPORTED_BACKENDS:
+        return factory(policy, export_dir=export_dir)  # type: ignore[no-any-return]
+    backend: StageBackend = factory(policy)
     return backend

@@ -243,7 +243,8 @@ def load_policy(checkpoint_dir: str | os.PathLike[str], *, vlm_dir: str | os.Pat
         raise CheckpointError(f"tensors left uninitialised after loading: {leftovers[:5]}")
     policy = SmolVLAPolicy(weights, arch, tokenizer=tokenizer, normalizer=normalizer,
                            runtime=runtime or default_runtime(cfg), vlm_config=vlm_cfg, tokenizer_options=tok_opts)
-    policy.vlm_dir = vlm_path  # type: ignore[attr-defined]
+    policy.vlm_dir = vlm_path
+    policy.source = d
     return policy
 
 

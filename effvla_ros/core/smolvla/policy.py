@@ -96,6 +96,9 @@ class SmolVLAPolicy:
         self.vlm_config = vlm_config
         self.tokenizer_options = dict(tokenizer_options or {})
         self.runtime = runtime or RuntimeConfig()
+        # where the weights / the VLM's tokenizer files were loaded from (set by load_policy; exports record them)
+        self.source: Any = None
+        self.vlm_dir: Any = None
         # True: the VLM and expert layers attend through torch's fused SDPA (:func:`~.functional.fused_attention`)
         # instead of LeRobot's eager path, except where attention probabilities are asked for. Set from
         # ``RuntimeConfig.attention`` (eager by default) and by ``effvla train --attention fused`` while training.
