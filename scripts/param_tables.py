@@ -37,6 +37,7 @@ BEGIN, END = "<!-- parameters:begin -->", "<!-- parameters:end -->"
 
 
 def generate() -> str:
+    from effvla_ros.core.budget import BudgetConfig
     from effvla_ros.core.compression.compressor import ReuseConfig
     from effvla_ros.core.compression.pruning import PruningConfig
     from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuseConfig
@@ -52,7 +53,8 @@ def generate() -> str:
             table("temporal reuse", ReuseConfig, "reuse.")]
     out += ["### policy", "", table("node", PolicyNodeConfig), table("denoising", InferenceConfig),
             table("real-time chunking", RTCConfig, "rtc."), table("VLM early exit", EarlyExitConfig, "early_exit."),
-            table("expert feature reuse", ExpertReuseConfig, "expert_reuse.")]
+            table("expert feature reuse", ExpertReuseConfig, "expert_reuse."),
+            table("latency budget", BudgetConfig)]
     out += ["### chunk_executor", "", table("node", ChunkExecutorNodeConfig), table("executor core", ExecutorConfig)]
     try:
         from effvla_ros.nodes.sim_bridge import SimBridgeConfig  # type: ignore[attr-defined]
