@@ -13,7 +13,9 @@ values ``a:b:c``) - the grammar of ``effvla eval-sim`` too, see :mod:`effvla_ros
 joint state of an observation is paired as the policy node does (the newest at or before the images,
 at most ``--state-stamp-tolerance`` older). ``--target T`` adds the target's configured setting
 (config/base.yaml + config/targets/T.yaml) and uses its chunk executor parameters for smoothness.
-Outputs in ``--out``: report.json, report.md, actions.npz, PNG plots.
+Outputs in ``--out``: report.json, report.md, actions.npz, PNG plots; with ``--video``, replay.mp4 (or
+``--video gif``: replay.gif): the bag's cameras with each setting's kept, pruned and recomputed tokens side
+by side (:mod:`effvla_ros.replay.video`).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "NAME=V+NAME=V: one setting with several changes (repeatable)")
     parser.add_argument("--sweep-mode", default="one-at-a-time", choices=["one-at-a-time", "product"],
                         help="each sweep item's settings alone on the baseline (default) or every combination")
-    parser.add_argument("--out", default=None, help="output directory (default: <bag>_replay)")
+    parser.add_argument("--out", default=None, help="output directory (default: <bag>_replay next to the bag "
+                        "directory, never inside it)")
     parser.add_argument("--max-steps", type=int, default=0, help="replay at most N observations (0 = all)")
     parser.add_argument("--num-steps", type=int, default=0,
                         help="denoising steps of the baseline (0 = the checkpoint's); sweep num_steps=... to compare")
@@ -47,7 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--action-chunk-topic", default=None, help="effvla_ros/ActionChunk topic")
     parser.add_argument("--state", default=None, help="fixed state v1,v2,... when the bag has no joint states")
     parser.add_argument("--state-joint-names", default=None,
-                        help="comma-separated joints forming the state (default: the first state_dim positions)")
+                        help="comma-separated joints forming the state, in order (default: the checkpoint's declared "
+                             "names (joint_names.json), else the --target's / config/base.yaml's policy "
+                             "state_joint_names); JointStates are read by name, in any order, extra joints ignored")
+    parser.add_argument("--joint-map", action="append", default=[], metavar="OLD=NEW,...",
+                        help="rename the bag's joints to the policy's: OLD=NEW pairs, PREFIX*= strips a prefix "
+                             "(e.g. so101_*=), *SUFFIX= a suffix (repeatable)")
+    parser.add_argument("--state-by-position", action="store_true",
+                        help="take the first state_dim JointState positions whatever their names (names ignored)")
     parser.add_argument("--action-names", default=None, help="comma-separated names of the action dimensions")
     parser.add_argument("--observations", default="auto", choices=["auto", "chunks", "frames"],
                         help="observation times: the recorded chunks' stamps, or every frame of the anchor camera "
@@ -70,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "inflated by counting (default); inline = one counted pass (latencies include the "
                              "counting overhead); off = no prefill/denoise FLOPs (fastest)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--video", nargs="?", const="mp4", default=None, choices=["mp4", "gif"],
+                        help="also write <out>/replay.mp4 (or .gif): the bag's cameras with each setting's kept "
+                             "(outlined), pruned (dimmed) and recomputed (tinted) tokens side by side")
+    parser.add_argument("--video-size", type=int, default=224, help="pixels per camera view in the --video")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -82,8 +96,20 @@ def _floats(text: str, what: str) -> list[float]:
         raise ValueError(f"{what}: expected comma-separated numbers, got {text!r}") from None
 
 
+def default_out(bag: str) -> Path:
+    """``<bag>_replay`` next to the bag: for a storage file inside a rosbag2 directory (or a directory
+    holding only it), next to that directory, never inside it."""
+    p = Path(str(bag).rstrip("/")).expanduser()
+    if p.is_dir() or not p.suffix:
+        return p.parent / f"{p.name}_replay"
+    parent = p.parent
+    if (parent / "metadata.yaml").is_file() or p.stem.startswith(parent.name):  # rosbag2 dir: <dir>/<dir>_0.mcap
+        return parent.parent / f"{parent.name}_replay"
+    return parent / f"{p.stem}_replay"
+
+
 def run(args: argparse.Namespace) -> int:
-    from effvla_ros.core.observation import DEFAULT_STATE_STAMP_TOLERANCE_S
+    from effvla_ros.core.observation import DEFAULT_STATE_STAMP_TOLERANCE_S, parse_joint_map
     from effvla_ros.replay.observations import ObservationOptions
     from effvla_ros.replay.pipeline import ReplayConfig, run_replay
     from effvla_ros.replay.report import write_outputs
@@ -107,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
         cameras=cams, joint_states_topic=args.joint_states_topic, instruction_topic=args.instruction_topic,
         action_chunk_topic=args.action_chunk_topic, instruction=args.instruction,
         state=_floats(args.state, "--state") if args.state else None,
-        state_joint_names=[x.strip() for x in args.state_joint_names.split(",")] if args.state_joint_names else [],
+        state_joint_names=[x.strip() for x in args.state_joint_names.split(",") if x.strip()]
+        if args.state_joint_names else [],
+        joint_map=parse_joint_map(args.joint_map), state_by_position=args.state_by_position,
         stamp_tolerance_s=args.stamp_tolerance, state_stamp_tolerance_s=state_tol,
         mode=args.observations, anchor=args.anchor_camera,
         max_steps=args.max_steps)
@@ -118,8 +146,13 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, observations=obs,
         action_names=[x.strip() for x in args.action_names.split(",")] if args.action_names else [],
         progress=not args.quiet)
-    result = run_replay(cfg)
-    out = Path(args.out) if args.out else Path(str(Path(args.bag)).rstrip("/") + "_replay")
+    policy = None
+    if args.video:  # loaded here so that the video's token pass reuses it
+        from effvla_ros.core.smolvla import RuntimeConfig, load_policy
+
+        policy = load_policy(args.checkpoint, vlm_dir=args.vlm_dir, runtime=RuntimeConfig(device=args.device))
+    result = run_replay(cfg, policy=policy)
+    out = Path(args.out) if args.out else default_out(args.bag)
     paths = write_outputs(result, out, plots=not args.no_plots)
     rep = result.report
     print(f"replayed {rep['episode']['observations']} observations x {len(rep['settings'])} settings "
@@ -131,5 +164,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {s['name']:<40} tokens kept {s['tokens']['kept_per_step']:.1f}/{s['tokens']['total_per_step']:.0f}"
               f"  FLOPs {frs}  nRMSE {dv['nrmse']:.4f}"
               f"  total p50 {s['latency_ms']['total']['p50']:.1f} ms")
+    print(f"state: {rep['episode']['state']['rule']}")
+    for w in rep.get("warnings", []):
+        print(f"warning: {w}")
     print(f"report: {paths['md']} ({paths['json'].name}, plots in {out})", file=sys.stderr)
+    if args.video:
+        from effvla_ros.replay.video import render_replay_video
+
+        v = render_replay_video(result, policy, out / f"replay.{args.video}", size=args.video_size)
+        print(f"video: {v['path']} ({v['frames']} frames, settings {', '.join(v['settings'])})", file=sys.stderr)
     return 0

@@ -48,7 +48,9 @@ import dataclasses
 import json
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -214,6 +216,14 @@ class SimBridge(Node):
     @property
     def config(self) -> SimBridgeConfig:
         return self._params.config
+
+    @contextmanager
+    def snapshot(self) -> Iterator[tuple[Any, float]]:
+        """``with bridge.snapshot() as (env, t):`` the environment and its simulated time (s) while the
+        physics tick is held: a consistent state between two physics steps, for an in-process observer
+        (the demo's outcome tracking and video). Read only; keep the block short, the physics waits."""
+        with self._lock:
+            yield self._env, self._t_ns / _NS
 
     def _stamp(self) -> Time:
         if self._sim_time_mode:
