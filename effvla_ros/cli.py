@@ -19,10 +19,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-target": ("effvla_ros.commands.check_target", "estimate memory/compute of a config on a target"),
     "record": ("effvla_ros.commands.record", "record the pipeline's topics to a rosbag2 (MCAP)"),
     "replay": ("effvla_ros.commands.replay", "replay a rosbag offline under several settings and report"),
+    "bag": ("effvla_ros.commands.bag", "rosbag2 tools: repair an interrupted recording, info"),
     "calibrate-exit": ("effvla_ros.commands.calibrate_exit", "calibrate early-exit thresholds to a YAML"),
     "gen-demos": ("effvla_ros.commands.gen_demos", "generate scripted demonstrations in simulation"),
     "train": ("effvla_ros.commands.train", "train a small SmolVLA-architecture policy on demonstrations"),
     "eval-sim": ("effvla_ros.commands.eval_sim", "success rate in simulation under several settings"),
+    "calibrate-budget": ("effvla_ros.commands.calibrate_budget",
+                         "latency-budget table: latency and action deviation per setting, on your bag"),
+    "export": ("effvla_ros.commands.export", "export a checkpoint's stages to ONNX (+ TensorRT build scripts)"),
 }
 
 

@@ -16,6 +16,11 @@
 #            CPython 3.12 can be had, else makes the venv without torch; none: never),
 #            EFFVLA_FORCE_SETUP=1 to redo every step.
 set -euo pipefail
+# Run from a shell that sourced an env.sh, PYTHONPATH names the interfaces' site-packages, whose rosidl
+# egg-info pip then takes for an installed effvla_ros: `pip install -e .` "uninstalled" it by deleting the
+# generated effvla_ros/msg (measured: the smoke check then failed with No module named 'effvla_ros.msg').
+# The venv needs nothing from the caller's Python environment.
+unset PYTHONPATH PYTHONHOME PYTHONSTARTUP PYTHONUSERBASE
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DISTRO=${EFFVLA_ROS_DISTRO:-kilted}

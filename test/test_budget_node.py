@@ -12,6 +12,7 @@ rclpy = pytest.importorskip("rclpy")
 from rclpy.parameter import Parameter  # noqa: E402
 
 from effvla_ros.core.budget import BudgetEntry, BudgetTable  # noqa: E402
+
 from model_fixtures import write_tiny_checkpoint  # noqa: E402
 
 TABLE = BudgetTable([

@@ -98,7 +98,7 @@ def _node(policy: Any, setting: Setting, tokens_mode: bool = False) -> Any:
     logger = _Logger()
     return types.SimpleNamespace(
         node_params=types.SimpleNamespace(config=cfg), state_spec=spec, rtc_params=types.SimpleNamespace(config=setting.rtc),
-        policy=policy, compressor=None if tokens_mode else comp, _image_tokens={},
+        policy=policy, compressor=None if tokens_mode else comp, _image_tokens={}, _image_encode_s={},
         _chunks=ChunkHistory(maxlen=8), delay=FixedDelay(1),  # replay's fixed d (the node measures it)
         counts={"rejected_tokens": 0, "rejected_state": 0, "unsynced_state": 0}, get_logger=lambda: logger, log=logger)
 

@@ -19,6 +19,7 @@ and the actions the executor reports as committed.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -34,7 +35,9 @@ from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Empty, String
 
-from effvla_ros.core.backends import BACKENDS
+from effvla_ros.core.backends import BACKENDS, make_backend
+from effvla_ros.core.backends.base import CapabilityError
+from effvla_ros.core.budget import BudgetChoice, BudgetConfig, BudgetController, BudgetTable, apply_overrides
 from effvla_ros.core.chunking import ChunkHistory, ExecutionReport, IssuedChunk
 from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
 from effvla_ros.core.compression.pruning import PruningConfig
@@ -43,21 +46,23 @@ from effvla_ros.core.observation import (
     DEFAULT_STATE_STAMP_TOLERANCE_S,
     ImageError,
     StateError,
+    StateSpec,
     TokenError,
+    checkpoint_joint_names,
     decode_tokens,
     missing_camera,
     newest_before,
     observation_stamp,
+    resolve_state_spec,
     rgb_to_tensor,
     state_at,
-    state_vector,
 )
 from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.core.rtc import DelayEstimator, GuidanceTarget, RTCConfig
 from effvla_ros.core.runner import CameraTokens, InferenceConfig, PolicyRunner, compressed_to_camera_tokens
 from effvla_ros.core.schedule import ChunkScheduler
 from effvla_ros.core.smolvla.config import ATTENTION_IMPLS, DTYPE_CHOICES, RuntimeConfig, resolve_dtype
-from effvla_ros.core.target_check import TARGETS, check_checkpoint, enforce, latency_problem
+from effvla_ros.core.target_check import TARGETS, check_checkpoint, check_device, enforce, latency_problem
 from effvla_ros.core.warmup import keep_counts, warm_up
 from effvla_ros.msg import ActionChunk, ExecutionFeedback, VisualTokens
 from effvla_ros.nodes.common import (
@@ -66,6 +71,9 @@ from effvla_ros.nodes.common import (
     PIPELINE_QOS,
     SENSOR_QOS,
     NodeWorker,
+    Throttle,
+    clean_instruction,
+    describe_text,
     image_to_rgb,
     run_node,
     sec_to_stamp,
@@ -73,6 +81,11 @@ from effvla_ros.nodes.common import (
     stamp_to_sec,
 )
 from effvla_ros.nodes.param_bridge import ConfigParameters
+
+# Causes of "no chunk published" that the node reports (log + diagnostics ``stall.<cause>``).
+STALL_CAUSES = ("no_instruction", "no_joint_state", "camera_missing", "stamp_mismatch", "state_stale",
+                "observation_stale")
+STALL_LOG_AFTER_S = 1.0  # a cause is logged once it has lasted this long (a camera period or two is normal)
 
 __all__ = ["PolicyNode", "PolicyNodeConfig", "camera_tokens_from_msg", "execution_report", "image_tensor_from_msg",
            "main", "state_at", "state_from_msg"]  # state_at: effvla_ros.core.observation's, re-exported
@@ -93,9 +106,13 @@ class PolicyNodeConfig(ConfigBase):
     attention: str = param("eager", choices=ATTENTION_IMPLS, read_only=True,
                            description="VLM/expert attention: eager (LeRobot's path) or fused (torch SDPA, same result)")
     backend: str = param("eager", choices=tuple(BACKENDS), read_only=True,
-                         description="stage backend: eager (the reference), packed (x86 oneDNN pre-packed weights) or "
-                                     "compiled (torch.compile'd layers); a setting the backend cannot apply is refused "
-                                     "naming it")
+                         description="stage backend: eager (the reference), packed (x86 oneDNN pre-packed weights), "
+                                     "compiled (torch.compile'd layers), or the stage graphs of `effvla export` run by "
+                                     "onnxruntime or tensorrt (with export_dir); a setting the backend cannot apply is "
+                                     "refused naming it")
+    export_dir: str = param("", read_only=True,
+                            description="directory written by `effvla export` (backend onnxruntime / tensorrt); its "
+                                        "manifest must match the checkpoint")
     warmup: bool = param(True, read_only=True,
                          description="at start, run every prefix shape once (compiles a compiled backend) and measure "
                                      "the stages; the startup check then uses the measured latency")
@@ -154,10 +171,13 @@ def camera_tokens_from_msg(msg: VisualTokens) -> CameraTokens:
                          (int(msg.grid_height), int(msg.grid_width)), int(msg.token_dim), list(msg.reused))
 
 
-def state_from_msg(msg: JointState, joint_names: list[str], dim: int) -> torch.Tensor:
-    """sensor_msgs/JointState -> the raw state (dim,) float32: ``joint_names`` in order, or the first ``dim``
-    positions (raises StateError naming what is wrong)."""
-    return torch.from_numpy(state_vector(list(msg.name), msg.position, joint_names, dim))
+def state_from_msg(msg: JointState, joint_names: list[str] | StateSpec, dim: int) -> torch.Tensor:
+    """sensor_msgs/JointState -> the raw state (dim,) float32 by :class:`StateSpec` (replay's rule): the
+    joints by name in the spec's order (a plain name list: those joints; empty: the first ``dim`` positions);
+    raises StateError naming what is wrong."""
+    spec = joint_names if isinstance(joint_names, StateSpec) else StateSpec(
+        dim, tuple(joint_names), by_position=not joint_names, source="state_joint_names")
+    return torch.from_numpy(spec.vector(list(msg.name), msg.position))
 
 
 def execution_report(fb: ExecutionFeedback | None) -> ExecutionReport | None:
@@ -166,6 +186,59 @@ def execution_report(fb: ExecutionFeedback | None) -> ExecutionReport | None:
         return None
     return ExecutionReport(int(fb.chunk_id), stamp_to_sec(fb.committed_until),
                            fb.state == ExecutionFeedback.STATE_HOLDING)
+
+
+class CompressorParameters:
+    """The token compressor node's pruning parameters, set by the latency budget through its ``set_parameters``
+    service (asynchronously: an inference never waits for it). The values it had before the first change are read
+    once and restored when the budget is turned off."""
+
+    def __init__(self, node: Node, name: str) -> None:
+        from rcl_interfaces.srv import GetParameters, SetParameters
+
+        base = name if name.startswith("/") else f"{node.get_namespace().rstrip('/')}/{name}"
+        self.node, self.name = node, base
+        self._set: Any = node.create_client(SetParameters, f"{base}/set_parameters")
+        self._get: Any = node.create_client(GetParameters, f"{base}/get_parameters")
+        self.original: dict[str, Any] | None = None
+        self._asked_original = False
+
+    def set(self, values: dict[str, Any]) -> None:
+        from rcl_interfaces.srv import GetParameters, SetParameters
+        from rclpy.parameter import Parameter
+
+        if not self._set.service_is_ready():
+            self.node.get_logger().warning(f"latency budget: {self.name}/set_parameters is not available; the kept-token "
+                                           "ratio is not applied (latency_budget_compressor)", throttle_duration_sec=5.0)
+            return
+        if not self._asked_original and self._get.service_is_ready():
+            self._asked_original = True
+            names = list(values)
+            self._get.call_async(GetParameters.Request(names=names)).add_done_callback(
+                functools.partial(self._got, names))
+        req = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
+        self._set.call_async(req).add_done_callback(self._done)
+
+    def _got(self, names: list[str], future: Any) -> None:
+        from rclpy.parameter import parameter_value_to_python
+
+        try:
+            self.original = {n: parameter_value_to_python(v) for n, v in zip(names, future.result().values)}
+        except Exception as e:  # noqa: BLE001 - reported, the budget still works
+            self.node.get_logger().warning(f"latency budget: could not read {self.name}'s parameters: {e}")
+
+    def _done(self, future: Any) -> None:
+        try:
+            bad = [r.reason for r in future.result().results if not r.successful]
+        except Exception as e:  # noqa: BLE001
+            bad = [str(e)]
+        if bad:
+            self.node.get_logger().warning(f"latency budget: {self.name} refused the pruning change: {bad}",
+                                           throttle_duration_sec=5.0)
+
+    def restore(self) -> None:
+        if self.original:
+            self.set(dict(self.original))
 
 
 class PolicyNode(Node):
@@ -178,9 +251,11 @@ class PolicyNode(Node):
         self.expert_params = ConfigParameters(self, ExpertReuseConfig(), prefix="expert_reuse.",
                                               on_change=self._on_change)
         self.rtc_params = ConfigParameters(self, RTCConfig(), prefix="rtc.", on_change=self._on_change)
+        self.budget_params = ConfigParameters(self, BudgetConfig(), on_change=self._on_change)
         cfg = self.node_params.config
         if not cfg.checkpoint:
             raise ValueError("checkpoint: parameter is empty; set it to a local LeRobot SmolVLA checkpoint directory")
+        check_device(cfg.device, cfg.target)  # before anything touches the device: say what to change
         if cfg.startup_check:  # before any weight is loaded: fail with what to change, not OOM later
             est = check_checkpoint(
                 cfg.checkpoint, cfg.target, cfg.vlm_dir or None, cameras=len(cfg.cameras),
@@ -202,6 +277,15 @@ class PolicyNode(Node):
         if cfg.state_joint_names and len(cfg.state_joint_names) != arch.state_dim:
             raise ValueError(f"state_joint_names: {len(cfg.state_joint_names)} names, the checkpoint's state has "
                              f"{arch.state_dim} dimensions")
+        # the state by joint name, as replay: state_joint_names, else the checkpoint's declared names
+        ckpt_state = checkpoint_joint_names(cfg.checkpoint)[0]
+        if cfg.state_joint_names or ckpt_state:
+            self.state_spec = resolve_state_spec(arch.state_dim, explicit=cfg.state_joint_names, checkpoint=ckpt_state)
+        else:
+            self.state_spec = StateSpec(arch.state_dim, (), by_position=True, source="no state_joint_names")
+            self.get_logger().warning(f"state_joint_names is empty and the checkpoint declares no joint names: the "
+                                      f"state is the first {arch.state_dim} JointState positions, whatever their "
+                                      "names (set state_joint_names)")
         names = list(cfg.action_joint_names or cfg.state_joint_names or [f"joint_{i}" for i in range(arch.action_dim)])
         if len(names) != arch.action_dim:
             raise ValueError(f"action_joint_names: {len(names)} names, the checkpoint's action has {arch.action_dim} "
@@ -209,10 +293,13 @@ class PolicyNode(Node):
         self.action_names = names
         self.runner = PolicyRunner(self.policy, inference=self.inference_params.config,
                                    early_exit=self.exit_params.config, expert_reuse=self.expert_params.config,
-                                   rtc=self.rtc_params.config, backend=cfg.backend)
-        # live changes the backend cannot apply are rejected on set, naming the parameter
-        self.exit_params.check = lambda c: self.runner.backend.caps.check(early_exit=c.enabled)
-        self.expert_params.check = lambda c: self.runner.backend.caps.check(expert_reuse=c.enabled)
+                                   rtc=self.rtc_params.config,
+                                   backend=make_backend(cfg.backend, self.policy, export_dir=cfg.export_dir or None,
+                                                        target=cfg.target))
+        # live changes that cannot be applied (the backend lacks the feature, a calibration file that does not
+        # load or does not fit the model) are rejected on set, naming the parameter
+        self.exit_params.check = self._check_early_exit
+        self.expert_params.check = self._check_expert_reuse
         self.rtc_params.check = lambda c: self.runner.backend.caps.check(vjp=c.enabled and c.guidance == "vjp")
         self.delay = DelayEstimator(self.rtc_params.config)
         self.compressor: TokenCompressor | None = None
@@ -222,6 +309,12 @@ class PolicyNode(Node):
             self.compressor = TokenCompressor(self.policy, self.pruning_params.config, self.reuse_params.config,
                                               count_flops=False, backend=self.runner.backend)
             self.reuse_params.check = lambda c: self.runner.backend.caps.check(patch_reuse=c.enabled and c.patch_level)
+        # latency-budget mode: the table is loaded and checked against the backend at start and on set
+        self._budget_pruning = PruningConfig(method="none")  # what the budget last sent to the compressor node
+        self._budget_compressor: CompressorParameters | None = None
+        self.budget: BudgetController | None = self._make_budget(self.budget_params.config)
+        self.budget_params.check = self._check_budget
+        self._image_encode_s: dict[str, float] = {}
         if cfg.warmup:
             self._warm_up(cfg)
 
@@ -241,7 +334,15 @@ class PolicyNode(Node):
         self._lat_hist: deque[float] = deque(maxlen=100)
         self._last: dict[str, Any] = {}
         self.counts = {"chunks": 0, "dropped_stale": 0, "rejected_tokens": 0, "rejected_state": 0,
-                       "unsynced_state": 0, "nonfinite_output": 0, "errors": 0}
+                       "unsynced_state": 0, "nonfinite_output": 0, "errors": 0, "settings_not_applied": 0}
+        self._log_throttle = Throttle(2.0)
+        # why no chunk is being published (cause, message with the numbers, since when: monotonic s);
+        # each cause is logged (throttled) once it lasts STALL_LOG_AFTER_S, and shown in the diagnostics
+        self._stall: tuple[str, str, float] | None = None
+        self._stall_counted = False  # the current stall reached STALL_LOG_AFTER_S and is in stall_counts
+        self.stall_counts = {cause: 0 for cause in STALL_CAUSES}
+        self._stall_log = Throttle(5.0)
+        self._last_chunk_wall: float | None = None
 
         self.pub = self.create_publisher(ActionChunk, "~/action_chunk", PIPELINE_QOS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -281,6 +382,18 @@ class PolicyNode(Node):
         if problem:
             self.get_logger().warning(f"startup_check is off: {problem}")
 
+    def _check_early_exit(self, c: EarlyExitConfig) -> None:
+        """On set: the backend supports it and the exit layers / thresholds resolve (the calibration file is
+        loaded and checked now, not at the next inference)."""
+        self.runner.backend.caps.check(early_exit=c.enabled)
+        c.resolved(self.runner.prefix_reuse.num_layers)
+
+    def _check_expert_reuse(self, c: ExpertReuseConfig) -> None:
+        self.runner.backend.caps.check(expert_reuse=c.enabled)
+        layers = self.runner.expert_reuse.layers
+        if layers:
+            c.resolved(len(layers))
+
     # ------------------------------------------------------------------ callbacks (cheap)
     def _on_change(self, cfg: Any, names: set[str]) -> None:
         with self._cv:
@@ -302,9 +415,17 @@ class PolicyNode(Node):
             self._cv.notify()
 
     def _on_instruction(self, msg: String) -> None:
+        text, problem = clean_instruction(msg.data)
+        if problem:
+            self.get_logger().warning(problem, throttle_duration_sec=5.0)
         with self._cv:
-            self._instruction = msg.data.strip()
+            changed = text != self._instruction
+            self._instruction = text
             self._cv.notify()
+        if changed:  # once per change, shortened, at most one line per 2 s (a flood of changes is counted)
+            line = self._log_throttle("instruction", f"instruction: {describe_text(text)}")
+            if line:
+                self.get_logger().info(line)
 
     def _on_state(self, msg: JointState) -> None:
         with self._cv:
@@ -326,11 +447,26 @@ class PolicyNode(Node):
 
     # ------------------------------------------------------------------ worker
     def _apply_settings(self) -> None:
-        self.runner.configure(inference=self.inference_params.config, early_exit=self.exit_params.config,
-                              expert_reuse=self.expert_params.config, rtc=self.rtc_params.config)
-        self.delay.reconfigure(self.rtc_params.config)
+        """Apply the current parameters, one group at a time (checked on set; a group that still fails, e.g. a
+        calibration file changed on disk since, keeps its previous settings and is logged, the others apply)."""
+        groups: list[tuple[str, Any]] = [
+            ("inference", lambda: self.runner.configure(inference=self.inference_params.config)),
+            ("early_exit", lambda: self.runner.configure(early_exit=self.exit_params.config)),
+            ("expert_reuse", lambda: self.runner.configure(expert_reuse=self.expert_params.config)),
+            ("rtc", lambda: self.runner.configure(rtc=self.rtc_params.config)),
+            ("rtc", lambda: self.delay.reconfigure(self.rtc_params.config)),
+            ("latency_budget", self._reconfigure_budget),
+        ]
         if self.compressor is not None:
-            self.compressor.configure(self.pruning_params.config, self.reuse_params.config)
+            groups.append(("pruning/reuse", lambda: self.compressor.configure(  # type: ignore[union-attr]
+                self.pruning_params.config, self.reuse_params.config)))
+        for name, apply in groups:
+            try:
+                apply()
+            except (ValueError, RuntimeError) as e:
+                self.counts["settings_not_applied"] += 1
+                self.get_logger().error(f"{name}.* settings not applied, the previous ones stay: {e}",
+                                        throttle_duration_sec=2.0)
 
     def _step(self) -> None:
         cfg = self.node_params.config
@@ -360,10 +496,12 @@ class PolicyNode(Node):
         if not instruction:
             self.get_logger().warning("no instruction yet: waiting (publish a std_msgs/String on "
                                       f"{cfg.instruction_topic})", throttle_duration_sec=10.0)
+            self._stalled("no_instruction", f"no instruction yet on {cfg.instruction_topic}", log=False)
             return
         if not states:
             self.get_logger().warning(f"no JointState yet on {cfg.joint_states_topic}: waiting",
                                       throttle_duration_sec=10.0)
+            self._stalled("no_joint_state", f"no JointState yet on {cfg.joint_states_topic}", log=False)
             return
         obs = self._observation(tokens)
         if obs is None:
@@ -372,11 +510,16 @@ class PolicyNode(Node):
         now = self._now()
         self._schedule.observe(obs_stamp, now)
         if self._last_obs_stamp is not None and obs_stamp <= self._last_obs_stamp:
+            if now - obs_stamp > cfg.max_observation_age_s:  # nothing new for long: the cameras stopped
+                self._stalled("observation_stale", f"no new camera observation for {now - obs_stamp:.1f} s "
+                                                   f"(max_observation_age_s {cfg.max_observation_age_s})")
             return  # nothing new
         if now - obs_stamp > cfg.max_observation_age_s:
             self.counts["dropped_stale"] += 1
             self.get_logger().warning(f"observation is {now - obs_stamp:.2f} s old (> max_observation_age_s "
                                       f"{cfg.max_observation_age_s}); dropped", throttle_duration_sec=2.0)
+            self._stalled("observation_stale", f"observations arrive {now - obs_stamp:.2f} s old (> "
+                                               f"max_observation_age_s {cfg.max_observation_age_s})", log=False)
             self._last_obs_stamp = obs_stamp
             return
         dt = 1.0 / cfg.fps
@@ -384,11 +527,18 @@ class PolicyNode(Node):
         if not self._schedule.should_start(now, last.stamp if last is not None else None,
                                            cfg.execution_horizon * dt, self.delay.latency() or 0.0,
                                            align=cfg.align_to_observations):
+            self._stall = None
             return  # the current chunk still covers the horizon
         synced = self._state_at(obs_stamp, states)
         if synced is None:
+            newest = max(st for st, _ in states)
+            self._stalled("state_stale", f"the newest JointState is {obs_stamp - newest:.3f} s older than the "
+                                         f"observation (state_stamp_tolerance_s {cfg.state_stamp_tolerance_s}); "
+                                         "waiting for a current one")
             return
         if synced is False:
+            self._stalled("state_stale", "no JointState within state_stamp_tolerance_s "
+                                         f"{cfg.state_stamp_tolerance_s} s at or before the observation", log=False)
             self._last_obs_stamp = obs_stamp
             return
         state = self._state_vector(synced)
@@ -397,6 +547,7 @@ class PolicyNode(Node):
         self.runner.set_instruction(instruction)
         guidance = self._guidance(obs_stamp, feedback, dt)
         self._last_obs_stamp = obs_stamp
+        choice = self._budget_step()
         try:
             res = self.runner.infer(cams, state, guidance=guidance)
         except FloatingPointError as e:
@@ -407,10 +558,104 @@ class PolicyNode(Node):
             self.counts["rejected_tokens"] += 1
             self.get_logger().error(f"observation rejected: {e}", throttle_duration_sec=2.0)
             return
+        if choice is not None and self.budget is not None:
+            encode_ms = (sum(self._image_encode_s.get(c, 0.0) for c in cfg.cameras) * 1e3 if self.compressor is not None
+                         else sum(float(m.encode_time_ms) for m in tokens.values()))
+            measured = encode_ms + res.times["total_s"] * 1e3
+            self.budget.observe(choice.entry.name, measured)
+            self._budget_last = (choice, measured)
         self._publish(obs_stamp, res, guidance, dt)
+
+    # ------------------------------------------------------------------ latency budget
+    def _budget_configs(self) -> dict[str, Any]:
+        """The node's own settings of the groups a budget entry sets."""
+        return {"pruning": (self.pruning_params.config if self.compressor is not None else self._budget_pruning),
+                "early_exit": self.exit_params.config, "expert_reuse": self.expert_params.config,
+                "inference": self.inference_params.config}
+
+    def _make_budget(self, c: BudgetConfig) -> BudgetController | None:
+        """The controller of ``c`` (None when off); ValueError naming the parameter when the table is missing, does not
+        load, or holds a setting this backend cannot run (checked on set: nothing is accepted that cannot apply)."""
+        if c.latency_budget_ms <= 0:
+            return None
+        if not c.latency_budget_table:
+            raise ValueError("latency_budget_table: empty; latency_budget_ms needs the table written by "
+                             "`effvla calibrate-budget BAG --checkpoint CKPT --out table.yaml`")
+        table = BudgetTable.load(c.latency_budget_table)
+        caps = self.runner.backend.caps
+        for e in table.entries:
+            try:
+                cfgs = apply_overrides(self._budget_configs(), e.overrides, from_baseline=True)
+                caps.check(early_exit=cfgs["early_exit"].enabled, expert_reuse=cfgs["expert_reuse"].enabled)
+            except (CapabilityError, ValueError) as err:
+                raise ValueError(f"latency_budget_table: setting {e.name!r} of {c.latency_budget_table} cannot run "
+                                 f"here: {err}") from None
+        return BudgetController(table, c.latency_budget_ms, window=c.latency_budget_window)
+
+    def _check_budget(self, c: BudgetConfig) -> None:
+        self._make_budget(c)
+
+    def _reconfigure_budget(self) -> None:
+        was_on = self.budget is not None
+        self.budget = self._make_budget(self.budget_params.config)
+        if self.budget is not None:
+            self.get_logger().info(f"latency budget {self.budget.budget_ms:.0f} ms over "
+                                   f"{len(self.budget.table.entries)} settings of "
+                                   f"{self.budget_params.config.latency_budget_table}")
+        elif was_on:  # off again: the node's own parameters (applied by the other groups) and the compressor's
+            if self._budget_compressor is not None:
+                self._budget_compressor.restore()
+            self._budget_pruning = PruningConfig(method="none")
+            self.get_logger().info("latency budget off: the configured settings apply again")
+
+    def _budget_step(self) -> BudgetChoice | None:
+        """Choose this inference's setting and apply it: policy-side groups to the runner (only what changed, so that
+        early exit keeps its reference prefix), the kept-token ratio to the compressor."""
+        if self.budget is None:
+            return None
+        prev = self.budget.last
+        choice = self.budget.choose()
+        cfgs = apply_overrides(self._budget_configs(), choice.entry.overrides, from_baseline=True)
+        r = self.runner
+        if cfgs["inference"] != r.inference:
+            r.configure(inference=cfgs["inference"])
+        if cfgs["early_exit"] != r.prefix_reuse.cfg:
+            r.configure(early_exit=cfgs["early_exit"])
+        if cfgs["expert_reuse"] != r.expert_reuse.cfg:
+            r.configure(expert_reuse=cfgs["expert_reuse"])
+        pruning = cfgs["pruning"]
+        if self.compressor is not None:
+            if pruning != self.compressor.pruning:
+                self.compressor.configure(pruning, self.compressor.reuse)
+        elif (pruning.method, pruning.keep_ratio) != (self._budget_pruning.method, self._budget_pruning.keep_ratio):
+            if self._budget_compressor is None:
+                self._budget_compressor = CompressorParameters(self, self.budget_params.config.latency_budget_compressor)
+            self._budget_compressor.set({"pruning.method": pruning.method, "pruning.keep_ratio": pruning.keep_ratio})
+            self._budget_pruning = pruning
+        if prev is None or prev.entry.name != choice.entry.name or prev.feasible != choice.feasible:
+            log = self.get_logger().info if choice.feasible else self.get_logger().warning
+            log(f"latency budget: {choice.describe()}", throttle_duration_sec=2.0)
+        return choice
 
     def _now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
+
+    def _stalled(self, cause: str, msg: str, log: bool = True) -> None:
+        """No chunk this step because of ``cause`` (one of STALL_CAUSES): remembered for the diagnostics and,
+        once it lasts STALL_LOG_AFTER_S, logged (``log``; at most every 5 s per cause, with the numbers)."""
+        now = time.monotonic()
+        stall = self._stall
+        same = stall is not None and stall[0] == cause
+        since = stall[2] if stall is not None and same else now
+        counted = bool(same and self._stall_counted)
+        if not counted and now - since >= STALL_LOG_AFTER_S:  # counted once it lasted (not a transient)
+            self.stall_counts[cause] += 1
+            counted = True
+        self._stall, self._stall_counted = (cause, msg, since), counted
+        if log and now - since >= STALL_LOG_AFTER_S:
+            line = self._stall_log(cause, f"no chunk for {now - since:.1f} s: {msg}")
+            if line:
+                self.get_logger().warning(line)
 
     def _compress_images(self, images: dict[str, Image], instruction: str | None) -> None:
         assert self.compressor is not None
@@ -424,21 +669,28 @@ class PolicyNode(Node):
                 continue
             out = self.compressor.process(cam, img)
             self._image_tokens[cam] = (stamp_to_sec(msg.header.stamp), compressed_to_camera_tokens(out))
+            self._image_encode_s[cam] = float(out.time_s)
 
     def _observation(self, tokens: dict[str, VisualTokens]) -> tuple[float, dict[str, CameraTokens]] | None:
         """The cameras of one instant (stamps within stamp_tolerance_s) and their stamp; None: wait."""
         cfg = self.node_params.config
         cams: dict[str, CameraTokens] = {}
         stamps: list[float] = []
+        named: list[tuple[str, float]] = []
         for cam in cfg.cameras:
             if self.compressor is not None:
                 if cam not in self._image_tokens:
+                    self._stalled("camera_missing", f"camera {cam}: no image received yet on "
+                                                    f"{cfg.image_topic.format(camera=cam)}")
                     return None
                 st, cams[cam] = self._image_tokens[cam]
                 stamps.append(st)
+                named.append((cam, st))
                 continue
             msg = tokens.get(cam)
             if msg is None:
+                self._stalled("camera_missing", f"camera {cam}: no VisualTokens received yet on "
+                                                f"{self.resolve_topic_name('~/visual_tokens')} (cameras {cfg.cameras})")
                 return None
             try:
                 cams[cam] = camera_tokens_from_msg(msg)
@@ -449,12 +701,19 @@ class PolicyNode(Node):
                 return None
             if not msg.camera_missing:
                 stamps.append(stamp_to_sec(msg.header.stamp))
+                named.append((cam, stamps[-1]))
         if not stamps:
             self.get_logger().warning("every camera is missing: no inference", throttle_duration_sec=5.0)
+            self._stalled("camera_missing", "every camera is reported missing by the token compressor", log=False)
             return None
         stamp = observation_stamp(stamps, cfg.stamp_tolerance_s)
-        if stamp is None:
-            return None  # wait for the cameras of one instant
+        if stamp is None:  # wait for the cameras of one instant
+            spread = max(stamps) - min(stamps)
+            each = ", ".join(f"{c} {st:.3f}" for c, st in named)
+            self._stalled("stamp_mismatch", f"camera stamps {spread:.3f} s apart ({each}), more than "
+                                            f"stamp_tolerance_s {cfg.stamp_tolerance_s}: waiting for frames of one "
+                                            "instant")
+            return None
         return stamp, cams
 
     def _state_at(self, obs_stamp: float, states: list[tuple[float, JointState]]) -> JointState | None | bool:
@@ -484,7 +743,7 @@ class PolicyNode(Node):
 
     def _state_vector(self, msg: JointState) -> torch.Tensor | None:
         try:
-            return state_from_msg(msg, self.node_params.config.state_joint_names, self.policy.arch.state_dim)
+            return state_from_msg(msg, self.state_spec, self.policy.arch.state_dim)
         except StateError as e:
             self.counts["rejected_state"] += 1
             self.get_logger().error(f"JointState {e}; skipping", throttle_duration_sec=2.0)
@@ -517,6 +776,8 @@ class PolicyNode(Node):
         msg.rtc_delay_steps = int(res.rtc_delay) if res.guided else 0
         msg.rtc_prefix_chunk_id = int(guidance.source_chunk_id) if (guidance is not None and res.guided) else 0
         self.pub.publish(msg)
+        self._stall = None
+        self._last_chunk_wall = time.monotonic()
         latency = self._now() - obs_stamp
         self.delay.record(latency)
         self._lat_hist.append(latency)
@@ -536,18 +797,42 @@ class PolicyNode(Node):
         st.level = DiagnosticStatus.WARN if bad else DiagnosticStatus.OK
         st.message = "non-finite outputs or errors" if bad else "ok"
         vals: dict[str, str] = {k: str(v) for k, v in self.counts.items()}
+        stall, now = self._stall, time.monotonic()
+        if stall is not None and now - stall[2] >= STALL_LOG_AFTER_S:  # why no chunk is published
+            st.level = DiagnosticStatus.WARN
+            st.message = f"no chunk for {now - stall[2]:.1f} s: {stall[1]}"
+        vals["no_chunk.cause"] = stall[0] if stall is not None else ""
+        vals["no_chunk.reason"] = stall[1] if stall is not None else ""
+        vals["no_chunk.for_s"] = f"{now - stall[2]:.1f}" if stall is not None else "0.0"
+        vals["last_chunk_age_s"] = f"{now - self._last_chunk_wall:.1f}" if self._last_chunk_wall is not None else ""
+        vals.update({f"stall.{k}": str(v) for k, v in self.stall_counts.items()})
         if self._lat_hist:
             lat = np.array(self._lat_hist) * 1e3
             vals["latency_p50_ms"], vals["latency_p95_ms"] = f"{np.percentile(lat, 50):.1f}", f"{np.percentile(lat, 95):.1f}"
         vals.update({k: (f"{v:.2f}" if isinstance(v, float) else str(v)) for k, v in self._last.items()})
+        budget_last = getattr(self, "_budget_last", None)
+        if self.budget is not None and budget_last is not None:
+            choice, measured = budget_last
+            vals.update({"budget.setting": choice.entry.name, "budget.budget_ms": f"{choice.budget_ms:.1f}",
+                         "budget.predicted_ms": f"{choice.predicted_ms:.1f}", "budget.margin_ms": f"{choice.margin_ms:.1f}",
+                         "budget.measured_ms": f"{measured:.1f}", "budget.slowdown": f"{choice.slowdown:.2f}",
+                         "budget.feasible": str(choice.feasible)})
+            if not choice.feasible:
+                st.level = DiagnosticStatus.WARN
+                st.message = f"latency budget: {choice.describe()}"
         st.values = [KeyValue(key=k, value=v) for k, v in vals.items()]
         arr.status.append(st)
         self.diag_pub.publish(arr)
 
     def destroy_node(self) -> None:
+        """Stop the worker (joined, 10 s at most) and destroy the node; idempotent, and safe after a failed
+        ``__init__`` (rclpy's context shutdown destroys a half-built node too)."""
         worker = getattr(self, "_worker", None)  # absent when the constructor failed
-        if worker is not None:
-            worker.stop()
+        if worker is not None and not worker.stop():
+            self.get_logger().warning("worker thread did not stop within 10 s")
+        if getattr(self, "_destroyed", False):
+            return
+        self._destroyed = True
         super().destroy_node()
 
 

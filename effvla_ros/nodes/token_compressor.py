@@ -1,7 +1,10 @@
 """Node ``token_compressor``: camera images -> compressed visual tokens (effvla_ros/VisualTokens).
 
 Subscribes ``camera/<camera>/image_raw`` (sensor_msgs/Image, sensor-data QoS, depth 1) for every
-configured camera and ``instruction`` (std_msgs/String, latched and volatile); publishes
+configured camera, and image_transport's ``<image_topic>/compressed`` (sensor_msgs/CompressedImage, JPEG
+or PNG, decoded with OpenCV; used while no raw frame of that camera arrived in the last second, so a
+camera publishing both is encoded once; compressedDepth is refused), and ``instruction``
+(std_msgs/String, latched and volatile); publishes
 ``~/visual_tokens`` (one message per camera frame) and ``/diagnostics``.
 
 The encoder runs in a worker thread, never in a subscription callback: each camera keeps only its
@@ -21,15 +24,16 @@ import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Empty, String
 
-from effvla_ros.core.backends import BACKENDS
+from effvla_ros.core.backends import BACKENDS, make_backend
 from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
 from effvla_ros.core.compression.pruning import PruningConfig
-from effvla_ros.core.observation import WIRE_DTYPES, encode_tokens, rgb_to_tensor
+from effvla_ros.core.observation import WIRE_DTYPES, compressed_to_rgb, encode_tokens, rgb_to_tensor
 from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.core.smolvla.config import DTYPE_CHOICES, RuntimeConfig
+from effvla_ros.core.target_check import check_device
 from effvla_ros.msg import VisualTokens
 from effvla_ros.nodes.common import (
     INSTRUCTION_VOLATILE_QOS,
@@ -38,6 +42,9 @@ from effvla_ros.nodes.common import (
     SENSOR_QOS,
     ImageError,
     NodeWorker,
+    Throttle,
+    clean_instruction,
+    describe_text,
     image_to_rgb,
     run_node,
     shared_policy,
@@ -66,8 +73,11 @@ class CompressorNodeConfig(ConfigBase):
     num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")
     backend: str = param("eager", choices=tuple(BACKENDS), read_only=True,
                          description="stage backend of the encoder: eager, packed (x86 oneDNN pre-packed weights, also "
-                                     "for patch reuse) or compiled (torch.compile, full frames); "
-                                     "patch-level reuse needs a backend with partial encode")
+                                     "for patch reuse), compiled (torch.compile, full frames), or the exported vision "
+                                     "graph run by onnxruntime or tensorrt (export_dir); patch-level reuse needs a "
+                                     "backend with partial encode")
+    export_dir: str = param("", read_only=True,
+                            description="directory written by `effvla export` (backend onnxruntime / tensorrt)")
     warmup: bool = param(True, read_only=True,
                          description="at start, encode a dummy frame twice (compiles a compiled backend) and log the "
                                      "measured encode time")
@@ -91,7 +101,8 @@ class _Slot:
     """Newest frame of one camera plus its bookkeeping."""
 
     def __init__(self) -> None:
-        self.msg: Image | None = None
+        self.msg: Image | CompressedImage | None = None
+        self.raw_wall = -1e9  # when the last raw Image arrived (compressed frames are ignored while raw ones come)
         self.last_valid_wall = time.monotonic()
         self.last_stamp: float | None = None
         self.seq = 0
@@ -111,13 +122,15 @@ class TokenCompressorNode(Node):
         cfg = self.node_params.config
         if not cfg.checkpoint:
             raise ValueError("checkpoint: parameter is empty; set it to a local LeRobot SmolVLA checkpoint directory")
+        check_device(cfg.device)  # before anything touches the device: say what to change
         runtime = RuntimeConfig(device=cfg.device, vision_dtype=cfg.vision_dtype, num_threads=cfg.num_threads)
         policy = shared_policy(cfg.checkpoint, cfg.vlm_dir or None, runtime)
         unknown = [c for c in cfg.cameras if c not in policy.cameras]
         if unknown:
             raise ValueError(f"cameras: {unknown} not in the checkpoint's cameras {policy.cameras}")
         self.compressor = TokenCompressor(policy, self.pruning_params.config, self.reuse_params.config,
-                                          count_flops=cfg.count_flops, backend=cfg.backend)
+                                          count_flops=cfg.count_flops,
+                                          backend=make_backend(cfg.backend, policy, export_dir=cfg.export_dir or None))
         self.reuse_params.check = lambda c: self.compressor.backend.caps.check(patch_reuse=c.enabled and c.patch_level)
         warm = ""
         if cfg.warmup:
@@ -130,12 +143,15 @@ class TokenCompressorNode(Node):
         self._instruction_dirty = False
         self._settings_dirty = False
         self._reset_pending = False
+        self._log_throttle = Throttle(2.0)
 
         self.pub = self.create_publisher(VisualTokens, "~/visual_tokens", PIPELINE_QOS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         for cam in cfg.cameras:
             topic = cfg.image_topic.format(camera=cam)
             self.create_subscription(Image, topic, lambda m, c=cam: self._on_image(c, m), SENSOR_QOS)
+            self.create_subscription(CompressedImage, f"{topic}/compressed",
+                                     lambda m, c=cam: self._on_compressed(c, m), SENSOR_QOS)
         for qos in (LATCHED_QOS, INSTRUCTION_VOLATILE_QOS):
             self.create_subscription(String, cfg.instruction_topic, self._on_instruction, qos)
         self.create_subscription(Empty, "reset", self._on_reset, 10)
@@ -161,6 +177,15 @@ class TokenCompressorNode(Node):
     def _on_image(self, camera: str, msg: Image) -> None:
         with self._lock:
             self._slots[camera].msg = msg  # latest wins
+            self._slots[camera].raw_wall = time.monotonic()
+            self._lock.notify()
+
+    def _on_compressed(self, camera: str, msg: CompressedImage) -> None:
+        with self._lock:
+            slot = self._slots[camera]
+            if time.monotonic() - slot.raw_wall < 1.0:  # the raw stream of this camera is live: use it
+                return
+            slot.msg = msg  # latest wins
             self._lock.notify()
 
     def _on_reset(self, _msg: Empty) -> None:
@@ -170,7 +195,9 @@ class TokenCompressorNode(Node):
             self._lock.notify()
 
     def _on_instruction(self, msg: String) -> None:
-        text = msg.data.strip()
+        text, problem = clean_instruction(msg.data)
+        if problem:
+            self.get_logger().warning(problem, throttle_duration_sec=5.0)
         with self._lock:
             if text != self._instruction:
                 self._instruction = text
@@ -199,9 +226,13 @@ class TokenCompressorNode(Node):
         if instruction is not None:
             try:
                 self.compressor.set_instruction(instruction)
-                self.get_logger().info(f"instruction: {instruction!r}")
+                # once per change, shortened, at most one line per 2 s (a flood of changes is counted)
+                line = self._log_throttle("instruction", f"instruction: {describe_text(instruction)}")
+                if line:
+                    self.get_logger().info(line)
             except Exception as e:  # noqa: BLE001 - keep running
-                self.get_logger().error(f"cannot tokenize instruction: {e}")
+                self.get_logger().error(f"cannot tokenize instruction {describe_text(instruction)}: {e}",
+                                        throttle_duration_sec=2.0)
         for cam, msg in jobs:
             try:
                 self._process(cam, msg)
@@ -210,7 +241,7 @@ class TokenCompressorNode(Node):
                 self.get_logger().error(f"camera {cam}: frame dropped: {e}", throttle_duration_sec=2.0)
         self._check_missing()
 
-    def _process(self, cam: str, msg: Image) -> None:
+    def _process(self, cam: str, msg: Image | CompressedImage) -> None:
         cfg = self.node_params.config
         slot = self._slots[cam]
         stamp = stamp_to_sec(msg.header.stamp)
@@ -226,7 +257,9 @@ class TokenCompressorNode(Node):
                                        "frame dropped", throttle_duration_sec=2.0)
                 return
         try:
-            img = rgb_to_tensor(image_to_rgb(msg))  # (3, H, W) in [0, 1]
+            rgb = (compressed_to_rgb(msg.format, msg.data) if isinstance(msg, CompressedImage)
+                   else image_to_rgb(msg))
+            img = rgb_to_tensor(rgb)  # (3, H, W) in [0, 1]
         except ImageError as e:
             slot.counts["dropped_invalid"] += 1
             self.get_logger().warning(f"camera {cam}: invalid image: {e}", throttle_duration_sec=2.0)
@@ -305,9 +338,14 @@ class TokenCompressorNode(Node):
         self.diag_pub.publish(arr)
 
     def destroy_node(self) -> None:
+        """Stop the worker (joined, 10 s at most) and destroy the node; idempotent, and safe after a failed
+        ``__init__`` (rclpy's context shutdown destroys a half-built node too)."""
         worker = getattr(self, "_worker", None)  # absent when the constructor failed
-        if worker is not None:
-            worker.stop()
+        if worker is not None and not worker.stop():
+            self.get_logger().warning("worker thread did not stop within 10 s")
+        if getattr(self, "_destroyed", False):
+            return
+        self._destroyed = True
         super().destroy_node()
 
 
