@@ -50,6 +50,16 @@ def test_startup_check_uses_the_measured_latency(context, ckpt: Path) -> None:
     node.destroy_node()
 
 
+def test_startup_check_deadline_in_clock_time(context, ckpt: Path) -> None:
+    """On a simulation's /clock the deadline is simulated time: the wall latency is scaled by real_time_factor."""
+    # 1 simulated s per 1000 wall s: a deadline of 10 ms simulated is 10 s of wall time, a tiny chunk fits
+    node = _policy(context, ckpt, fps=100.0, execution_horizon=1, real_time_factor=0.001)
+    node.destroy_node()
+    # 1000 simulated s per wall s: any wall latency >= 1 ms misses a 0.5 s deadline, and the message says why
+    with pytest.raises(ValueError, match=r"execution_horizon: a chunk takes .*\(measured, x real_time_factor 1000\)"):
+        _policy(context, ckpt, fps=20.0, execution_horizon=10, real_time_factor=1000.0)
+
+
 def test_backend_capabilities_at_start_and_on_live_changes(context, ckpt: Path) -> None:
     from effvla_ros.core.backends.base import Capabilities
 

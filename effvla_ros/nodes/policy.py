@@ -149,6 +149,10 @@ class PolicyNodeConfig(ConfigBase):
                                     description="memory the policy stack may use (0 = the target's default budget)")
     startup_check: bool = param(True, read_only=True,
                                 description="refuse to start when the estimate exceeds the target's budget")
+    real_time_factor: float = param(
+        1.0, min=0.001, max=1000.0, read_only=True,
+        description="clock seconds per wall second (on a simulation's /clock: its real_time_factor); the startup "
+                    "check compares the warm-up's wall latency times this with the deadline, which is in clock time")
 
     def validate(self) -> None:
         if not self.cameras:
@@ -376,7 +380,10 @@ class PolicyNode(Node):
         report = warm_up(self.runner, counts, encode=self.runner.backend.encode)
         latency = report.chunk_latency_s(len(cfg.cameras))
         self.get_logger().info(f"{report.describe(len(cfg.cameras))} ({cfg.backend} backend)")
-        problem = latency_problem(latency, cfg.fps, cfg.execution_horizon, self.policy.arch.chunk_size, "measured")
+        # the deadline is in the clock's time: on a simulation at a quarter of real time, 1 s of wall is 0.25 s of it
+        source = "measured" if cfg.real_time_factor == 1.0 else f"measured, x real_time_factor {cfg.real_time_factor:g}"
+        problem = latency_problem(latency * cfg.real_time_factor, cfg.fps, cfg.execution_horizon,
+                                  self.policy.arch.chunk_size, source)
         if problem and cfg.startup_check:
             raise ValueError(f"startup check refused this configuration: {problem}")
         if problem:
