@@ -70,6 +70,9 @@ class OnnxRuntimeBackend:
         opts.intra_op_num_threads = max(1, int(threads))
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One session per graph, each with its own thread pool: idle pools spin-wait by default and took the cores
+        # from the running one (real size, 16 prefill segments: prefill 0.51 s spinning vs 0.21 s in one graph).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions: dict[str, Any] = {}
         for name, spec in self.manifest.stages.items():
             path = self.export_dir / spec.file
