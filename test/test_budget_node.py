@@ -29,14 +29,6 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=2)
 
 
-@pytest.fixture(scope="module")
-def context():
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.shutdown(context=ctx)
-
-
 def _node(context, ckpt: Path, **extra: object):  # type: ignore[no-untyped-def]
     from effvla_ros.nodes.policy import PolicyNode
 

@@ -32,14 +32,6 @@ def export(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def context():
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.shutdown(context=ctx)
-
-
 def _params(ckpt: Path, **extra: object) -> list[Parameter]:
     values = {"checkpoint": str(ckpt), "cameras": ["camera1", "camera2"], "startup_check": False, **extra}
     return [Parameter(k, value=v) for k, v in values.items()]

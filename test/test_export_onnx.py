@@ -96,6 +96,19 @@ def test_manifest_describes_every_stage_and_its_dynamic_prefix(golden) -> None: 
     assert f"att_2d:1x{prof['max']}x{prof['max']}" in script and script.count("--saveEngine=") == len(manifest.stages)
 
 
+def test_prefill_runs_only_whole_segments(golden) -> None:  # type: ignore[no-untyped-def]
+    """A prefill [start, stop) must be a union of exported segments: early exit only at the exported exits."""
+    import dataclasses
+
+    manifest = golden[2]
+    m = dataclasses.replace(manifest, segments=[[0, 2], [2, 3], [3, 4]])
+    assert m.segments_between(0, 4) == [(0, 2), (2, 3), (3, 4)]
+    assert m.segments_between(2, 3) == [(2, 3)] and m.segments_between(3, 3) == []
+    for start, stop in [(0, 1), (1, 4), (0, 5), (1, 2)]:
+        with pytest.raises(ValueError, match=rf"prefill \[{start}, {stop}\): not a union of the exported segments"):
+            m.segments_between(start, stop)
+
+
 def test_each_stage_equals_the_eager_reference(golden) -> None:  # type: ignore[no-untyped-def]
     """Vision, prefill at three prefix lengths (pruned to 4, 9 and all 16 tokens per camera) and the velocity, each
     fed the same inputs as the eager stage: <= 1e-4 in fp32."""

@@ -34,11 +34,8 @@ N_OBS = 4
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread(one_torch_thread):  # type: ignore[no-untyped-def]
+    """One torch thread (conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -33,14 +33,6 @@ class Cfg(ConfigBase):
     cams: list[str] = param(description="cameras", read_only=True, default_factory=lambda: ["scene"])
 
 
-@pytest.fixture(scope="module")
-def context():
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.shutdown(context=ctx)
-
-
 @pytest.fixture
 def make(context):
     nodes: list[Node] = []

@@ -18,14 +18,6 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=2)
 
 
-@pytest.fixture(scope="module")
-def context():
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    rclpy.shutdown(context=ctx)
-
-
 def _params(ckpt: Path, **extra: object) -> list[Parameter]:
     values = {"checkpoint": str(ckpt), "cameras": ["camera1", "camera2"], **extra}
     return [Parameter(k, value=v) for k, v in values.items()]

@@ -21,14 +21,8 @@ START = 100.0
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """One torch thread: the tiny model is ~10x faster than with 2 threads on a loaded 2-core machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread(one_torch_thread):  # type: ignore[no-untyped-def]
+    """One torch thread (conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -180,13 +180,8 @@ def write_sqlite3(path: Path, msgs: list[tuple[int, str, str, dict[str, Any]]]) 
 
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread(one_torch_thread):  # type: ignore[no-untyped-def]
+    """One torch thread (conftest.py)."""
 
 
 @pytest.fixture(scope="module")

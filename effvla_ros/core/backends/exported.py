@@ -21,8 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .base import CapabilityError
+
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from effvla_ros.core.smolvla.policy import SmolVLAPolicy
+    from effvla_ros.core.stages import PrefixCache, VisualTokens
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -69,6 +74,17 @@ class Manifest:
     def exit_layers(self) -> tuple[int, ...]:
         """The VLM layers after which a prefill can stop (the segment ends, the last layer excluded)."""
         return tuple(b - 1 for _, b in self.segments[:-1])
+
+    def segments_between(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """The exported prefill segments that run VLM layers [start, stop), in order; ValueError unless they
+        cover exactly that range (a prefill can start and stop only at segment ends)."""
+        if start == stop:
+            return []
+        picked = [(a, b) for a, b in self.segments if b > start and a < stop]
+        ends = [start] + [b for _, b in picked[:-1]]
+        if not picked or any(a != e for (a, _), e in zip(picked, ends)) or picked[-1][1] != stop:
+            raise ValueError(f"prefill [{start}, {stop}): not a union of the exported segments {self.segments}")
+        return picked
 
     def write(self, out_dir: Path) -> Path:
         path = Path(out_dir) / MANIFEST
@@ -173,3 +189,27 @@ def segments_for(num_layers: int, exit_layers: Sequence[int] | str) -> list[list
         cuts = [k + 1 for k in layers]
     bounds = [0, *cuts, num_layers]
     return [[a, b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+class ExportedStages:
+    """What every backend running exported graphs (onnxruntime, tensorrt) shares: the partial encode is not
+    exported, and the prefix is embedded by the policy in torch (token layout, language, state) before the
+    exported prefill segments run."""
+
+    name: str
+    policy: SmolVLAPolicy
+    manifest: Manifest
+
+    def eventful_encoder(self) -> Any:
+        raise CapabilityError(f"reuse.patch_level: not supported by the {self.name!r} backend (the partial encode is "
+                              "not exported; frame-level reuse works)")
+
+    def begin_prefill(self, visual: Mapping[str, VisualTokens | Tensor], lang_tokens: Tensor, lang_mask: Tensor,
+                      state: Tensor) -> PrefixCache:
+        return self.policy.begin_prefill(visual, lang_tokens, lang_mask, state)
+
+    def _check_prefill(self, cache: PrefixCache, start: int) -> None:
+        if start != cache.num_layers or cache.hidden is None or cache.att_2d is None:
+            raise ValueError(f"prefill: the cache holds {cache.num_layers} layers, asked to start at {start}")
+        if cache.hidden.shape[0] != 1:
+            raise ValueError(f"prefill: the exported graphs take a batch of 1, got {cache.hidden.shape[0]}")

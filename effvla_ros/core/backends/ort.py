@@ -13,7 +13,7 @@ trained RTC run in the shared integrator around ``velocity``. Refused, naming th
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 
 from effvla_ros.core.smolvla.policy import SmolVLAPolicy
-from effvla_ros.core.stages import ExpertPlan, PrefixCache, VisualTokens
+from effvla_ros.core.stages import ExpertPlan, PrefixCache
 
 from .base import Capabilities, CapabilityError
-from .exported import ExportError, Manifest, load_manifest
+from .exported import ExportedStages, ExportError, Manifest, load_manifest
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
@@ -40,7 +40,7 @@ def _torch(x: np.ndarray, device: torch.device) -> Tensor:
     return torch.from_numpy(x).to(device)
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(ExportedStages):
     """Stage graphs in ONNX Runtime sessions (one per graph), checked against the policy at construction."""
 
     name = "onnxruntime"
@@ -91,38 +91,20 @@ class OnnxRuntimeBackend:
         outs = [sess.run(None, {"pixels": np.ascontiguousarray(p[None].float().cpu().numpy())})[0] for p in pixels]
         return _torch(np.concatenate(outs, axis=0), self.policy.device)
 
-    def eventful_encoder(self) -> Any:
-        raise CapabilityError(f"reuse.patch_level: not supported by the {self.name!r} backend (the partial encode is "
-                              "not exported; frame-level reuse works)")
-
     # -- stage 2 --------------------------------------------------------------------------------------
-    def begin_prefill(self, visual: Mapping[str, VisualTokens | Tensor], lang_tokens: Tensor, lang_mask: Tensor,
-                      state: Tensor) -> PrefixCache:
-        return self.policy.begin_prefill(visual, lang_tokens, lang_mask, state)
-
     def prefill(self, cache: PrefixCache, start: int, stop: int) -> None:
-        if start != cache.num_layers or cache.hidden is None or cache.att_2d is None:
-            raise ValueError(f"prefill: the cache holds {cache.num_layers} layers, asked to start at {start}")
-        if cache.hidden.shape[0] != 1:
-            raise ValueError(f"prefill: the exported graphs take a batch of 1, got {cache.hidden.shape[0]}")
+        self._check_prefill(cache, start)
+        segments = self.manifest.segments_between(start, stop)
+        assert cache.hidden is not None and cache.att_2d is not None
         pos = cache.position_ids.cpu().numpy()
         att = cache.att_2d.cpu().numpy()
         h: Any = cache.hidden.detach().cpu().numpy().astype(self._np_dtype, copy=False)
-        covered = start
-        for a, b in self.manifest.segments:
-            if b <= start or a >= stop:
-                continue
-            if a != covered or b > stop:
-                raise ValueError(f"prefill [{start}, {stop}): not a union of the exported segments "
-                                 f"{self.manifest.segments}")
+        for a, b in segments:
             h, keys, values = self.sessions[f"prefill_{a}_{b}"].run(
                 None, {"hidden": h, "position_ids": pos, "att_2d": att})
             for j in range(b - a):
                 cache.keys.append(_torch(keys[j], self.policy.device))
                 cache.values.append(_torch(values[j], self.policy.device))
-            covered = b
-        if covered != stop:
-            raise ValueError(f"prefill [{start}, {stop}): not a union of the exported segments {self.manifest.segments}")
         cache.hidden = _torch(h, self.policy.device)
 
     # -- stage 3 --------------------------------------------------------------------------------------

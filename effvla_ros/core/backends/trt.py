@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from effvla_ros.core.smolvla.policy import SmolVLAPolicy
-from effvla_ros.core.stages import ExpertPlan, PrefixCache, VisualTokens
+from effvla_ros.core.stages import ExpertPlan, PrefixCache
 
 from .base import CapabilityError
-from .exported import ExportError, load_manifest
+from .exported import ExportedStages, ExportError, load_manifest
 from .ort import _capabilities
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
@@ -67,7 +67,7 @@ class _Engine:
         return outs
 
 
-class TensorRTBackend:
+class TensorRTBackend(ExportedStages):
     name = "tensorrt"
 
     def __init__(self, policy: SmolVLAPolicy, export_dir: str | Path | None = None, target: str | None = None,
@@ -106,32 +106,17 @@ class TensorRTBackend:
         outs = [self.engines["vision"].run({"pixels": p[None].float().contiguous()})[0] for p in pixels]
         return torch.cat(outs, dim=0)
 
-    def eventful_encoder(self) -> Any:
-        raise CapabilityError(f"reuse.patch_level: not supported by the {self.name!r} backend (the partial encode is "
-                              "not exported; frame-level reuse works)")
-
-    def begin_prefill(self, visual: Mapping[str, VisualTokens | Tensor], lang_tokens: Tensor, lang_mask: Tensor,
-                      state: Tensor) -> PrefixCache:
-        return self.policy.begin_prefill(visual, lang_tokens, lang_mask, state)
-
     def prefill(self, cache: PrefixCache, start: int, stop: int) -> None:
-        if start != cache.num_layers or cache.hidden is None or cache.att_2d is None:
-            raise ValueError(f"prefill: the cache holds {cache.num_layers} layers, asked to start at {start}")
+        self._check_prefill(cache, start)
+        segments = self.manifest.segments_between(start, stop)
+        assert cache.hidden is not None and cache.att_2d is not None
         h = cache.hidden.to(self.dtype).contiguous()
         pos, att = cache.position_ids.contiguous(), cache.att_2d.contiguous()
-        covered = start
-        for a, b in self.manifest.segments:
-            if b <= start or a >= stop:
-                continue
-            if a != covered or b > stop:
-                raise ValueError(f"prefill [{start}, {stop}): not a union of the exported segments")
+        for a, b in segments:
             h, keys, values = self.engines[f"prefill_{a}_{b}"].run(
                 {"hidden": h, "position_ids": pos, "att_2d": att}, p=cache.length)
             cache.keys.extend(keys.unbind(0))
             cache.values.extend(values.unbind(0))
-            covered = b
-        if covered != stop:
-            raise ValueError(f"prefill [{start}, {stop}): not a union of the exported segments")
         cache.hidden = h
 
     def velocity(self, cache: PrefixCache, x_t: Tensor, t: Tensor, *, step: int = -1,
