@@ -72,13 +72,20 @@ def main() -> int:
     head = (["backend", "full encode [s]"] + [f"partial {f:.0%} [s]" for f in fractions]
             + ["chunk off [s]", "chunk max reuse [s]", "reused / layer evals"])
     print("\n| " + " | ".join(head) + " |\n|---|" + "---:|" * (len(head) - 1))
+    copy_lines: list[str] = []
     for name in args.backends.split(","):
         be = make_backend(name, policy)
         with torch.no_grad():
             full = med(lambda b=be: b.encode(pixels), args.runs)
             ev = be.eventful_encoder()
             state = ev.encode_full(pixels)[1]
-            parts = [med(lambda m=m, e=ev, s=state: e.encode_partial(pixels, m, s), args.runs) for m in masks]
+            # as the compressor runs it: the cache updated in place; and the copying update (a new cache per frame,
+            # the compressor's before 2026-12-04), side by side
+            copying = [med(lambda m=m, e=ev, s=state: e.encode_partial(pixels, m, s), args.runs) for m in masks]
+            parts = [med(lambda m=m, e=ev, s=state: e.encode_partial(pixels, m, s, inplace=True), args.runs)
+                     for m in masks]
+        copy_lines.append(f"{name}: partial encode, cache copied per frame / updated in place: " + ", ".join(
+            f"{f:.0%} {c:.3f} / {p:.3f} s ({p / c:.2f})" for f, c, p in zip(fractions, copying, parts)))
         row = [name, f"{full:.3f}"] + [f"{p:.3f}" for p in parts]
         for reuse in (False, True):
             runner = PolicyRunner(policy, backend=be, expert_reuse=ExpertReuseConfig(enabled=reuse, threshold=10.0))
@@ -87,6 +94,8 @@ def main() -> int:
             res = runner.infer(cams, torch.zeros(arch.state_dim), noise=noise)
         row.append(f"{res.reused_expert_layers} / {res.reused_expert_layers + res.computed_expert_layers}")
         print("| " + " | ".join(row) + " |", flush=True)
+
+    print("\n" + "\n".join(copy_lines))
 
     d_in, d_out = arch.expert_hidden_size, arch.expert_intermediate_size
     weights = [torch.randn(d_out, d_in, dtype=getattr(torch, dt)) for _ in range(100)]  # > the last-level cache

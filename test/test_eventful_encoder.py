@@ -72,6 +72,28 @@ def test_partial_recomputes_only_changed_region_with_less_compute(encoder: Event
     assert stale_err > 0  # reuse is an approximation; the keyframe bounds it
 
 
+def test_inplace_partial_equals_the_copying_one_and_consumes_the_state(encoder: EventfulVisionEncoder) -> None:
+    """The compressor's in-place update (no copy of every layer's K/V) gives bit-identical tokens and cache, over
+    several frames in a row; the copying path leaves its input state untouched, the in-place one updates it."""
+    g = torch.Generator().manual_seed(3)
+    frames = [torch.rand(1, 3, 64, 64, generator=g) * 2 - 1 for _ in range(4)]
+    masks = [torch.rand(8, 8, generator=g) < f for f in (0.2, 0.5, 0.05)]
+    _, s_copy = encoder.encode_full(frames[0])
+    _, s_in = encoder.encode_full(frames[0])
+    for px, m in zip(frames[1:], masks):
+        before = [c.k.clone() for c in s_copy.layers]
+        t_copy, new_copy, r_copy = encoder.encode_partial(px, m, s_copy)
+        assert all(torch.equal(c.k, b) for c, b in zip(s_copy.layers, before))  # copying: input state unchanged
+        old_in = s_in
+        t_in, s_in, r_in = encoder.encode_partial(px, m, s_in, inplace=True)
+        assert s_in.layers[0].k is old_in.layers[0].k and s_in.final is old_in.final  # in place: the same storage
+        assert torch.equal(t_in, t_copy) and torch.equal(r_in, r_copy)
+        for a, b in zip(s_in.layers, new_copy.layers):
+            assert torch.equal(a.x_in, b.x_in) and torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+        assert torch.equal(s_in.final, new_copy.final)
+        s_copy = new_copy
+
+
 def test_no_change_reuses_everything(encoder: EventfulVisionEncoder) -> None:
     a = torch.rand(1, 3, 64, 64) * 2 - 1
     tokens, state = encoder.encode_full(a)

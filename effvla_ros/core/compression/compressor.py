@@ -180,8 +180,9 @@ class TokenCompressor:
             changed = dilate(decision.changed, cfg.dilation)
             known = st.full_flops.get(patch_grid)
             est = None if known is None else int(known * float(changed.float().mean()))
+            state, st.eventful = st.eventful, None  # consumed in place: a failed pass leaves no half-updated cache
             (tokens, st.eventful, rows), flops = self._count(
-                lambda: self.eventful.encode_partial(pixels, changed.to(pixels.device), st.eventful), est)
+                lambda: self.eventful.encode_partial(pixels, changed.to(pixels.device), state, inplace=True), est)
             reused[:] = True
             reused[rows.cpu()] = False
         else:

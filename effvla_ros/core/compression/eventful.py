@@ -82,16 +82,18 @@ class EventfulVisionEncoder:
         return x + emb.position_embedding(pos)
 
     def _layer(self, layer: Any, x: torch.Tensor, cache: _LayerCache | None,
-               idx: torch.Tensor | None) -> tuple[torch.Tensor, _LayerCache]:
+               idx: torch.Tensor | None, inplace: bool = False) -> tuple[torch.Tensor, _LayerCache]:
         """One encoder layer (:func:`~effvla_ros.core.smolvla.layers.siglip_layer`, the full encode's code). Full
-        when idx is None, else only rows idx (x holds those rows; their queries attend to every token)."""
+        when idx is None, else only rows idx (x holds those rows; their queries attend to every token); ``inplace``:
+        the rows are written into ``cache``'s tensors instead of copies of them."""
         if idx is None or cache is None:
             y, k, v = siglip_layer(layer, x[None], proj=self.proj)
             x_in = x
         else:
-            y, k, v = siglip_layer(layer, x[None], rows=idx, cached_k=cache.k, cached_v=cache.v, proj=self.proj)
-            x_in = cache.x_in.clone()
-            x_in[idx] = x
+            y, k, v = siglip_layer(layer, x[None], rows=idx, cached_k=cache.k, cached_v=cache.v, proj=self.proj,
+                                   inplace=inplace)
+            x_in = cache.x_in if inplace else cache.x_in.clone()
+            x_in.index_copy_(0, idx, x.to(x_in.dtype))
         return y[0], _LayerCache(x_in, k, v)
 
     def _connector_rows(self, final: torch.Tensor, grid: tuple[int, int], rows: torch.Tensor | None,
@@ -125,11 +127,15 @@ class EventfulVisionEncoder:
         return tokens, EventfulState(caches, x, tokens, grid)
 
     @torch.no_grad()
-    def encode_partial(self, pixels: torch.Tensor, changed: torch.Tensor,
-                       state: EventfulState) -> tuple[torch.Tensor, EventfulState, torch.Tensor]:
+    def encode_partial(self, pixels: torch.Tensor, changed: torch.Tensor, state: EventfulState,
+                       inplace: bool = False) -> tuple[torch.Tensor, EventfulState, torch.Tensor]:
         """Recompute only the patches where ``changed`` (gh, gw) is True, reusing ``state``.
 
-        Returns tokens (T, D), the updated cache and the indices of visual tokens recomputed.
+        Returns tokens (T, D), the updated cache and the indices of visual tokens recomputed. ``inplace``: the
+        per-layer inputs, K/V and final states of ``state`` are updated in place and shared by the returned cache
+        (``state`` is consumed: for a caller that keeps only the newest frame's cache, as the compressor does; it
+        saves copying ~3 x N x d values per layer, which at real size cost as much as the recomputed rows at small
+        changed fractions). The tokens are always a new tensor.
         """
         grid = self.patch_grid(pixels)
         if grid != state.grid or tuple(changed.shape) != grid:
@@ -140,10 +146,10 @@ class EventfulVisionEncoder:
         x = self._embed(pixels, idx)
         caches = []
         for layer, cache in zip(self.vm.encoder.layers, state.layers):
-            x, c = self._layer(layer, x, cache, idx)
+            x, c = self._layer(layer, x, cache, idx, inplace)
             caches.append(c)
-        final = state.final.clone()
-        final[idx] = x
+        final = state.final if inplace else state.final.clone()
+        final.index_copy_(0, idx, x.to(final.dtype))
         rows = self._token_rows(idx, grid)
         tokens = self._connector_rows(final, grid, rows, state.tokens)
         return tokens, EventfulState(caches, final, tokens, grid), rows

@@ -54,13 +54,15 @@ def _heads(attn: Any, x: Tensor, proj: Projections) -> tuple[Tensor, Tensor, Ten
 
 # ------------------------------------------------------------------------------------------------ vision
 def siglip_layer(layer: Any, x: Tensor, *, rows: Tensor | None = None, cached_k: Tensor | None = None,
-                 cached_v: Tensor | None = None, proj: Projections = EAGER) -> tuple[Tensor, Tensor, Tensor]:
+                 cached_v: Tensor | None = None, proj: Projections = EAGER,
+                 inplace: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """One SigLIP encoder layer (``SmolVLMEncoderLayer``'s computation with sdpa attention).
 
     Full: x (B, N, d) -> (y (B, N, d), K, V (B, H, N, hd)). Partial (Eventful patch reuse): x holds only the
     tokens ``rows`` (n,) of a frame whose K/V of every token are ``cached_k`` / ``cached_v`` (B, H, N, hd): those
     rows' K/V are replaced, their queries attend to ALL tokens, and y (B, n, d) is their output; the returned
-    K/V are the updated full ones.
+    K/V are the updated full ones — written into ``cached_k`` / ``cached_v`` themselves when ``inplace`` (the
+    caller gives up the old frame's cache: no copy of the N-token K/V per layer), else into copies.
     """
     attn = layer.self_attn
     b, n, _ = x.shape
@@ -68,8 +70,9 @@ def siglip_layer(layer: Any, x: Tensor, *, rows: Tensor | None = None, cached_k:
     if rows is not None:
         if cached_k is None or cached_v is None:
             raise ValueError("siglip_layer: rows need the cached K/V of the frame")
-        k_full, v_full = cached_k.clone(), cached_v.clone()
-        k_full[:, :, rows], v_full[:, :, rows] = k, v
+        k_full, v_full = (cached_k, cached_v) if inplace else (cached_k.clone(), cached_v.clone())
+        k_full.index_copy_(2, rows, k.to(k_full.dtype))
+        v_full.index_copy_(2, rows, v.to(v_full.dtype))
         k, v = k_full, v_full                                                   # (B, H, N, hd)
     o = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)              # (B, H, n, hd)
     o = o.transpose(1, 2).reshape(b, n, -1)
