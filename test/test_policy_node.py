@@ -112,6 +112,9 @@ def test_policy_node_end_to_end(tmp_path: Path, ckpt: Path) -> None:
         wait_for(lambda: (send() or True) and chunks[-1].denoising_steps == 3, timeout=60, period=0.1)
         bad = _set(node, "rtc.max_guidance_weight", type=ParameterType.PARAMETER_DOUBLE, double_value=-2.0)
         assert not bad.successful and "max_guidance_weight" in bad.reason
+        # training-time RTC on a checkpoint not trained for it: refused on set, with the reason
+        untrained = _set(node, "rtc.mode", type=ParameterType.PARAMETER_STRING, string_value="trained")
+        assert not untrained.successful and "rtc.mode" in untrained.reason and "trained" in untrained.reason
         ro = _set(node, "checkpoint", type=ParameterType.PARAMETER_STRING, string_value="/nope")
         assert not ro.successful
 

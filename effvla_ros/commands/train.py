@@ -99,6 +99,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prune-align-wrist", type=float, default=None,
                         help="the same alignment on the wrist camera's tokens (the camera placed at each frame's "
                              "recorded joint positions by forward kinematics; 0: off, default)")
+    parser.add_argument("--rtc-train-max-delay", type=int, default=None,
+                        help="training-time real-time chunking (arXiv 2512.05964): each sample's first d ~ U{0..N} "
+                             "actions given clean as a committed prefix, out of the loss; the checkpoint declares N "
+                             "and serves rtc.mode=trained (0: off, default)")
     parser.add_argument("--device", default=None,
                         help="torch device of the training step: cpu (default) or cuda[:N] (a GPU; not needed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -107,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FIELDS = ("steps", "batch", "lr", "weight_decay", "warmup", "image_size", "seed", "shift", "state_dropout", "ema",
            "save_every", "max_episodes", "max_minutes", "threads", "save_dtype", "init", "aux_weight", "aux_pose",
            "aux_layer", "aux_wrist", "decision_weight", "color_swap", "prune_train", "prune_keep_ratio",
-           "decision_window", "attention", "prune_align", "prune_align_wrist", "device")
+           "decision_window", "attention", "prune_align", "prune_align_wrist", "device", "rtc_train_max_delay")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -45,6 +45,10 @@ class RTCConfig(ConfigBase):
     """Real-time chunking settings (ROS parameters of the policy node under ``rtc.``)."""
 
     enabled: bool = param(True, description="guide each new chunk toward the previous chunk's unexecuted actions")
+    mode: str = param("guided", choices=("guided", "trained"),
+                      description="guided: inference-time guidance toward the previous chunk (arXiv 2506.07339); "
+                                  "trained: condition on its committed first d actions (training-time RTC, arXiv "
+                                  "2512.05964; needs a checkpoint trained so)")
     guidance: str = param("jacobian_free", choices=("jacobian_free", "vjp"),
                           description="correction: weighted error (LeRobot, no backward pass) or the true "
                                       "vector-Jacobian product through the action expert (paper)")

@@ -82,8 +82,18 @@ class PolicyRunner:
         self._lang: tuple[Tensor, Tensor] | None = None
 
     def _check(self) -> None:
-        self.backend.caps.check(early_exit=self.prefix_reuse.cfg.enabled, expert_reuse=self.expert_reuse.cfg.enabled,
-                                vjp=self.rtc.enabled and self.rtc.guidance == "vjp")
+        self.backend.caps.check(early_exit=self.prefix_reuse.cfg.enabled, expert_reuse=self.expert_reuse.cfg.enabled)
+        self.check_rtc(self.rtc)
+
+    def check_rtc(self, rtc: RTCConfig) -> None:
+        """Raise (naming the parameter) if ``rtc`` cannot run here: VJP guidance or a committed prefix on a backend
+        without it, ``rtc.mode: trained`` with a checkpoint not trained for it."""
+        self.backend.caps.check(vjp=rtc.enabled and rtc.mode == "guided" and rtc.guidance == "vjp",
+                                committed_prefix=rtc.enabled and rtc.mode == "trained")
+        if rtc.enabled and rtc.mode == "trained" and not self.policy.arch.rtc_trained_max_delay:
+            raise ValueError("rtc.mode: 'trained' needs a checkpoint trained with training-time RTC (`effvla train "
+                             "--rtc-train-max-delay N`, config.json effvla_rtc_trained_max_delay); this one was not: "
+                             "use 'guided'")
 
     # ------------------------------------------------------------------ configuration
     def configure(self, *, inference: InferenceConfig | None = None, early_exit: EarlyExitConfig | None = None,
@@ -156,8 +166,15 @@ class PolicyRunner:
         guide: Guide | None = None
         target: Tensor | None = None
         mask: Tensor | None = None
+        prefix: Tensor | None = None
         delay = 0
-        if guidance is not None and self.rtc.enabled and guidance.valid > 0:
+        if guidance is not None and self.rtc.enabled and guidance.valid > 0 and self.rtc.mode == "trained":
+            # training-time RTC: the d actions that execute while this chunk is computed are its committed prefix
+            # (beyond the delays it was trained on, the first ones of them: the rest run before the chunk anyway)
+            delay = min(guidance.delay, guidance.valid, pol.arch.rtc_trained_max_delay)
+            if delay > 0:
+                prefix = self._rebase(guidance, state)[None, :delay]                # (1, d, max_action_dim)
+        elif guidance is not None and self.rtc.enabled and guidance.valid > 0:
             delay = min(guidance.delay, guidance.valid)
             mask = soft_mask(pol.arch.chunk_size, delay, guidance.valid, self.rtc.schedule).to(pol.device)
             target = self._rebase(guidance, state)
@@ -176,9 +193,9 @@ class PolicyRunner:
         integrate = getattr(be, "integrate", None)  # a backend that runs the whole loop itself (CUDA graph)
         with measure(pol.device, stats, count):                                    # stage 3: denoise
             if integrate is not None:
-                x = integrate(cache, noise, n_steps, self.rtc, target, mask)
+                x = integrate(cache, noise, n_steps, self.rtc, target, mask, prefix)
             else:
-                x = euler_integrate(velocity, noise.to(pol.device), n_steps, guide=guide)
+                x = euler_integrate(velocity, noise.to(pol.device), n_steps, guide=guide, prefix=prefix)
         den_actions, _ = pol.decode_actions(x)
         prefill_stats, denoise_stats = stats
         actions = pol.to_absolute(den_actions, state.reshape(1, -1))[0]
@@ -195,7 +212,7 @@ class PolicyRunner:
             actions=actions, x_final=x[0], exit_layer=exit_layer, steps=n_steps,
             reused_expert_layers=self.expert_reuse.reused if self.expert_reuse.cfg.enabled else 0,
             computed_expert_layers=computed, steps_with_reuse=len(self.expert_reuse.steps_with_reuse),
-            rtc_delay=delay, guided=guide is not None, times=times, flops=flops,
+            rtc_delay=delay, guided=guide is not None or prefix is not None, times=times, flops=flops,
             similarities={k: float(v) for k, v in self.prefix_reuse.last_similarities.items()},
             state=state.detach().reshape(-1).clone())
 

@@ -304,7 +304,7 @@ class PolicyNode(Node):
         # load or does not fit the model) are rejected on set, naming the parameter
         self.exit_params.check = self._check_early_exit
         self.expert_params.check = self._check_expert_reuse
-        self.rtc_params.check = lambda c: self.runner.backend.caps.check(vjp=c.enabled and c.guidance == "vjp")
+        self.rtc_params.check = self.runner.check_rtc
         self.delay = DelayEstimator(self.rtc_params.config)
         self.compressor: TokenCompressor | None = None
         if cfg.input_mode == "images":

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from effvla_ros.core.compression.pruning import PruningConfig
+from effvla_ros.core.flow import rtc_training_time, sample_flow_time
 from effvla_ros.core.smolvla import (
     RuntimeConfig,
     SmolVLAArch,
@@ -134,6 +135,9 @@ class TrainConfig:
     prune_align: float = 0.0  # weight of the relevance alignment loss (effvla_ros.train.relevance; 0: off)
     prune_align_wrist: float = 0.0  # the same on the wrist camera's tokens (its pose by forward kinematics)
     device: str = "cpu"  # torch device of the training step ("cuda": batches are built on the CPU and copied)
+    # training-time real-time chunking (arXiv 2512.05964): each sample's first d ~ U{0..N} actions are a committed
+    # prefix given clean (flow time 0) and left out of the loss; the checkpoint declares N (rtc.mode: trained)
+    rtc_train_max_delay: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.color_swap <= 1.0:
@@ -160,6 +164,8 @@ class TrainConfig:
             raise ValueError(f"prune_align_wrist: must be >= 0, got {self.prune_align_wrist}")
         if self.aux_wrist and self.aux_weight <= 0:
             raise ValueError("aux_wrist: needs aux_weight > 0 (it is a term of the grounding loss)")
+        if self.rtc_train_max_delay < 0:
+            raise ValueError(f"rtc_train_max_delay: must be >= 0, got {self.rtc_train_max_delay}")
 
 
 @dataclass
@@ -352,12 +358,20 @@ def _init_policy(cfg: TrainConfig, dataset: ChunkDataset) -> SmolVLAPolicy:
     """A new random policy, or ``cfg.init``'s (continued training), trainable, on ``cfg.device``."""
     if cfg.init:
         policy = load_policy(cfg.init, runtime=RuntimeConfig())
+        # the action chunk's length is no weight's shape (per-token projections, RoPE positions): a fine-tune may
+        # change it (and the execution horizon); nothing else of the architecture
+        horizon = {k: v for k, v in cfg.arch_changes.items() if k in ("chunk_size", "n_action_steps")}
+        if horizon:
+            policy.arch = policy.arch.replace(**horizon)
         if policy.arch.chunk_size != dataset.chunk_size or tuple(policy.arch.cameras) != tuple(dataset.cameras):
             raise ValueError(f"--init {cfg.init}: chunk size / cameras differ from the data's")
         for p in policy.weights.parameters():
             p.requires_grad_(True)
     else:
         policy = build_policy(dataset, cfg.image_size, cfg.seed, **cfg.arch_changes)
+    if cfg.rtc_train_max_delay:
+        policy.arch = policy.arch.replace(rtc_trained_max_delay=cfg.rtc_train_max_delay)
+        policy.arch.validate()
     if cfg.device != "cpu":
         policy.apply_runtime(dataclasses.replace(policy.runtime, device=cfg.device))
     policy.fused_attention = cfg.attention == "fused"
@@ -483,6 +497,7 @@ class _Batch:
     grounding: tuple[torch.Tensor, torch.Tensor] | None   # (targets, mask) (B, N_TARGETS)
     relevance: dict[str, torch.Tensor] | None             # camera -> (B, 2) token indices
     size: int
+    t: torch.Tensor | None = None                         # per-token flow time (B, S) (training-time RTC), else drawn
 
 
 def _make_batch(run: _Run, idx: np.ndarray, rng: np.random.Generator) -> _Batch:
@@ -498,11 +513,17 @@ def _make_batch(run: _Run, idx: np.ndarray, rng: np.random.Generator) -> _Batch:
         drop = torch.from_numpy(rng.random(len(idx)) < cfg.state_dropout)
         mean = run.policy.normalizer.stats["observation.state"]["mean"]
         batch["observation.state"][drop] = mean.to(batch["observation.state"].dtype)
+    t = None
+    if cfg.rtc_train_max_delay > 0:  # a committed prefix of d clean actions per sample, out of the loss
+        delays = torch.from_numpy(rng.integers(0, cfg.rtc_train_max_delay + 1, size=len(idx)))
+        t, prefix = rtc_training_time(sample_flow_time(len(idx)), delays, dataset.chunk_size)
+        batch["action_is_pad"] = batch["action_is_pad"] | prefix
     if dev.type != "cpu":
         batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         if grounding is not None:
             grounding = (grounding[0].to(dev), grounding[1].to(dev))
-    return _Batch(batch, grounding, relevance, len(idx))
+        t = t.to(dev) if t is not None else None
+    return _Batch(batch, grounding, relevance, len(idx), t)
 
 
 def _loss(run: _Run, b: _Batch, rng: np.random.Generator
@@ -510,14 +531,14 @@ def _loss(run: _Run, b: _Batch, rng: np.random.Generator
     """(loss to minimize, flow-matching loss (detached, logged as ``loss``), auxiliary stats or None)."""
     cfg, ex = run.cfg, run.extras
     if not ex.one_pass:
-        loss = masked_loss(run.policy, b.data)
+        loss = masked_loss(run.policy, b.data, t=b.t)
         return loss, loss.detach(), None
     tg, mk = b.grounding if b.grounding is not None else (None, None)
     prune = None
     if ex.prune is not None:
         prune = (ex.prune, torch.from_numpy(rng.random(b.size) < cfg.prune_train))
     flow, aux, stats = flow_and_grounding_loss(run.policy, b.data, ex.heads, tg, mk, layer=ex.aux_layer,
-                                               camera=ex.aux_camera, prune=prune,
+                                               camera=ex.aux_camera, prune=prune, t=b.t,
                                                wrist_camera="wrist" if cfg.aux_wrist else None,
                                                relevance=b.relevance)
     loss = flow + cfg.aux_weight * aux

@@ -51,7 +51,8 @@ class Capabilities:
     """What a backend supports. ``exit_layers``: layers after which its prefill can stop (None = after any);
     ``token_budgets``: the kept-token counts per camera it was built for (() = any); ``expert_plans``: its
     ``velocity`` honours an :class:`ExpertPlan`; ``partial_encode``: Eventful patch reuse; ``vjp``: autograd
-    through ``velocity``; ``attention_probs``: attention probabilities on request (training probes)."""
+    through ``velocity``; ``attention_probs``: attention probabilities on request (training probes);
+    ``committed_prefix``: its denoising holds a committed prefix clean (training-time RTC, ``rtc.mode: trained``)."""
 
     name: str
     exit_layers: tuple[int, ...] | None = None
@@ -60,14 +61,16 @@ class Capabilities:
     partial_encode: bool = True
     vjp: bool = True
     attention_probs: bool = True
+    committed_prefix: bool = True
 
     def check(self, *, early_exit: bool = False, expert_reuse: bool = False, patch_reuse: bool = False,
-              vjp: bool = False) -> None:
+              vjp: bool = False, committed_prefix: bool = False) -> None:
         """Raise :class:`CapabilityError` naming the parameter of the first requested feature not supported."""
         wanted = [("early_exit.enabled", early_exit, self.exit_layers is None or bool(self.exit_layers)),
                   ("expert_reuse.enabled", expert_reuse, self.expert_plans),
                   ("reuse.patch_level", patch_reuse, self.partial_encode),
-                  ("rtc.guidance", vjp, self.vjp)]
+                  ("rtc.guidance", vjp, self.vjp),
+                  ("rtc.mode", committed_prefix, self.committed_prefix)]
         for param, asked, supported in wanted:
             if asked and not supported:
                 raise CapabilityError(f"{param}: not supported by the {self.name!r} backend")

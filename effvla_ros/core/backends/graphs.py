@@ -6,8 +6,10 @@ step of the loop once - the shared Euler integrator (:func:`effvla_ros.core.flow
 Jacobian-free RTC guidance of :func:`effvla_ros.core.rtc.guided_velocity` as its guide - and replaying it
 turns a chunk's denoising into one launch. The graph reads static buffers allocated once per prefix shape:
 every layer's prefix K/V, the expert's cross-attention K/V, the padding mask, the noise, the RTC target and
-soft mask; a chunk copies its values in and replays. Without guidance the mask buffer is zero and the
-guided velocity equals the model's exactly (``v - w * 0``), so one graph serves both.
+soft mask, and training-time RTC's committed prefix and its row mask; a chunk copies its values in and
+replays. Without guidance the mask buffer is zero and the guided velocity equals the model's exactly
+(``v - w * 0``); without a committed prefix no row is held (per-token time equal to the shared one), so one
+graph serves every mode.
 
 What the graph fixes, a capability says: no expert feature reuse (its per-layer decisions are data-dependent
 host branches), no VJP guidance; the guidance weight beta and the step count are part of the graph (a new
@@ -58,6 +60,9 @@ class DenoiseGraph:
         self.noise = torch.zeros(shape, dtype=torch.float32, device=dev)
         self.target = torch.zeros(arch.chunk_size, arch.max_action_dim, dtype=torch.float32, device=dev)
         self.mask = torch.zeros(arch.chunk_size, dtype=torch.float32, device=dev)
+        # training-time RTC: the committed actions and which rows they are (none: all False, the flow unchanged)
+        self.prefix = torch.zeros(shape, dtype=torch.float32, device=dev)
+        self.committed = torch.zeros(arch.chunk_size, dtype=torch.bool, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Tensor | None = None
         self.replays = 0
@@ -73,7 +78,8 @@ class DenoiseGraph:
         def guide(step: int, t: float, x: Tensor, v: Tensor) -> Tensor:
             return guided_velocity(x, t, lambda xx, tt: v, self.target, self.mask, rtc, v_t=v)
 
-        return euler_integrate(velocity, self.noise, self.num_steps, guide=guide)
+        return euler_integrate(velocity, self.noise, self.num_steps, guide=guide, prefix=self.prefix,
+                               prefix_mask=self.committed)
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()
@@ -91,9 +97,11 @@ class DenoiseGraph:
                 and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(cache.keys, self.cache.keys)))
 
     @torch.no_grad()
-    def run(self, cache: PrefixCache, noise: Tensor, target: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def run(self, cache: PrefixCache, noise: Tensor, target: Tensor | None = None, mask: Tensor | None = None,
+            prefix: Tensor | None = None) -> Tensor:
         """x_0 (1, S, A) of the flow from ``noise`` over ``cache``, guided toward ``target`` (S, A) with the soft
-        ``mask`` (S,) when given (Jacobian-free RTC)."""
+        ``mask`` (S,) when given (Jacobian-free RTC), its first d actions held at ``prefix`` (1, d, A) when given
+        (training-time RTC)."""
         if not self.fits(cache):
             raise ValueError(f"DenoiseGraph: built for a prefix of {self.cache.length} tokens, got {cache.length}")
         for dst, src in zip(self.cache.keys + self.cache.values, cache.keys + cache.values, strict=True):
@@ -109,6 +117,10 @@ class DenoiseGraph:
         else:
             self.target.copy_(target)
             self.mask.copy_(mask)
+        d = 0 if prefix is None else int(prefix.shape[-2])
+        if prefix is not None:
+            self.prefix[:, :d].copy_(prefix)
+        self.committed.copy_(torch.arange(self.committed.shape[0], device=self.committed.device) < d)
         self.replays += 1
         if self.graph is not None:
             self.graph.replay()
@@ -128,12 +140,12 @@ class GraphBackend(EagerBackend):
         self.graphs: dict[_GraphKey, DenoiseGraph] = {}
 
     def integrate(self, cache: PrefixCache, noise: Tensor, num_steps: int, rtc: RTCConfig,
-                  target: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """The runner's denoising on this backend: the same integrator and guidance, replayed."""
+                  target: Tensor | None = None, mask: Tensor | None = None, prefix: Tensor | None = None) -> Tensor:
+        """The runner's denoising on this backend: the same integrator, guidance and committed prefix, replayed."""
         key = _GraphKey(cache.length, num_steps, float(rtc.max_guidance_weight))
         graph = self.graphs.get(key)
         if graph is None or not graph.fits(cache):
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
             graph = self.graphs[key] = DenoiseGraph(self.policy, cache, num_steps, key.beta)
-        return graph.run(cache, noise.to(self.policy.device), target, mask)
+        return graph.run(cache, noise.to(self.policy.device), target, mask, prefix)

@@ -32,6 +32,9 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half
 # config.json key of SmolVLAArch.relative_action_dims (an effvla extension; written only when non-empty, so
 # absolute-action checkpoints keep LeRobot's exact config.json)
 RELATIVE_KEY = "effvla_relative_action_dims"
+# config.json key of SmolVLAArch.rtc_trained_max_delay (an effvla extension, written only when > 0): the checkpoint
+# was trained with training-time real-time chunking (arXiv 2512.05964) on committed prefixes of up to that many actions
+RTC_TRAINED_KEY = "effvla_rtc_trained_max_delay"
 
 
 #: Choices of the dtype parameters: the dtypes, and "auto" (:func:`resolve_dtype`).
@@ -136,6 +139,9 @@ class SmolVLAArch:
     # action dims predicted relative to the same-index state dim (openpi's DeltaActions: a = a_abs - state;
     # the policy adds the observation's state back); () = absolute actions, as LeRobot's SmolVLA
     relative_action_dims: tuple[int, ...] = ()
+    # training-time real-time chunking (arXiv 2512.05964): trained to condition on a committed prefix of up to this
+    # many clean actions (per-token flow time 0); 0 = not trained so (inference-time guidance only)
+    rtc_trained_max_delay: int = 0
     normalization_mapping: dict[str, str] = field(
         default_factory=lambda: {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
     )
@@ -188,6 +194,9 @@ class SmolVLAArch:
         if bad or len(set(self.relative_action_dims)) != len(self.relative_action_dims):
             raise ValueError(f"relative_action_dims: {list(self.relative_action_dims)} must be distinct indices below "
                              f"min(action_dim, state_dim) = {min(self.action_dim, self.state_dim)}")
+        if not 0 <= self.rtc_trained_max_delay < self.chunk_size:
+            raise ValueError(f"rtc_trained_max_delay: must be in [0, chunk_size {self.chunk_size}), "
+                             f"got {self.rtc_trained_max_delay}")
 
     def replace(self, **changes: Any) -> SmolVLAArch:
         return dataclasses.replace(self, **changes)
@@ -256,6 +265,8 @@ class SmolVLAArch:
             out["normalization_mapping"] = dict(cfg["normalization_mapping"])
         if cfg.get(RELATIVE_KEY):
             out["relative_action_dims"] = tuple(int(i) for i in cfg[RELATIVE_KEY])
+        if cfg.get(RTC_TRAINED_KEY):
+            out["rtc_trained_max_delay"] = int(cfg[RTC_TRAINED_KEY])
         for bad in ("adapt_to_pi_aloha", "use_delta_joint_actions_aloha"):
             if cfg.get(bad):
                 raise NotImplementedError(f"config.json: {bad}=true is not supported by the policy core")
@@ -307,7 +318,8 @@ class SmolVLAArch:
             "expert_width_multiplier": self.expert_width_multiplier, "min_period": self.min_period,
             "max_period": self.max_period, "rtc_config": None, "compile_model": False,
             "compile_mode": "max-autotune",
-        } | ({RELATIVE_KEY: list(self.relative_action_dims)} if self.relative_action_dims else {})
+        } | ({RELATIVE_KEY: list(self.relative_action_dims)} if self.relative_action_dims else {}) \
+          | ({RTC_TRAINED_KEY: self.rtc_trained_max_delay} if self.rtc_trained_max_delay else {})
 
 
 def tiny_arch(**changes: Any) -> SmolVLAArch:

@@ -37,7 +37,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from effvla_ros.core import flops as _flops  # noqa: F401  (counts CPU SDPA attention too)
-from effvla_ros.core.flow import euler_integrate
+from effvla_ros.core.flow import euler_integrate, sample_flow_time
 from effvla_ros.core.stages import (
     ChunkResult,
     DenoiseResult,
@@ -196,14 +196,15 @@ class SmolVLAPolicy:
                              t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(x_t, u_t, t) of LeRobot's flow-matching objective for raw absolute actions (B, S, action_dim):
         a = :meth:`action_targets`, x_t = t * noise + (1 - t) * a, u_t = noise - a; noise ~ N(0, 1) and
-        t ~ Beta(1.5, 1) * 0.999 + 0.001 (B,) unless given. Every training loss samples through this."""
+        t ~ Beta(1.5, 1) * 0.999 + 0.001 (B,) unless given. t may be per token (B, S): training-time real-time
+        chunking gives the committed prefix t = 0 (x_t = a there, :func:`~effvla_ros.core.flow.rtc_training_time`). Every training
+        loss samples through this."""
         a = self.action_targets(actions, state)
         if noise is None:
             noise = torch.randn_like(a)
         if t is None:
-            beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0))
-            t = (beta.sample((a.shape[0],)) * 0.999 + 0.001).to(self.device)
-        tt = t[:, None, None]
+            t = sample_flow_time(a.shape[0]).to(self.device)
+        tt = t[:, :, None] if t.ndim == 2 else t[:, None, None]
         return tt * noise + (1 - tt) * a, noise - a, t
 
     def preprocess_image(self, img: Tensor) -> Tensor:
