@@ -116,3 +116,30 @@ def test_eval_sim_on_another_backend_and_dtype(tmp_path):
     assert packed["steps"] == eager["steps"] and packed["outcome"] == eager["outcome"]
     assert abs(packed["arm_motion"] - eager["arm_motion"]) < 1e-3
     assert bf16["steps"] >= 1 and bf16["arm_motion"] > 0.01
+
+
+def test_eval_sim_delay_at_or_past_the_horizon_runs_back_to_back_and_holds_the_chunk_end():
+    """A delay of E steps or more (the checkpoint's chunk: 10, horizon 5): inferences run back to back, one per
+    delay, each chunk executed from row d; where row 2d - 1 is past the chunk's end, its last action is held."""
+    from effvla_ros.core.smolvla import load_policy
+    from effvla_ros.sim.env import SimConfig, TwoCubePickPlaceEnv
+    from effvla_ros.train.evaluate import run_episode
+
+    policy = load_policy(CKPT)
+    env = TwoCubePickPlaceEnv(SimConfig(image_size=64, cameras=list(policy.arch.cameras)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {d: run_episode(policy, env, 100000, make_setting(f"d{d}", {"exec.delay_steps": d}), max_steps=20)
+                for d in (2, 5, 7)}
+    finally:
+        torch.set_num_threads(threads)
+        env.close()
+    for d, r in runs.items():
+        assert r.steps == 20  # no success this early: every run is 20 steps long
+        assert r.inferences == math.ceil(20 / max(5, d))
+    assert runs[2].held_steps == 0 and runs[5].held_steps == 0  # rows up to 2d - 1 = 9 exist
+    # d = 7: observations at 0, 7, 14. Chunk 0 (the first, from row 0) runs steps 0..13 = rows 0..13: rows 10..13
+    # held (4 steps); chunk 1 arrives at step 14 and runs rows 7..12 until the episode ends at 19: rows 10..12
+    # held (3 steps); chunk 2 would arrive at step 21
+    assert runs[7].held_steps == 4 + 3

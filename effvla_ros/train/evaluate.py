@@ -15,7 +15,12 @@ Timeline (control step ``k``, execution horizon ``E``, emulated inference delay 
   row ``D`` - what a real robot does while the policy computes. With RTC enabled the new chunk is
   guided toward the executing chunk's ``x_final`` aligned to step ``k`` with delay ``D``
   (:func:`~effvla_ros.core.chunking.guidance_toward` with a :class:`~effvla_ros.core.chunking.FixedDelay`). The first inference of an episode has no previous chunk: it is executed from row 0;
-* the next inference observes at step ``k + E``; ``E + D`` must not exceed the chunk size.
+* at each switch the report records the step between the two chunks' arm commands (``switch_jump``, rad: the
+  discontinuity the chunk executor would otherwise blend or limit);
+* the next inference observes at step ``k + max(E, D)``: one inference at a time, so with ``D >= E`` the next
+  one starts when the chunk arrives (back to back, as the policy node runs then) and each chunk executes rows
+  ``D .. 2D - 1``; where that passes the chunk's end, its last action is held (``held_steps``), as the chunk
+  executor holds the last point of a chunk that ran out.
 
 An episode ends on success (latched by the environment) or after ``max_steps`` control steps. The
 noise of every inference comes from a generator seeded by the episode seed, so every setting sees the
@@ -83,6 +88,7 @@ class EpisodeResult:
     grasp_dist_other_cm: float = math.nan  # ... and to the other cube
     target_lift_cm: float = math.nan  # highest rise of the instructed cube above its start
     closes: int = 0  # times the commanded gripper went from open to closed (2+: the policy grasped again)
+    held_steps: int = 0  # control steps past the executing chunk's last action (its last point held)
 
 
 OUTCOMES: tuple[str, ...] = ("success", "no_grasp", "wrong_cube", "missed", "not_lifted", "not_placed")
@@ -119,8 +125,11 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
     h_chunk = arch.chunk_size
     horizon, delay = setting.exec_params()
     horizon = horizon or arch.n_action_steps
-    if horizon < 1 or horizon + delay > h_chunk:
-        raise ValueError(f"execution horizon {horizon} + delay {delay} must be in 1..chunk_size ({h_chunk})")
+    if not 1 <= horizon <= h_chunk:
+        raise ValueError(f"execution horizon {horizon} must be in 1..chunk_size ({h_chunk})")
+    # one inference at a time: the next observation comes E steps after this one, or when this one's chunk
+    # arrives if that is later (a delay of E steps or more: back to back, what the policy node does then)
+    period = max(horizon, delay)
     env.reset(seed=seed)
     compressor = TokenCompressor(policy, cfg["pruning"], cfg["reuse"], backend=backend)
     runner = PolicyRunner(policy, inference=cfg["inference"], early_exit=cfg["early_exit"],
@@ -149,7 +158,21 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
     lift = 0.0
     grasp: tuple[float, float] | None = None
     closes, was_closed = 0, False
+    held = 0
+    jumps: list[float] = []
+
+    def switch_jump(k: int, start: int, new: InferenceResult) -> None:
+        """The step in the commanded arm joints where ``new`` (row 0 at step ``start``) takes over at step ``k``."""
+        if cur is not None:
+            a_old = cur.actions[min(k - cur_start, h_chunk - 1), :5]
+            a_new = new.actions[min(k - start, h_chunk - 1), :5]
+            jumps.append(float((a_new - a_old).abs().max()))
+
     for k in range(max_steps):
+        if pending is not None and k >= pending[0] + delay:  # the chunk computed during the delay takes over
+            switch_jump(k, *pending)
+            cur_start, cur = pending
+            pending = None
         if k == next_obs:
             images = env.render_all()
             state = torch.as_tensor(env.joint_positions(), dtype=torch.float32)
@@ -186,14 +209,13 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
                 add("prefill_flops", res.flops.get("prefill", 0))
                 add("denoise_flops", res.flops.get("denoise", 0))
             if cur is None or delay == 0:
+                switch_jump(k, k, res)
                 cur, cur_start = res, k
             else:
                 pending = (k, res)
-            next_obs = k + horizon
-        if pending is not None and k >= pending[0] + delay:
-            cur_start, cur = pending
-            pending = None
+            next_obs = k + period
         assert cur is not None
+        held += k - cur_start >= h_chunk  # past the chunk's end the executor holds its last point
         action = cur.actions[min(k - cur_start, h_chunk - 1)].detach().cpu()
         env.set_joint_targets(action.numpy().astype(np.float64))
         closed = float(action[-1]) < grip_mid
@@ -209,10 +231,12 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
         if env.success:
             break
     per = {k: float(np.mean(v)) for k, v in stats.items()}
+    if jumps:  # mean over the episode's chunk switches (rad)
+        per["switch_jump"] = float(np.mean(jumps))
     dt_cm, do_cm = grasp if grasp is not None else (math.nan, math.nan)
     outcome = classify_outcome(bool(env.success), dt_cm, do_cm, lift)
     return EpisodeResult(int(seed), instruction, bool(env.success), steps, len(stats.get("policy_s", [])), motion, per,
-                         outcome, dt_cm, do_cm, lift, int(closes))
+                         outcome, dt_cm, do_cm, lift, int(closes), int(held))
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -240,6 +264,7 @@ def summarize(setting: Setting, results: Sequence[EpisodeResult], *, default_hor
         # episodes whose gripper closed more than once (a second grasp), and how many of them succeeded
         "regrasp_episodes": sum(r.closes >= 2 for r in results),
         "regrasp_successes": sum(r.closes >= 2 and r.success for r in results),
+        "held_steps": float(np.mean([r.held_steps for r in results])) if n else math.nan,
         "episode_results": [dataclasses.asdict(r) for r in results],
     }
 
