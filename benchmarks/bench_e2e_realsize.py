@@ -100,16 +100,19 @@ def episode(n: int, size: int, seed: int = 3) -> tuple[list[dict[str, torch.Tens
 
 
 def target_configs(target: str = "x86_cpu") -> dict[str, dict[str, Any]]:
-    """pruning / reuse (token_compressor) and expert_reuse (policy) of config/base.yaml < targets/<target>.yaml."""
+    """pruning / reuse (token_compressor), expert_reuse and the denoising steps (policy: ``inference.num_steps``) of
+    config/base.yaml < targets/<target>.yaml."""
     import yaml
 
-    out: dict[str, dict[str, Any]] = {"pruning": {}, "reuse": {}, "expert_reuse": {}}
+    out: dict[str, dict[str, Any]] = {"pruning": {}, "reuse": {}, "expert_reuse": {}, "inference": {}}
     for path in (REPO / "config" / "base.yaml", REPO / "config" / "targets" / f"{target}.yaml"):
         doc = yaml.safe_load(path.read_text()) or {}
         tc = (doc.get("/**/token_compressor") or {}).get("ros__parameters") or {}
         po = (doc.get("/**/policy") or {}).get("ros__parameters") or {}
         for sec, src in (("pruning", tc), ("reuse", tc), ("expert_reuse", po)):
             out[sec].update(src.get(sec) or {})
+        if "num_steps" in po:
+            out["inference"]["num_steps"] = int(po["num_steps"])
     return out
 
 
@@ -194,10 +197,12 @@ def run_ours(policy: Any, backend: Any, on: bool, cfgs: dict[str, dict[str, Any]
         reuse = ReuseConfig.from_dict({**cfgs["reuse"], "patch_level": cfgs["reuse"].get("patch_level", True)
                                        and caps.partial_encode})
         expert = ExpertReuseConfig.from_dict({**cfgs["expert_reuse"], "enabled": caps.expert_plans})
+        num_steps = int(cfgs["inference"].get("num_steps", policy.num_steps))
     else:
         pruning, reuse, expert = PruningConfig(method="none"), ReuseConfig(enabled=False), ExpertReuseConfig(enabled=False)
+        num_steps = policy.num_steps
     comp = TokenCompressor(policy, pruning, reuse, count_flops=False, backend=backend)
-    runner = PolicyRunner(policy, inference=InferenceConfig(num_steps=policy.num_steps),
+    runner = PolicyRunner(policy, inference=InferenceConfig(num_steps=num_steps),
                           early_exit=EarlyExitConfig(enabled=False), expert_reuse=expert,
                           rtc=RTCConfig(enabled=False), backend=backend)
     comp.set_instruction(task)
@@ -231,7 +236,7 @@ def run_ours(policy: Any, backend: Any, on: bool, cfgs: dict[str, dict[str, Any]
     # backends' runtimes, whose FLOPs are those of the same rows on a torch backend)
     if not args.no_flops and backend.caps.name not in ("onnxruntime", "tensorrt"):
         comp.count_flops = True
-        runner.configure(inference=InferenceConfig(num_steps=policy.num_steps, count_flops=True))
+        runner.configure(inference=InferenceConfig(num_steps=num_steps, count_flops=True))
         _, outs, res = step(args.frames)
         rec["flops_step"] = {"encoder": sum(o.encoder_flops for o in outs.values()),
                              "encoder_kinds": [o.kind for o in outs.values()],
@@ -406,7 +411,8 @@ def main() -> int:
             cal_frames, cal_states, cal_task, _ = episode(args.calib_frames, render, seed=11)
             obs = [({c: f[s] for s, c in cam_map}, st, cal_task) for f, st in zip(cal_frames, cal_states, strict=True)]
             rule = ExpertReuseConfig.from_dict({**cfgs["expert_reuse"], "enabled": True})
-            cal = calibrate(policy, obs, exit_layers=[1], expert_reuse_fraction=args.expert_reuse_fraction, expert=rule)
+            cal = calibrate(policy, obs, exit_layers=[1], expert_reuse_fraction=args.expert_reuse_fraction, expert=rule,
+                            num_steps=int(cfgs["inference"].get("num_steps", policy.num_steps)))  # as "on" runs
             cfgs["expert_reuse"]["thresholds"] = [float(x) for x in cal["expert_thresholds"]]
             meta.setdefault("expert_calibration", {})[d] = cfgs["expert_reuse"]["thresholds"]
             print(f"# ours {d}: expert thresholds calibrated for {args.expert_reuse_fraction:.2f} reuse on "

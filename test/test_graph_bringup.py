@@ -135,7 +135,8 @@ def test_layered_params_parsed_by_rcl_are_valid_core_configs(target: str, tmp_pa
         assert pol["num_steps"] == 8 and comp["pruning.keep_ratio"] == 0.4  # base: 10 and 0.5
         assert pol["vlm_dtype"] == "bfloat16"
     if target == "x86_cpu":
-        assert pol["device"] == "cpu" and pol["num_steps"] == 10
+        assert pol["device"] == "cpu" and pol["num_steps"] == 5  # base: 10
+        assert comp["reuse.dilation"] == 0  # base: 1
         assert pol["backend"] == comp["backend"] == "packed" and pol["vlm_dtype"] == comp["vision_dtype"] == "auto"
 
 

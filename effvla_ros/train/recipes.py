@@ -103,6 +103,20 @@ RECIPES["so101_pruned"] = Recipe(
                 "then 6000 at 1e-4",
 )
 
+# effvla_ros/assets/so101_pickplace_rtc: so101_pickplace_pruned fine-tuned for closed loop under inference delay
+# (issue #31): a 20-action chunk (2 s at 10 Hz, room for delays up to the 5-step horizon and beyond) and training-time
+# real-time chunking (arXiv 2512.05964: a committed prefix of d ~ U{0..8} clean actions, out of the loss), on a
+# subset of the so101 demos, with the pruning-aware samples of so101_pruned kept.
+RECIPES["so101_rtc"] = Recipe(
+    name="so101_rtc", demos=(DemoSet(30000, 600), DemoSet(40000, 300, perturb=True), DemoSet(60000, 300, regrasp=True)),
+    train={**RECIPES["so101_pruned"].train, "init": str(ASSETS / "so101_pickplace_pruned"), "steps": 6000,
+           "warmup": 100, "lr": 1e-4, "rtc_train_max_delay": 8},
+    arch={"chunk_size": 20, "n_action_steps": 5},
+    description="effvla_ros/assets/so101_pickplace_rtc: effvla_ros/assets/so101_pickplace_pruned fine-tuned with a "
+                "20-action chunk and training-time RTC (--rtc-train-max-delay 8) on 1200 so101 demos, 6000 steps "
+                "at lr 1e-4",
+)
+
 
 def _complete(root: Path, ds: DemoSet) -> bool:
     try:
