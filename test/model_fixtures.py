@@ -16,3 +16,16 @@ def write_tiny_checkpoint(out: Path, seed: int = 0, cameras: tuple[str, ...] = (
     policy = build_random_policy(arch, tokenizer=build_tiny_tokenizer(), seed=seed, stats=stats)
     save_policy(policy, out)
     return out
+
+
+def random_episode(t: int, seed: int, task: str, size: int = 32):  # type: ignore[no-untyped-def]
+    """A training episode of ``t`` random frames (scene and wrist cameras at ``size`` px, a random-walk state, actions
+    0.1 above it) for the trainer's tests."""
+    import numpy as np
+
+    from effvla_ros.train.data import Episode
+
+    rng = np.random.default_rng(seed)
+    state = np.cumsum(rng.normal(scale=0.05, size=(t, 6)), axis=0).astype(np.float32)
+    return Episode(images={c: rng.integers(0, 256, (t, size, size, 3), dtype=np.uint8) for c in ("scene", "wrist")},
+                   state=state, action=(state + 0.1).astype(np.float32), task=task, seed=seed)

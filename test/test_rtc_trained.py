@@ -13,9 +13,11 @@ from effvla_ros.core.rtc import GuidanceTarget, RTCConfig
 from effvla_ros.core.runner import CameraTokens, PolicyRunner
 from effvla_ros.core.smolvla import build_random_policy, load_policy, save_policy, tiny_arch
 from effvla_ros.core.smolvla.tokenizer import build_tiny_tokenizer
-from effvla_ros.train.data import ChunkDataset, Episode, load_demos, write_demos
+from effvla_ros.train.data import ChunkDataset, load_demos, write_demos
 from effvla_ros.train.losses import masked_loss
 from effvla_ros.train.trainer import TrainConfig, train
+
+from model_fixtures import random_episode
 
 TASK = "pick up the red cube"
 STATS = {"observation.state": {"mean": torch.zeros(6), "std": torch.ones(6)},
@@ -148,16 +150,9 @@ def test_trained_mode_is_refused_naming_the_parameter():
         tiny_arch(rtc_trained_max_delay=10).validate()  # the whole chunk cannot be committed
 
 
-def _episode(t: int, seed: int) -> Episode:
-    rng = np.random.default_rng(seed)
-    state = np.cumsum(rng.normal(scale=0.05, size=(t, 6)), axis=0).astype(np.float32)
-    return Episode(images={c: rng.integers(0, 256, (t, 32, 32, 3), dtype=np.uint8) for c in ("scene", "wrist")},
-                   state=state, action=(state + 0.1).astype(np.float32), task=TASK, seed=seed)
-
-
 def test_training_with_committed_prefixes_declares_it_in_the_checkpoint(tmp_path):
     demos = tmp_path / "demos"
-    write_demos(demos, [_episode(12, s) for s in range(2)])
+    write_demos(demos, [random_episode(12, s, TASK) for s in range(2)])
     threads = torch.get_num_threads()
     try:
         first = train(TrainConfig(data=str(demos), out=str(tmp_path / "a"), steps=2, batch=4, image_size=32, ema=0.0,

@@ -12,17 +12,14 @@ from effvla_ros.core.smolvla import load_policy
 from effvla_ros.train.data import ChunkDataset, Episode, load_demos, write_demos
 from effvla_ros.train.trainer import TrainConfig, build_policy, lr_at, masked_loss, train
 
+from model_fixtures import random_episode
+
 SIZE = 32  # 4x4 patches -> 2x2 tokens per camera: a seconds-scale model
 
 
 def _episode(t: int, seed: int) -> Episode:
-    rng = np.random.default_rng(seed)
-    state = np.cumsum(rng.normal(scale=0.05, size=(t, 6)), axis=0).astype(np.float32)
-    return Episode(
-        images={c: rng.integers(0, 256, (t, SIZE, SIZE, 3), dtype=np.uint8) for c in ("scene", "wrist")},
-        state=state, action=(state + 0.1).astype(np.float32),
-        task=["pick up the red cube and place it on the plate", "put the blue cube on the mat"][seed % 2],
-        seed=seed)
+    return random_episode(t, seed, ["pick up the red cube and place it on the plate",
+                                    "put the blue cube on the mat"][seed % 2], SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -168,22 +168,23 @@ class PolicyRunner:
         mask: Tensor | None = None
         prefix: Tensor | None = None
         delay = 0
-        if guidance is not None and self.rtc.enabled and guidance.valid > 0 and self.rtc.mode == "trained":
-            # training-time RTC: the d actions that execute while this chunk is computed are its committed prefix
-            # (beyond the delays it was trained on, the first ones of them: the rest run before the chunk anyway)
-            delay = min(guidance.delay, guidance.valid, pol.arch.rtc_trained_max_delay)
-            if delay > 0:
-                prefix = self._rebase(guidance, state)[None, :delay]                # (1, d, max_action_dim)
-        elif guidance is not None and self.rtc.enabled and guidance.valid > 0:
-            delay = min(guidance.delay, guidance.valid)
-            mask = soft_mask(pol.arch.chunk_size, delay, guidance.valid, self.rtc.schedule).to(pol.device)
+        if guidance is not None and self.rtc.enabled and guidance.valid > 0:
             target = self._rebase(guidance, state)
-            rtc, y, w = self.rtc, target, mask
+            if self.rtc.mode == "trained":
+                # training-time RTC: the d actions that execute while this chunk is computed are its committed
+                # prefix (beyond the delays it was trained on, the first ones of them: the rest run before it anyway)
+                delay = min(guidance.delay, guidance.valid, pol.arch.rtc_trained_max_delay)
+                prefix = target[None, :delay] if delay > 0 else None                 # (1, d, max_action_dim)
+                target = None
+            else:
+                delay = min(guidance.delay, guidance.valid)
+                mask = soft_mask(pol.arch.chunk_size, delay, guidance.valid, self.rtc.schedule).to(pol.device)
+                rtc, y, w = self.rtc, target, mask
 
-            def guide(step: int, t: float, x: Tensor, v: Tensor) -> Tensor:
-                def vfn(x_in: Tensor, t_in: float) -> Tensor:
-                    return be.velocity(cache, x_in, torch.full((x_in.shape[0],), float(t_in), device=x_in.device))
-                return guided_velocity(x, t, vfn, y, w, rtc, v_t=v)
+                def guide(step: int, t: float, x: Tensor, v: Tensor) -> Tensor:
+                    def vfn(x_in: Tensor, t_in: float) -> Tensor:
+                        return be.velocity(cache, x_in, torch.full((x_in.shape[0],), float(t_in), device=x_in.device))
+                    return guided_velocity(x, t, vfn, y, w, rtc, v_t=v)
 
         def velocity(x: Tensor, t: Tensor, step: int) -> Tensor:
             return be.velocity(cache, x, t, step=step, plan=self.expert_reuse.plan(step))

@@ -46,8 +46,7 @@ def method_of(params: Mapping[str, Any]) -> str:
     if params["rtc.mode"] == "trained":
         return "trained"
     for name, m in METHODS.items():
-        if m.get("rtc.mode") == "guided" and all(
-                params[k] == v if not isinstance(v, float) else float(params[k]) == v for k, v in m.items()):
+        if all(params[k] == v for k, v in m.items()):
             return name
     raise ValueError(f"RTC parameters {dict(params)} are none of the measured methods {list(METHODS)}")
 

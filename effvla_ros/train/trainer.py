@@ -371,7 +371,7 @@ def _init_policy(cfg: TrainConfig, dataset: ChunkDataset) -> SmolVLAPolicy:
         policy = build_policy(dataset, cfg.image_size, cfg.seed, **cfg.arch_changes)
     if cfg.rtc_train_max_delay:
         policy.arch = policy.arch.replace(rtc_trained_max_delay=cfg.rtc_train_max_delay)
-        policy.arch.validate()
+    policy.arch.validate()  # after the changes a fine-tune may make
     if cfg.device != "cpu":
         policy.apply_runtime(dataclasses.replace(policy.runtime, device=cfg.device))
     policy.fused_attention = cfg.attention == "fused"
