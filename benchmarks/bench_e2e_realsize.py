@@ -99,6 +99,51 @@ def episode(n: int, size: int, seed: int = 3) -> tuple[list[dict[str, torch.Tens
     return frames, states, env.instruction, list(env.config.cameras)
 
 
+_EPISODE_CACHE: dict[tuple[int, int, int], Any] = {}
+
+
+def save_inputs(path: Path, episodes: dict[int, tuple[list[dict[str, torch.Tensor]], list[torch.Tensor], str, list[str]]],
+                size: int) -> None:
+    """The rendered episodes (seed -> frames, states, instruction, cameras) as one safetensors file (uint8 images),
+    for :func:`load_inputs` on a machine without the simulator (the GPU machine of ``benchmarks/run_gpu.sh``)."""
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {"size": str(size), "episodes": {}}
+    for seed, (frames, states, task, cams) in episodes.items():
+        for c in cams:
+            tensors[f"s{seed}.{c}"] = torch.stack([(f[c] * 255.0).round().to(torch.uint8) for f in frames]).contiguous()
+        tensors[f"s{seed}.state"] = torch.stack(states).contiguous()
+        meta["episodes"][str(seed)] = {"task": task, "cameras": cams, "frames": len(frames)}
+    save_file(tensors, str(path), metadata={"inputs": json.dumps(meta)})
+
+
+def load_inputs(path: Path) -> int:
+    """Fill the episode cache from :func:`save_inputs`' file; returns the render size it was made at. The
+    frames are the saved uint8 images / 255: what :func:`episode` returns up to its float rounding (< 2e-3)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["inputs"])
+        size = int(meta["size"])
+        for seed, e in meta["episodes"].items():
+            imgs = {c: f.get_tensor(f"s{seed}.{c}").float() / 255.0 for c in e["cameras"]}
+            st = f.get_tensor(f"s{seed}.state")
+            frames = [{c: imgs[c][i] for c in e["cameras"]} for i in range(e["frames"])]
+            _EPISODE_CACHE[(int(seed), size, e["frames"])] = (frames, list(st), e["task"], list(e["cameras"]))
+    return size
+
+
+def episode_or_cached(n: int, size: int, seed: int = 3) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor], str, list[str]]:
+    """:func:`episode`, or its frames loaded by ``--inputs`` (at least ``n`` of them)."""
+    for (s, sz, m), ep in _EPISODE_CACHE.items():
+        if s == seed and sz == size and m >= n:
+            frames, states, task, cams = ep
+            return frames[:n], states[:n], task, cams
+    if _EPISODE_CACHE:
+        sys.exit(f"--inputs has no episode of seed {seed} with {n} frames at {size} px")
+    return episode(n, size, seed)
+
+
 def target_configs(target: str = "x86_cpu") -> dict[str, dict[str, Any]]:
     """pruning / reuse (token_compressor), expert_reuse and the denoising steps (policy: ``inference.num_steps``) of
     config/base.yaml < targets/<target>.yaml."""
@@ -134,9 +179,12 @@ def build_help(ckpt: str) -> str:
             "or run a quick check on a tiny checkpoint with --tiny.")
 
 
-def side_env(threads: int) -> dict[str, str]:
-    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-            "HOME": str(Path.home()), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def side_env(threads: int, pythonpath: str | None = None) -> dict[str, str]:
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "HOME": str(Path.home()), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return env
 
 
 def tiny_checkpoint(tmp: Path, lerobot: bool, threads: int) -> Path:
@@ -159,7 +207,7 @@ def tiny_checkpoint(tmp: Path, lerobot: bool, threads: int) -> Path:
 # ------------------------------------------------------------------------------------------- LeRobot
 def run_lerobot(args: argparse.Namespace, ckpt: Path, tmp: Path, frames: list[dict[str, torch.Tensor]],
                 states: list[torch.Tensor], noises: list[torch.Tensor], task: str,
-                cam_map: list[tuple[str, str]]) -> dict[str, Any]:
+                cam_map: list[tuple[str, str]]) -> dict[str, Any] | None:
     from safetensors.torch import save_file
 
     n = args.frames
@@ -170,12 +218,14 @@ def run_lerobot(args: argparse.Namespace, ckpt: Path, tmp: Path, frames: list[di
     save_file(tensors, str(inputs), metadata={"task": task, "cameras": json.dumps([ck for _, ck in cam_map])})
     cmd = [str(args.lerobot_python), str(SIDE_SCRIPT), "--checkpoint", str(ckpt), "--inputs", str(inputs),
            "--out", str(out), "--dtypes", args.lerobot_dtypes, "--threads", str(args.threads),
-           "--kit-scripts", str(KIT / "scripts")]
+           "--kit-scripts", str(args.kit_scripts), "--device", args.device]
     t0 = time.perf_counter()
     # its progress (and LeRobot's own prints) go to our stderr: stdout keeps only the report
-    p = subprocess.run(cmd, env=side_env(args.threads), timeout=args.lerobot_timeout, stdout=sys.stderr)
-    if p.returncode != 0:
-        sys.exit(f"the LeRobot subprocess failed (rc {p.returncode}): {' '.join(cmd)}")
+    p = subprocess.run(cmd, env=side_env(args.threads, args.lerobot_pythonpath), timeout=args.lerobot_timeout,
+                       stdout=sys.stderr)
+    if p.returncode != 0:  # our rows still run; the report says the LeRobot rows are missing and why
+        print(f"# the LeRobot subprocess failed (rc {p.returncode}): {' '.join(cmd)}: no LeRobot rows", file=sys.stderr)
+        return None
     res = json.loads(out.read_text())
     print(f"# LeRobot side done in {time.perf_counter() - t0:.0f} s (load {res['load_s']:.1f} s)", file=sys.stderr)
     return res
@@ -212,6 +262,7 @@ def run_ours(policy: Any, backend: Any, on: bool, cfgs: dict[str, dict[str, Any]
         t0 = time.perf_counter()
         outs = {ck: comp.process(ck, frames[i][sc]) for sc, ck in cam_map}
         res = runner.infer({ck: compressed_to_camera_tokens(o) for ck, o in outs.items()}, states[i], noise=noises[i])
+        sync(args.device)
         return time.perf_counter() - t0, outs, res
 
     rec: dict[str, Any] = {k: [] for k in ("step_s", "vision_s", "prefill_s", "denoise_s", "encoder_flops",
@@ -244,12 +295,18 @@ def run_ours(policy: Any, backend: Any, on: bool, cfgs: dict[str, dict[str, Any]
     return rec
 
 
-def load_ours(ckpt: Path, vlm_dir: str | None, dtype: str, threads: int) -> Any:
+def load_ours(ckpt: Path, vlm_dir: str | None, dtype: str, threads: int, device: str = "cpu") -> Any:
     from effvla_ros.core.smolvla import RuntimeConfig, load_policy
 
     v, lm, e = DTYPES[dtype]
-    return load_policy(ckpt, vlm_dir=vlm_dir, runtime=RuntimeConfig(vision_dtype=v, vlm_dtype=lm, expert_dtype=e,
-                                                                      num_threads=threads))
+    return load_policy(ckpt, vlm_dir=vlm_dir, runtime=RuntimeConfig(device=device, vision_dtype=v, vlm_dtype=lm,
+                                                                      expert_dtype=e, num_threads=threads))
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a step ends when its actions exist)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def lossless(prev: str, new: str) -> bool:
@@ -292,7 +349,12 @@ def main() -> int:
     ap.add_argument("--skip-lerobot", action="store_true", help="no LeRobot rows (no side venv needed)")
     ap.add_argument("--lerobot-python", default=str(SIDE_PY))
     ap.add_argument("--lerobot-timeout", type=int, default=7200)
+    ap.add_argument("--kit-scripts", default=str(KIT / "scripts"),
+                    help="the LeRobot reference kit's scripts (crop_shim for transformers >= 5.15)")
     ap.add_argument("--target", default="x86_cpu", help="config/targets/<target>.yaml for compression on")
+    ap.add_argument("--on-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override the target's compression-on setting (sections pruning, reuse, expert_reuse, "
+                         "inference), e.g. reuse.patch_level=false or inference.num_steps=5; repeatable")
     ap.add_argument("--no-flops", action="store_true", help="skip the extra counted step per row")
     ap.add_argument("--expert-reuse-fraction", type=float, default=0.5,
                     help="compression on: expert reuse thresholds calibrated (core.calibration, as `effvla "
@@ -303,6 +365,12 @@ def main() -> int:
                     "unless --checkpoint is given: LeRobot's with the kit, or ours with --skip-lerobot)")
     ap.add_argument("--export-dir", default=None,
                     help="`effvla export` directory of the checkpoint, for the exported backends (onnxruntime)")
+    ap.add_argument("--device", default="cpu", help="torch device of every row, ours and LeRobot's (cpu, cuda)")
+    ap.add_argument("--inputs", default=None, help="episodes saved by --save-inputs (no simulator needed)")
+    ap.add_argument("--save-inputs", default=None, help="write the rendered episodes (the sequence and the "
+                    "calibration frames) to this safetensors file and exit")
+    ap.add_argument("--lerobot-pythonpath", default=None,
+                    help="PYTHONPATH of the LeRobot subprocess (LeRobot's wheels unpacked beside another Python)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -331,8 +399,11 @@ def main() -> int:
         if d not in ("fp32", "vlm-bf16"):
             ap.error(f"--lerobot-dtypes: unknown {d!r} (fp32, vlm-bf16)")
     lerobot = not args.skip_lerobot
-    if lerobot and (not Path(args.lerobot_python).exists() or not KIT.is_dir()):
-        sys.exit(f"LeRobot reference venv {args.lerobot_python} or kit {KIT} missing: make it with {KIT}/setup.sh "
+    import shutil
+
+    args.lerobot_python = shutil.which(args.lerobot_python) or args.lerobot_python
+    if lerobot and (not Path(args.lerobot_python).exists() or not Path(args.kit_scripts).is_dir()):
+        sys.exit(f"LeRobot reference venv {args.lerobot_python} or kit scripts {args.kit_scripts} missing: make it with {KIT}/setup.sh "
                  "(see its README), or pass --skip-lerobot")
 
     tmpdir = tempfile.TemporaryDirectory(prefix="bench_e2e_")
@@ -355,16 +426,26 @@ def main() -> int:
 
     # ---------------------------------------------------------------- inputs
     t0 = time.perf_counter()
-    frames, states, task, sim_cams = episode(args.frames + 1, render)  # +1: the counted FLOP step
+    if args.inputs:
+        render = load_inputs(Path(args.inputs))
+    frames, states, task, sim_cams = episode_or_cached(args.frames + 1, render)  # +1: the counted FLOP step
+    if args.save_inputs:
+        cal = episode_or_cached(args.calib_frames, render, seed=11)
+        save_inputs(Path(args.save_inputs), {3: (frames, states, task, sim_cams), 11: cal}, render)
+        print(f"wrote {args.save_inputs}: {len(frames)} frames of sim seed 3 and {args.calib_frames} of seed 11 "
+              f"at {render} px")
+        return 0
     if len(sim_cams) != len(ck_cams):
         sys.exit(f"the sim renders {sim_cams}, the checkpoint has cameras {ck_cams}: cannot map them")
     cam_map = list(zip(sim_cams, ck_cams)) if set(sim_cams) != set(ck_cams) else [(c, c) for c in sim_cams]
     noises = [torch.randn(1, chunk, max_action_dim, generator=torch.Generator().manual_seed(args.seed * 1000 + i))
               for i in range(args.frames + 1)]
     machine = {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
-               "python": platform.python_version(), "logical_cpus": os.cpu_count()}
+               "python": platform.python_version(), "logical_cpus": os.cpu_count(), "device": args.device}
+    if args.device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     print(f"# machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs; {args.threads} threads; "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}; device {args.device}" + (f" ({machine['gpu']})" if "gpu" in machine else ""))
     print(f"# checkpoint {ckpt}; {len(frames) - 1} frames (+1 FLOP step) of {sim_cams} at {render} px rendered in "
           f"{time.perf_counter() - t0:.1f} s, cameras {' '.join(f'{s}->{c}' for s, c in cam_map)}; task {task!r}; "
           f"medians over frames {args.warmup}..{args.frames - 1}")
@@ -374,8 +455,11 @@ def main() -> int:
                             "render": render, "task": task, "cameras": dict(cam_map), "seed": args.seed}
 
     # ---------------------------------------------------------------- LeRobot (first: ours not yet in memory)
-    if lerobot:
-        res = run_lerobot(args, ckpt, tmp, frames, states, noises, task, cam_map)
+    res = run_lerobot(args, ckpt, tmp, frames, states, noises, task, cam_map) if lerobot else None
+    if lerobot and res is None:
+        meta["lerobot"] = {"failed": True}
+        print("# LeRobot rows: none (its subprocess failed, see above)")
+    elif lerobot and res is not None:
         meta["lerobot"] = {k: res[k] for k in ("versions", "threads", "load_s")}
         print(f"# LeRobot side: lerobot {res['versions']['lerobot']}, torch {res['versions']['torch']}, transformers "
               f"{res['versions']['transformers']}, {res['threads']} threads")
@@ -384,6 +468,14 @@ def main() -> int:
 
     # ---------------------------------------------------------------- ours
     cfgs = target_configs(args.target)
+    for item in args.on_set:  # SECTION.KEY=VALUE (YAML value) over the target's compression
+        key, _, value = item.partition("=")
+        sec, _, field = key.partition(".")
+        if sec not in cfgs or not field or not value:
+            ap.error(f"--on-set {item!r}: expected SECTION.KEY=VALUE with SECTION one of {', '.join(cfgs)}")
+        import yaml
+
+        cfgs[sec][field] = yaml.safe_load(value)
     meta["compression_on"] = {**cfgs, "expert_reuse": {**cfgs["expert_reuse"], "enabled": True}}
     policy: Any = None
     be: Any = None
@@ -392,13 +484,14 @@ def main() -> int:
         t0 = time.perf_counter()
         if policy is None or not lossless(cur, d):
             policy = be = None  # free the previous weights first (real size: ~2 GB)
-            policy = load_ours(ckpt, args.vlm_dir, d, args.threads)
+            policy = load_ours(ckpt, args.vlm_dir, d, args.threads, args.device)
             how = "loaded"
         else:
             from effvla_ros.core.smolvla import RuntimeConfig
 
             v, lm, e = DTYPES[d]
-            policy.apply_runtime(RuntimeConfig(vision_dtype=v, vlm_dtype=lm, expert_dtype=e, num_threads=args.threads))
+            policy.apply_runtime(RuntimeConfig(device=args.device, vision_dtype=v, vlm_dtype=lm, expert_dtype=e,
+                                               num_threads=args.threads))
             how = "cast"
         cur = d
         print(f"# ours {d}: {how} in {time.perf_counter() - t0:.1f} s; {policy.num_steps} denoising steps",
@@ -408,13 +501,22 @@ def main() -> int:
             from effvla_ros.core.early_exit import ExpertReuseConfig
 
             t0 = time.perf_counter()
-            cal_frames, cal_states, cal_task, _ = episode(args.calib_frames, render, seed=11)
+            cal_frames, cal_states, cal_task, _ = episode_or_cached(args.calib_frames, render, seed=11)
             obs = [({c: f[s] for s, c in cam_map}, st, cal_task) for f, st in zip(cal_frames, cal_states, strict=True)]
             rule = ExpertReuseConfig.from_dict({**cfgs["expert_reuse"], "enabled": True})
-            cal = calibrate(policy, obs, exit_layers=[1], expert_reuse_fraction=args.expert_reuse_fraction, expert=rule,
-                            num_steps=int(cfgs["inference"].get("num_steps", policy.num_steps)))  # as "on" runs
-            cfgs["expert_reuse"]["thresholds"] = [float(x) for x in cal["expert_thresholds"]]
-            meta.setdefault("expert_calibration", {})[d] = cfgs["expert_reuse"]["thresholds"]
+            try:
+                cal = calibrate(policy, obs, exit_layers=[1], expert_reuse_fraction=args.expert_reuse_fraction,
+                                expert=rule, num_steps=int(cfgs["inference"].get("num_steps", policy.num_steps)))
+            except Exception as ex:  # noqa: BLE001 - the rows still run, at the config's uncalibrated threshold
+                import traceback
+
+                traceback.print_exc()
+                print(f"# ours {d}: expert reuse calibration FAILED ({type(ex).__name__}: {ex}); the 'on' rows use "
+                      "the config's uncalibrated threshold", flush=True)
+                meta.setdefault("expert_calibration", {})[d] = f"failed: {type(ex).__name__}: {ex}"
+            else:
+                cfgs["expert_reuse"]["thresholds"] = [float(x) for x in cal["expert_thresholds"]]
+                meta.setdefault("expert_calibration", {})[d] = cfgs["expert_reuse"]["thresholds"]
             print(f"# ours {d}: expert thresholds calibrated for {args.expert_reuse_fraction:.2f} reuse on "
                   f"{len(obs)} frames of sim seed 11 in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         for b in backends:
@@ -429,6 +531,13 @@ def main() -> int:
                     r = run_ours(policy, be, on, cfgs, args, frames, states, noises, task, cam_map, name)
                 except CapabilityError as ex:
                     print(f"# {name}: skipped, the backend cannot apply it: {ex}", file=sys.stderr)
+                    continue
+                except Exception as ex:  # noqa: BLE001 - one row failing (a device's runtime) leaves the others
+                    import traceback
+
+                    traceback.print_exc()
+                    print(f"# {name}: FAILED ({type(ex).__name__}: {ex}): no row", flush=True)
+                    meta.setdefault("failed_rows", {})[name] = f"{type(ex).__name__}: {ex}"
                     continue
                 rows[name] = {"impl": "ours", "dtype": d, "backend": b, "compression": on, **r}
     policy = be = None

@@ -113,8 +113,9 @@ class _NoPrefixBackend(EagerBackend):
 
 
 def test_trained_mode_on_the_cuda_graph_loop_equals_the_eager_one():
-    """The cudagraph backend's static buffers hold the committed prefix too (here its CPU fallback): bit-identical
-    chunks to the eager runner, one graph replayed for unguided, trained and plain chunks."""
+    """The cudagraph backend's static buffers hold the committed prefix too (here its CPU fallback): the eager
+    runner's chunks (within fp32 rounding: the graphs pad the prefix to a bucket, another summation order), the
+    committed actions held exactly, one graph replayed for unguided, trained and plain chunks."""
     from effvla_ros.core.backends.graphs import GraphBackend
 
     policy = _policy(4)
@@ -131,7 +132,7 @@ def test_trained_mode_on_the_cuda_graph_loop_equals_the_eager_one():
         plain = runner.infer(cams, state, noise=noise)  # after a held prefix: none held again
         runs[name] = (first, held, plain, target)
     for a, b in zip(runs["eager"][:3], runs["graph"][:3], strict=True):
-        torch.testing.assert_close(b.x_final, a.x_final, rtol=0, atol=0)
+        torch.testing.assert_close(b.x_final, a.x_final, rtol=1e-5, atol=1e-5)
     first, held, plain, target = runs["graph"]
     assert torch.equal(held.x_final[:3], target.actions[:3]) and torch.equal(plain.x_final, first.x_final)
     assert len(graph_be.graphs) == 1 and next(iter(graph_be.graphs.values())).replays == 3

@@ -46,6 +46,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--dtypes", default="fp32,vlm-bf16")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device (the policy, its preprocessor's device step)")
     ap.add_argument("--kit-scripts", default=None,
                     help="../shared/lerobot_reference/scripts (crop_shim, imported on transformers >= 5.15)")
     args = ap.parse_args()
@@ -62,6 +63,7 @@ def main() -> int:
         import crop_shim  # noqa: F401  (DynamicLayer.crop(n > 0) raises on transformers >= 5.15)
 
     import lerobot
+    from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
     from lerobot.processor import PolicyProcessorPipeline
     from lerobot.processor.converters import policy_action_to_transition, transition_to_policy_action
@@ -75,8 +77,11 @@ def main() -> int:
 
     d = args.checkpoint
     t0 = time.perf_counter()
-    policy = SmolVLAPolicy.from_pretrained(d).eval()
-    pre = PolicyProcessorPipeline.from_pretrained(d, config_filename="policy_preprocessor.json")
+    cfg = PreTrainedConfig.from_pretrained(d)
+    cfg.device = args.device
+    policy = SmolVLAPolicy.from_pretrained(d, config=cfg).eval().to(args.device)
+    pre = PolicyProcessorPipeline.from_pretrained(d, config_filename="policy_preprocessor.json",
+                                                  overrides={"device_processor": {"device": args.device}})
     post = PolicyProcessorPipeline.from_pretrained(d, config_filename="policy_postprocessor.json",
                                                    to_transition=policy_action_to_transition,
                                                    to_output=transition_to_policy_action)
@@ -93,10 +98,18 @@ def main() -> int:
     acc = {"vision_s": 0.0, "denoise_s": 0.0, "sample_s": 0.0}
     orig_img, orig_den, orig_sample = vwe.embed_image, m.denoise_step, m.sample_actions
 
+    cuda = args.device.startswith("cuda")
+
+    def sync() -> None:  # CUDA runs asynchronously: a stage ends when its work is done
+        if cuda:
+            torch.cuda.synchronize()
+
     def timed(fn, key):  # type: ignore[no-untyped-def]
         def wrapper(*a, **k):  # type: ignore[no-untyped-def]
+            sync()
             t = time.perf_counter()
             out = fn(*a, **k)
+            sync()
             acc[key] += time.perf_counter() - t
             return out
         return wrapper
@@ -116,13 +129,16 @@ def main() -> int:
             raw = {f"observation.images.{c}": io[f"images.{c}"][i:i + 1].clone() for c in cameras}
             raw["observation.state"] = io["state"][i:i + 1].clone()
             raw["task"] = [task]
-            noise = io["noise"][i].clone()
+            noise = io["noise"][i].clone().to(args.device)
             for k in acc:
                 acc[k] = 0.0
+            sync()
             t0 = time.perf_counter()
             batch = pre(raw)
+            sync()
             t1 = time.perf_counter()
             chunk = policy.predict_action_chunk(batch, noise=noise)
+            sync()
             t2 = time.perf_counter()
             actions = post(chunk)
             t3 = time.perf_counter()
@@ -138,7 +154,7 @@ def main() -> int:
         rows[dtype] = rec
     vwe.embed_image, m.denoise_step, m.sample_actions = orig_img, orig_den, orig_sample
 
-    out = {"versions": {"lerobot": lerobot.__version__, "torch": torch.__version__,
+    out = {"device": args.device, "versions": {"lerobot": lerobot.__version__, "torch": torch.__version__,
                         "transformers": transformers.__version__, "python": platform.python_version()},
            "threads": torch.get_num_threads(), "load_s": load_s, "frames": n, "rows": rows}
     Path(args.out).write_text(json.dumps(out))

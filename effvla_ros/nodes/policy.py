@@ -107,7 +107,9 @@ class PolicyNodeConfig(ConfigBase):
                            description="VLM/expert attention: eager (LeRobot's path) or fused (torch SDPA, same result)")
     backend: str = param("eager", choices=tuple(BACKENDS), read_only=True,
                          description="stage backend: eager (the reference), packed (x86 oneDNN pre-packed weights), "
-                                     "compiled (torch.compile'd layers), or the stage graphs of `effvla export` run by "
+                                     "compiled (torch.compile'd layers), cudagraph / cudagraph_compiled (prefill and "
+                                     "the whole denoising loop replayed as CUDA graphs over eager / compiled layers; "
+                                     "no expert reuse, no VJP guidance), or the stage graphs of `effvla export` run by "
                                      "onnxruntime or tensorrt (with export_dir); a setting the backend cannot apply is "
                                      "refused naming it")
     export_dir: str = param("", read_only=True,

@@ -73,7 +73,9 @@ class CompressorNodeConfig(ConfigBase):
     num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")
     backend: str = param("eager", choices=tuple(BACKENDS), read_only=True,
                          description="stage backend of the encoder: eager, packed (x86 oneDNN pre-packed weights, also "
-                                     "for patch reuse), compiled (torch.compile, full frames), or the exported vision "
+                                     "for patch reuse), compiled (torch.compile, full frames), cudagraph / "
+                                     "cudagraph_compiled (full frames as CUDA graphs, eager / compiled layers; "
+                                     "partial passes eager), or the exported vision "
                                      "graph run by onnxruntime or tensorrt (export_dir); patch-level reuse needs a "
                                      "backend with partial encode")
     export_dir: str = param("", read_only=True,

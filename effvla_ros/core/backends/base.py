@@ -35,11 +35,21 @@ BACKENDS: dict[str, str] = {  # backend name -> "module:class"
     "compiled": "effvla_ros.core.backends.compiled:CompiledBackend",
     "packed": "effvla_ros.core.backends.packed:PackedBackend",
     "cudagraph": "effvla_ros.core.backends.graphs:GraphBackend",
+    "cudagraph_compiled": "effvla_ros.core.backends.graphs:CompiledGraphBackend",
     "onnxruntime": "effvla_ros.core.backends.ort:OnnxRuntimeBackend",
     "tensorrt": "effvla_ros.core.backends.trt:TensorRTBackend",
 }
 #: backends that run the stage graphs of ``effvla export`` (they need its ``export_dir``)
 EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
+
+
+def observed() -> bool:
+    """A dispatch mode watches the ops (``torch.utils.flop_counter.FlopCounterMode`` counting a stage's FLOPs).
+    A compiled function or a graph replay would hide the ops from it (and a compiled function called under it
+    recompiles, and past its recompile limit stays eager for good), so a backend then runs the reference ops."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return bool(_get_current_dispatch_mode_stack())
 
 
 class CapabilityError(ValueError):

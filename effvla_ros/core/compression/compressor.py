@@ -199,7 +199,7 @@ class TokenCompressor:
                            else ChangeDecision("full", torch.ones(patch_grid, dtype=torch.bool), float("inf")))
         st.tokens = tokens
         full = st.full_flops[patch_grid]  # set by the full pass every camera (and image size) starts with
-        kept = select_tokens(tokens, self._task, grid, self.pruning)
+        kept = select_tokens(tokens, self._task, grid, self.pruning).cpu()  # grid indices on the host, any device
         return CompressedCamera(
             camera=camera, tokens=tokens[kept.to(tokens.device)], kept=kept, reused=reused[kept], grid=grid,
             kind=kind, encoder_flops=flops, encoder_flops_full=full, time_s=time.perf_counter() - t0,

@@ -105,6 +105,7 @@ class SmolVLAPolicy:
         self.fused_attention = False
         # count FLOPs per stage (torch.utils.flop_counter); from ``RuntimeConfig.count_flops``, or set per call
         self.count_flops = False
+        self._vision_pos: dict[tuple[int, int, str], Tensor] = {}  # (rows, cols, device) -> vision position ids
         self.apply_runtime(self.runtime)
         weights.eval()
 
@@ -242,14 +243,34 @@ class SmolVLAPolicy:
         embeddings, the SigLIP layers (:func:`.layers.siglip_layer`), post-LN, pixel shuffle + projection.
         ``ops``: where the per-layer functions come from (:mod:`.layers`, or a backend's compiled versions)."""
         vision, connector = self.weights.vision, self.weights.connector
-        x = pixels.to(vision.embeddings.patch_embedding.weight.dtype)
-        b, _, hh, ww = x.shape
+        emb = vision.embeddings
+        x = pixels.to(emb.patch_embedding.weight.dtype)
+        _, _, hh, ww = x.shape
         p = self.arch.patch_size
-        full = torch.ones((b, hh // p, ww // p), dtype=torch.bool, device=x.device)
-        h = vision.embeddings(pixel_values=x, patch_attention_mask=full)        # (B, Np, Dv)
+        h = emb.patch_embedding(x).flatten(2).transpose(1, 2)                    # (B, Np, Dv)
+        h = h + emb.position_embedding(self.vision_position_ids(hh // p, ww // p, x.device))
         for layer in vision.encoder.layers:
             h = ops.siglip_layer(layer, h)[0]
         return connector(vision.post_layernorm(h))                               # (B, N, D_vlm)
+
+    def vision_position_ids(self, rows: int, cols: int, device: torch.device) -> Tensor:
+        """(1, rows * cols) position ids of a full (unmasked) patch grid, as transformers' SmolVLM vision
+        embeddings compute them for an all-True ``patch_attention_mask`` (fractional coordinates bucketized
+        onto the ``num_patches_per_side`` grid), computed once per grid and device. Cached: the encode then
+        makes no host round trip (its module computes the ids from the mask on every call), so it can be
+        captured as a CUDA graph."""
+        key = (rows, cols, str(device))
+        ids = self._vision_pos.get(key)
+        if ids is None:
+            side = self.weights.vision.embeddings.num_patches_per_side
+            boundaries = torch.arange(1 / side, 1.0, 1 / side, device=device)
+            coords = []
+            for n in (rows, cols):
+                step = 1.0 / torch.tensor([n], device=device)                  # float32, as 1.0 / mask.sum()
+                frac = torch.arange(n, device=device, dtype=torch.float32)[None, :] * step[:, None]
+                coords.append(torch.bucketize(torch.clamp(frac, max=1.0 - 1e-6), boundaries, right=True))
+            ids = self._vision_pos[key] = (coords[0][:, :, None] * side + coords[1][:, None, :]).reshape(1, -1)
+        return ids
 
     # ======================================================================================= stage 2
     def embed_prefix(self, visual: Mapping[str, VisualTokens | Tensor], lang_tokens: Tensor, lang_mask: Tensor,
