@@ -355,6 +355,9 @@ def main() -> int:
     ap.add_argument("--on-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override the target's compression-on setting (sections pruning, reuse, expert_reuse, "
                          "inference), e.g. reuse.patch_level=false or inference.num_steps=5; repeatable")
+    ap.add_argument("--on-alt", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="also run a row 'on*': compression on with these overrides on top (repeatable), in the same "
+                         "run, after 'on'")
     ap.add_argument("--no-flops", action="store_true", help="skip the extra counted step per row")
     ap.add_argument("--expert-reuse-fraction", type=float, default=0.5,
                     help="compression on: expert reuse thresholds calibrated (core.calibration, as `effvla "
@@ -476,6 +479,17 @@ def main() -> int:
         import yaml
 
         cfgs[sec][field] = yaml.safe_load(value)
+    alt: list[tuple[str, str, Any]] = []  # "on*": compression on with --on-alt on top (applied per dtype, below)
+    for item in args.on_alt:
+        key, _, value = item.partition("=")
+        sec, _, field = key.partition(".")
+        if sec not in cfgs or not field or not value:
+            ap.error(f"--on-alt {item!r}: expected SECTION.KEY=VALUE with SECTION one of {', '.join(cfgs)}")
+        import yaml
+
+        alt.append((sec, field, yaml.safe_load(value)))
+    if alt:
+        meta["compression_on_alt"] = [f"{s}.{f}={v!r}" for s, f, v in alt]
     meta["compression_on"] = {**cfgs, "expert_reuse": {**cfgs["expert_reuse"], "enabled": True}}
     policy: Any = None
     be: Any = None
@@ -525,10 +539,14 @@ def main() -> int:
             except (CapabilityError, ImportError, RuntimeError, ValueError) as ex:
                 print(f"# backend {b!r} ({d}) unavailable: {ex}: its rows are skipped", file=sys.stderr)
                 continue
-            for on in (False, True):
-                name = f"ours {b} {'on' if on else 'off'} {d}"
+            alt_cfgs = {sec: dict(v) for sec, v in cfgs.items()}  # after this dtype's calibration
+            for sec, field, value in alt:
+                alt_cfgs[sec][field] = value
+            variants = [("off", False, cfgs), ("on", True, cfgs)] + ([("on*", True, alt_cfgs)] if alt else [])
+            for tag, on, vcfgs in variants:
+                name = f"ours {b} {tag} {d}"
                 try:
-                    r = run_ours(policy, be, on, cfgs, args, frames, states, noises, task, cam_map, name)
+                    r = run_ours(policy, be, on, vcfgs, args, frames, states, noises, task, cam_map, name)
                 except CapabilityError as ex:
                     print(f"# {name}: skipped, the backend cannot apply it: {ex}", file=sys.stderr)
                     continue

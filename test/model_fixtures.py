@@ -29,3 +29,19 @@ def random_episode(t: int, seed: int, task: str, size: int = 32):  # type: ignor
     state = np.cumsum(rng.normal(scale=0.05, size=(t, 6)), axis=0).astype(np.float32)
     return Episode(images={c: rng.integers(0, 256, (t, size, size, 3), dtype=np.uint8) for c in ("scene", "wrist")},
                    state=state, action=(state + 0.1).astype(np.float32), task=task, seed=seed)
+
+
+def camera_tokens(policy, seed: int = 0):  # type: ignore[no-untyped-def]
+    """Every camera's full token grid of a random 48 x 64 image, as the runner takes it (``CameraTokens``)."""
+    from effvla_ros.core.runner import CameraTokens
+
+    g = torch.Generator().manual_seed(seed)
+    imgs = {c: torch.rand(1, 3, 48, 64, generator=g) for c in policy.cameras}
+    enc = policy.encode_images(imgs)
+    return {c: CameraTokens(t[0], torch.arange(t.shape[1]), enc.grid) for c, t in enc.tokens.items()}
+
+
+def chunk_noise(policy, seed: int = 0) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Seeded flow noise of one chunk (1, chunk_size, max_action_dim)."""
+    return torch.randn(1, policy.arch.chunk_size, policy.arch.max_action_dim,
+                       generator=torch.Generator().manual_seed(seed))

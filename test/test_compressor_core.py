@@ -100,3 +100,51 @@ def test_analytic_flops_when_counting_is_off(policy) -> None:  # type: ignore[no
     assert 0 < b[2].encoder_flops < b[2].encoder_flops_full
     assert 0.5 < b[2].encoder_flops / a[2].encoder_flops < 2.0
     torch.testing.assert_close(b[2].all_tokens, a[2].all_tokens)
+
+
+def test_fill_to_bucket_adds_the_most_changed_patches() -> None:
+    from effvla_ros.core.compression.change import fill_to_bucket
+
+    changed = torch.zeros(4, 4, dtype=torch.bool)
+    changed[0, :3] = True
+    score = torch.arange(16.0).view(4, 4)
+    out = fill_to_bucket(changed, score, 4)
+    assert int(out.sum()) == 4 and bool(out[changed].all()) and bool(out[3, 3])  # + the largest unchanged score
+    assert int(fill_to_bucket(changed, score, 8).sum()) == 8
+    assert torch.equal(fill_to_bucket(changed, score, 1), changed)
+    assert int(fill_to_bucket(changed, score, 64).sum()) == 16  # never more than all
+    assert int(fill_to_bucket(torch.zeros(4, 4, dtype=torch.bool), score, 4).sum()) == 0  # nothing changed: nothing
+    assert int(fill_to_bucket(changed, None, 4).sum()) == 4  # no scores: still a full bucket
+
+
+def test_partial_passes_recompute_whole_buckets(policy) -> None:  # type: ignore[no-untyped-def]
+    """``reuse.partial_shapes``: a partial pass recomputes a multiple of N / shapes patches (0: exactly the changed
+    ones), the changed ones always among them; more patches recomputed, more FLOPs counted, and the tokens no
+    further from a full encode than the exact pass's."""
+    results = {}
+    for shapes in (0, 16, 4):
+        comp = TokenCompressor(policy, PruningConfig(method="none"),
+                               ReuseConfig(threshold=0.02, max_age=100, keyframe_interval=100, dilation=0,
+                                           partial_shapes=shapes))
+        seen = []
+        real = comp.eventful.encode_partial
+
+        def spy(pixels, changed, state, inplace=False, real=real, seen=seen):  # type: ignore[no-untyped-def]
+            seen.append(changed.clone())
+            return real(pixels, changed, state, inplace=inplace)
+
+        comp.eventful.encode_partial = spy  # type: ignore[method-assign]
+        img = _scene(1)
+        comp.process("camera1", img)
+        moved = img.clone()
+        moved[:, 30:40, 40:50] = torch.rand(3, 10, 10, generator=torch.Generator().manual_seed(7))
+        part = comp.process("camera1", moved)
+        assert part.kind == "partial" and len(seen) == 1
+        n, total = int(seen[0].sum()), seen[0].numel()
+        assert n % (-(-total // shapes) if shapes else 1) == 0 and 0 < n < total
+        full = policy.encode_images({"camera1": moved[None]}).tokens["camera1"][0]
+        results[shapes] = (n, part.encoder_flops, ((part.all_tokens - full).norm() / full.norm()).item())
+    (n0, f0, e0), (n16, f16, e16), (n4, f4, e4) = (results[k] for k in (0, 16, 4))
+    assert n0 < n4 and n0 <= n16  # the exact pass recomputes fewest; 4 shapes round up to quarters
+    assert f4 > f0 and (f16 > f0) == (n16 > n0)
+    assert e4 <= e0 + 1e-6 and e16 <= e0 + 1e-6

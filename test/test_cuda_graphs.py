@@ -17,6 +17,9 @@ from effvla_ros.core.runner import CameraTokens, PolicyRunner
 from effvla_ros.core.smolvla import RuntimeConfig, build_random_policy, tiny_arch
 from effvla_ros.core.smolvla.tokenizer import build_tiny_tokenizer
 
+from model_fixtures import camera_tokens as _cams
+from model_fixtures import chunk_noise as _noise
+
 TASK = "pick up the red cube"
 
 
@@ -35,15 +38,6 @@ def _captured(policy) -> bool:  # type: ignore[no-untyped-def]
     return bool(policy.device.type == "cuda")
 
 
-def _cams(policy, seed: int = 0):  # type: ignore[no-untyped-def]
-    g = torch.Generator().manual_seed(seed)
-    imgs = {c: torch.rand(1, 3, 48, 64, generator=g) for c in policy.cameras}
-    enc = policy.encode_images(imgs)
-    return {c: CameraTokens(t[0], torch.arange(t.shape[1]), enc.grid) for c, t in enc.tokens.items()}
-
-
-def _noise(policy, seed: int = 0) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    return torch.randn(1, policy.arch.chunk_size, policy.arch.max_action_dim, generator=torch.Generator().manual_seed(seed))
 
 
 def _chunks(policy, backend, mode: str = "guided"):  # type: ignore[no-untyped-def]

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from model_fixtures import camera_tokens as _cams
+from model_fixtures import chunk_noise as _noise
+
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
@@ -58,16 +61,6 @@ def golden(tmp_path_factory):  # type: ignore[no-untyped-def]
     return policy, backend, manifest, out
 
 
-def _cams(policy, seed: int = 0):  # type: ignore[no-untyped-def]
-    g = torch.Generator().manual_seed(seed)
-    imgs = {c: torch.rand(1, 3, 48, 64, generator=g) for c in policy.cameras}
-    enc = policy.encode_images(imgs)
-    return {c: CameraTokens(t[0], torch.arange(t.shape[1]), enc.grid) for c, t in enc.tokens.items()}
-
-
-def _noise(policy, seed: int = 0) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    return torch.randn(1, policy.arch.chunk_size, policy.arch.max_action_dim,
-                       generator=torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------------------------------------------------ the export

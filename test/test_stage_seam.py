@@ -23,6 +23,9 @@ from effvla_ros.core.smolvla import build_random_policy, tiny_arch
 from effvla_ros.core.smolvla.tokenizer import build_tiny_tokenizer
 from effvla_ros.core.stages import StageStats, StageTimer
 
+from model_fixtures import camera_tokens as _cams
+from model_fixtures import chunk_noise as _noise
+
 TASK = "pick up the red cube"
 
 
@@ -53,15 +56,6 @@ class RecordingBackend(EagerBackend):
         return super().velocity(cache, x_t, t, step=step, plan=plan)
 
 
-def _cams(policy, seed: int = 0):  # type: ignore[no-untyped-def]
-    g = torch.Generator().manual_seed(seed)
-    imgs = {c: torch.rand(1, 3, 48, 64, generator=g) for c in policy.cameras}
-    enc = policy.encode_images(imgs)
-    return {c: CameraTokens(t[0], torch.arange(t.shape[1]), enc.grid) for c, t in enc.tokens.items()}
-
-
-def _noise(policy, seed: int = 0) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    return torch.randn(1, policy.arch.chunk_size, policy.arch.max_action_dim, generator=torch.Generator().manual_seed(seed))
 
 
 def _every_hook_runs(policy, backend):  # type: ignore[no-untyped-def]
@@ -397,6 +391,15 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch)
 
 
 # ------------------------------------------------------------------------------------------------ CUDA-graph backend
+def _first_and_guided(policy, backend):  # type: ignore[no-untyped-def]
+    """A runner with Jacobian-free RTC on ``backend``: a plain chunk, then one guided toward it (another input)."""
+    runner = PolicyRunner(policy, backend=backend, rtc=RTCConfig(enabled=True))
+    runner.set_instruction(TASK)
+    first = runner.infer(_cams(policy), torch.zeros(6), noise=_noise(policy))
+    target = GuidanceTarget(first.x_final, delay=2, valid=policy.arch.chunk_size, ref_state=torch.zeros(6))
+    return runner, first, runner.infer(_cams(policy, 1), torch.zeros(6), noise=_noise(policy, 1), guidance=target)
+
+
 def test_cudagraph_backend_loop_over_static_buffers(policy) -> None:  # type: ignore[no-untyped-def]
     """The denoising loop of the cudagraph backend (captured on CUDA; here its CPU fallback over the same static
     buffers): the same actions as the eager runner with and without Jacobian-free RTC, one graph per prefix shape
@@ -406,11 +409,7 @@ def test_cudagraph_backend_loop_over_static_buffers(policy) -> None:  # type: ig
     graph_be = GraphBackend(policy)
     runs = {}
     for name, backend in (("eager", "eager"), ("graph", graph_be)):
-        runner = PolicyRunner(policy, backend=backend, rtc=RTCConfig(enabled=True))  # type: ignore[arg-type]
-        runner.set_instruction(TASK)
-        first = runner.infer(_cams(policy), torch.zeros(6), noise=_noise(policy))
-        target = GuidanceTarget(first.x_final, delay=2, valid=policy.arch.chunk_size, ref_state=torch.zeros(6))
-        guided = runner.infer(_cams(policy, 1), torch.zeros(6), noise=_noise(policy, 1), guidance=target)
+        runner, first, guided = _first_and_guided(policy, backend)
         keep = torch.arange(0, 16, 2)
         pruned = {c: CameraTokens(ct.tokens[keep], keep, ct.grid) for c, ct in _cams(policy).items()}
         other = runner.infer(pruned, torch.zeros(6), noise=_noise(policy, 2))
@@ -490,13 +489,7 @@ def test_compiled_graph_backend_equals_eager(policy) -> None:  # type: ignore[no
 
     be = make_backend("cudagraph_compiled", policy)
     assert isinstance(be, CompiledGraphBackend) and not be.caps.expert_plans and not be.caps.vjp
-    runs = {}
-    for name, backend in (("eager", "eager"), ("compiled", be)):
-        runner = PolicyRunner(policy, backend=backend, rtc=RTCConfig(enabled=True))  # type: ignore[arg-type]
-        runner.set_instruction(TASK)
-        first = runner.infer(_cams(policy), torch.zeros(6), noise=_noise(policy))
-        target = GuidanceTarget(first.x_final, delay=2, valid=policy.arch.chunk_size, ref_state=torch.zeros(6))
-        runs[name] = (first, runner.infer(_cams(policy, 1), torch.zeros(6), noise=_noise(policy, 1), guidance=target))
+    runs = {name: _first_and_guided(policy, backend)[1:] for name, backend in (("eager", "eager"), ("compiled", be))}
     for a, b in zip(runs["eager"], runs["compiled"], strict=True):
         torch.testing.assert_close(b.actions, a.actions, rtol=1e-4, atol=1e-4)
     px = torch.rand(1, 3, policy.arch.image_size, policy.arch.image_size) * 2 - 1

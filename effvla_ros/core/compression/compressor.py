@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from effvla_ros.core import flops as _flops  # noqa: F401  (counts CPU SDPA attention too)
 from effvla_ros.core.backends.base import StageBackend, make_backend
-from effvla_ros.core.compression.change import ChangeDecision, ChangeDetector
+from effvla_ros.core.compression.change import ChangeDecision, ChangeDetector, fill_to_bucket
 from effvla_ros.core.compression.eventful import EventfulState, dilate
 from effvla_ros.core.compression.pruning import PruningConfig, instruction_queries, select_tokens
 from effvla_ros.core.params import ConfigBase, param
@@ -47,6 +47,10 @@ class ReuseConfig(ConfigBase):
     dilation: int = param(1, min=0, max=8, description="changed patches grow by this many patches (context)")
     max_changed_fraction: float = param(0.6, min=0.0, max=1.0,
                                         description="above this fraction of changed patches, run a full pass")
+    partial_shapes: int = param(16, min=0, max=4096,
+                                description="a partial pass recomputes a multiple of 1/N of the patches (the most-"
+                                            "changed unchanged ones fill up): at most N matmul shapes, whose kernels "
+                                            "stay cached; 0 = exactly the changed patches")
 
 
 @dataclass
@@ -178,6 +182,8 @@ class TokenCompressor:
         elif kind == "partial":
             assert decision is not None and st.eventful is not None
             changed = dilate(decision.changed, cfg.dilation)
+            if cfg.partial_shapes:  # e.g. 16 shapes of 1024 patches: multiples of 64
+                changed = fill_to_bucket(changed, decision.change, -(-changed.numel() // cfg.partial_shapes))
             known = st.full_flops.get(patch_grid)
             est = None if known is None else int(known * float(changed.float().mean()))
             state, st.eventful = st.eventful, None  # consumed in place: a failed pass leaves no half-updated cache
