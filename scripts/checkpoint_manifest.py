@@ -7,7 +7,7 @@ travel is its layout:
 
     python scripts/checkpoint_manifest.py manifest /tmp/real_ckpt OUT_DIR
         copies everything of the checkpoint but model.safetensors (config.json, the processors and their
-        normalizer states) to OUT_DIR and writes OUT_DIR/weights_manifest.json: every tensor's name, shape,
+        normalizer states, a vlm/ folder) to OUT_DIR and writes OUT_DIR/weights_manifest.json: every tensor's name, shape,
         dtype, mean and standard deviation
 
     python scripts/checkpoint_manifest.py materialize OUT_DIR [--seed 0]
@@ -37,7 +37,9 @@ WEIGHTS = "model.safetensors"
 def manifest(src: Path, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for p in src.iterdir():
-        if p.is_file() and p.name != WEIGHTS and p.name != "reference.safetensors":
+        if p.is_dir():  # e.g. vlm/: the VLM's config and tokenizer (small)
+            shutil.copytree(p, out / p.name, dirs_exist_ok=True)
+        elif p.name != WEIGHTS and p.name != "reference.safetensors":
             shutil.copy2(p, out / p.name)
     tensors = []
     with safe_open(str(src / WEIGHTS), framework="pt") as f:
