@@ -79,11 +79,9 @@ def main() -> int:
         return 0
     if not (Path(args.checkpoint) / "config.json").is_file():
         sys.exit(f"{args.checkpoint}: no checkpoint (see bench_e2e_realsize.py for building a real-size one)")
-    import platform
+    from bench_e2e_realsize import cpu_model  # this script's folder is on sys.path
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.machine())
-    print(f"# {cpu}, {os.cpu_count()} logical CPUs; {args.checkpoint}; packed bf16; chunk = prefill of half the "
+    print(f"# {cpu_model()}, {os.cpu_count()} logical CPUs; {args.checkpoint}; packed bf16; chunk = prefill of half the "
           f"tokens + {args.steps} steps; {args.repeats} repeats after 2 warm-up rounds; load = {args.load_procs} "
           "busy-loop processes")
     rows = []

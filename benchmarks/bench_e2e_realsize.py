@@ -55,6 +55,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -402,8 +403,6 @@ def main() -> int:
         if d not in ("fp32", "vlm-bf16"):
             ap.error(f"--lerobot-dtypes: unknown {d!r} (fp32, vlm-bf16)")
     lerobot = not args.skip_lerobot
-    import shutil
-
     args.lerobot_python = shutil.which(args.lerobot_python) or args.lerobot_python
     if lerobot and (not Path(args.lerobot_python).exists() or not Path(args.kit_scripts).is_dir()):
         sys.exit(f"LeRobot reference venv {args.lerobot_python} or kit scripts {args.kit_scripts} missing: make it with {KIT}/setup.sh "
@@ -462,7 +461,7 @@ def main() -> int:
     if lerobot and res is None:
         meta["lerobot"] = {"failed": True}
         print("# LeRobot rows: none (its subprocess failed, see above)")
-    elif lerobot and res is not None:
+    elif res is not None:
         meta["lerobot"] = {k: res[k] for k in ("versions", "threads", "load_s")}
         print(f"# LeRobot side: lerobot {res['versions']['lerobot']}, torch {res['versions']['torch']}, transformers "
               f"{res['versions']['transformers']}, {res['threads']} threads")
@@ -471,23 +470,21 @@ def main() -> int:
 
     # ---------------------------------------------------------------- ours
     cfgs = target_configs(args.target)
-    for item in args.on_set:  # SECTION.KEY=VALUE (YAML value) over the target's compression
-        key, _, value = item.partition("=")
-        sec, _, field = key.partition(".")
-        if sec not in cfgs or not field or not value:
-            ap.error(f"--on-set {item!r}: expected SECTION.KEY=VALUE with SECTION one of {', '.join(cfgs)}")
+    def overrides(items: list[str], flag: str) -> list[tuple[str, str, Any]]:  # SECTION.KEY=VALUE (YAML value)
         import yaml
 
-        cfgs[sec][field] = yaml.safe_load(value)
-    alt: list[tuple[str, str, Any]] = []  # "on*": compression on with --on-alt on top (applied per dtype, below)
-    for item in args.on_alt:
-        key, _, value = item.partition("=")
-        sec, _, field = key.partition(".")
-        if sec not in cfgs or not field or not value:
-            ap.error(f"--on-alt {item!r}: expected SECTION.KEY=VALUE with SECTION one of {', '.join(cfgs)}")
-        import yaml
+        out = []
+        for item in items:
+            key, _, value = item.partition("=")
+            sec, _, field = key.partition(".")
+            if sec not in cfgs or not field or not value:
+                ap.error(f"{flag} {item!r}: expected SECTION.KEY=VALUE with SECTION one of {', '.join(cfgs)}")
+            out.append((sec, field, yaml.safe_load(value)))
+        return out
 
-        alt.append((sec, field, yaml.safe_load(value)))
+    for sec, field, value in overrides(args.on_set, "--on-set"):  # over the target's compression
+        cfgs[sec][field] = value
+    alt = overrides(args.on_alt, "--on-alt")  # "on*": compression on with these on top (applied per dtype, below)
     if alt:
         meta["compression_on_alt"] = [f"{s}.{f}={v!r}" for s, f, v in alt]
     meta["compression_on"] = {**cfgs, "expert_reuse": {**cfgs["expert_reuse"], "enabled": True}}

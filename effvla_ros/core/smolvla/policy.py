@@ -256,9 +256,9 @@ class SmolVLAPolicy:
     def vision_position_ids(self, rows: int, cols: int, device: torch.device) -> Tensor:
         """(1, rows * cols) position ids of a full (unmasked) patch grid, as transformers' SmolVLM vision
         embeddings compute them for an all-True ``patch_attention_mask`` (fractional coordinates bucketized
-        onto the ``num_patches_per_side`` grid), computed once per grid and device. Cached: the encode then
-        makes no host round trip (its module computes the ids from the mask on every call), so it can be
-        captured as a CUDA graph."""
+        onto the ``num_patches_per_side`` grid), computed once per grid and device. Cached: the encode does not
+        rebuild them from a mask on every call as the module does, so a captured encode (CUDA graph) does not
+        depend on how a transformers version builds them."""
         key = (rows, cols, str(device))
         ids = self._vision_pos.get(key)
         if ids is None:
