@@ -1,18 +1,21 @@
 """Latency-budget mode under a competing CPU load: does the controller keep each inference under the budget?
 
     python benchmarks/bench_budget.py [--checkpoint DIR] [--budget-ms B] [--load-at 30] [--load-procs 2]
-                                      [--steps 90] [--threads 2] [--json out.json]
+                                      [--steps 90] [--threads 2] [--backend packed --dtype auto]
+                                      [--adaptive-threads] [--grid AXIS ...] [--json out.json]
 
 1. A recording: the simulation's cameras at the checkpoint's size written as a rosbag2 (MCAP) by the test bag writer
    (``replay/synthetic.py``: moving patterns, 10 Hz).
 2. Calibration, as ``effvla calibrate-budget`` does (``run_replay`` over the product of the default grid: kept-token
-   ratio x denoising steps x expert reuse; each setting's first 2 observations left out), on the quiet machine: each setting's p95 latency and action deviation.
+   ratio x denoising steps x expert reuse, or ``--grid``; each setting's first 2 observations left out), on the quiet
+   machine, on ``--backend`` in ``--dtype``: each setting's p95 latency and action deviation.
 3. A control loop over the recording's observations, cycled to ``--steps``: each step the controller
    (``core/budget.py``) picks a setting, the token compressor and the runner are configured with it
    (``apply_overrides``, as the policy node does) and one inference runs; its measured latency (encoder + prefill +
    denoising) goes back to the controller. From step ``--load-at`` on, ``--load-procs`` processes burn the CPU.
    The same loop without the controller (the unconstrained setting) runs beside it for the deviation and the
-   latency without budget.
+   latency without budget. ``--adaptive-threads``: both loops run with ``RuntimeConfig.adaptive_threads`` (torch
+   threads follow the cores the load leaves free, ``core/threads.py``), the calibration with all threads.
 
 Printed: the fraction of steps within the budget (all, before and after the load starts), the p95 latency, the
 settings chosen, and each loop's mean action deviation from the unconstrained actions of the same observation.
@@ -58,10 +61,20 @@ def main() -> int:
     ap.add_argument("--load-at", type=int, default=30)
     ap.add_argument("--load-procs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", default="eager", help="stage backend of calibration and loops (x86_cpu: packed)")
+    ap.add_argument("--dtype", default="float32", help="vision / VLM / expert dtype (x86_cpu: auto)")
+    ap.add_argument("--adaptive-threads", action="store_true",
+                    help="the loops lower torch's threads to the cores the load leaves free (RuntimeConfig.adaptive_threads)")
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds of the synthetic recording (10 Hz)")
+    ap.add_argument("--keep-cache", action="store_true",
+                    help="the controlled loop's compressor keeps its patch cache while reuse is off (reuse.keep_cache)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from bench_e2e_realsize import cpu_model  # this script's folder is on sys.path
+
+    from effvla_ros.core.backends import make_backend
     from effvla_ros.core.budget import BudgetController, BudgetTable, apply_overrides, entries_from_replay
     from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
     from effvla_ros.core.compression.pruning import PruningConfig
@@ -69,24 +82,28 @@ def main() -> int:
     from effvla_ros.core.observation import rgb_to_tensor
     from effvla_ros.core.runner import InferenceConfig, PolicyRunner, compressed_to_camera_tokens
     from effvla_ros.core.smolvla import RuntimeConfig, load_policy
+    from effvla_ros.core.threads import ThreadGovernor
     from effvla_ros.graph import default_checkpoint
     from effvla_ros.replay.evaluate import action_std, noise_for
     from effvla_ros.replay.pipeline import ReplayConfig, run_replay
     from effvla_ros.replay.synthetic import write_episode_bag
 
     ckpt = args.checkpoint or default_checkpoint()
-    policy = load_policy(ckpt, runtime=RuntimeConfig(num_threads=args.threads))
+    rt = RuntimeConfig(num_threads=args.threads, vision_dtype=args.dtype, vlm_dtype=args.dtype, expert_dtype=args.dtype)
+    policy = load_policy(ckpt, runtime=rt)
+    backend = make_backend(args.backend, policy)
     size = tuple(policy.arch.camera_shape[1:])
     tmp = tempfile.TemporaryDirectory()
     bag = write_episode_bag(Path(tmp.name) / "bag", cameras={f"/camera/{c}/image_raw": 10.0 for c in policy.cameras},
-                            duration=3.0, image_size=size)  # type: ignore[arg-type]
+                            duration=args.duration, image_size=size)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     cal = run_replay(ReplayConfig(bag=str(bag), checkpoint=str(ckpt), sweep=list(args.grid or GRID), sweep_mode="product",
-                                  flops="off", progress=False), policy=policy)
+                                  flops="off", progress=False, backend=args.backend), policy=policy)
     table = BudgetTable(entries_from_replay(cal.report, cal.runs, warmup=2))
     base = next(e for e in table.entries if not e.overrides)
     budget = args.budget_ms or 1.1 * base.latency_ms
-    print(f"# {Path(ckpt).name}, {args.threads} threads, calibration {time.perf_counter() - t0:.0f} s on "
+    print(f"# {cpu_model()}; {Path(ckpt).name} on {args.backend} {'/'.join(policy.runtime.resolved_dtypes())}, "
+          f"{args.threads} threads{' (adaptive in the loops)' if args.adaptive_threads else ''}, calibration {time.perf_counter() - t0:.0f} s on "
           f"{len(cal.episode.observations)} observations; budget {budget:.1f} ms")
     print("\n| setting | calibrated p95 [ms] | deviation (nRMSE) |\n|---|---:|---:|")
     for e in sorted(table.entries, key=lambda e: e.latency_ms):
@@ -97,15 +114,19 @@ def main() -> int:
     std = action_std(policy)
 
     def loop(controlled: bool, stop_load: Any) -> dict[str, Any]:
-        comp = TokenCompressor(policy, PruningConfig(method="none"), ReuseConfig(enabled=False), count_flops=False)
-        runner = PolicyRunner(policy, inference=InferenceConfig(num_steps=policy.num_steps),
+        torch.set_num_threads(args.threads)
+        policy.thread_governor = ThreadGovernor(args.threads) if args.adaptive_threads else None
+        comp = TokenCompressor(policy, PruningConfig(method="none"), ReuseConfig(enabled=False), count_flops=False,
+                               backend=backend)
+        runner = PolicyRunner(policy, inference=InferenceConfig(num_steps=policy.num_steps), backend=backend,
                               early_exit=EarlyExitConfig(enabled=False), expert_reuse=ExpertReuseConfig(enabled=False))
-        own = {"pruning": PruningConfig(method="none"), "early_exit": EarlyExitConfig(enabled=False),
+        own = {"pruning": PruningConfig(method="none"), "reuse": ReuseConfig(keep_cache=args.keep_cache),
+               "early_exit": EarlyExitConfig(enabled=False),
                "expert_reuse": ExpertReuseConfig(enabled=False),
                "inference": InferenceConfig(num_steps=policy.num_steps)}
         ctl = BudgetController(table, budget)
         procs: list[Any] = []
-        out: dict[str, Any] = {"measured_ms": [], "chosen": [], "actions": [], "predicted_ms": []}
+        out: dict[str, Any] = {"measured_ms": [], "chosen": [], "actions": [], "predicted_ms": [], "threads": []}
         try:
             for i, obs in enumerate(obs_list):
                 if i == args.load_at:
@@ -116,7 +137,8 @@ def main() -> int:
                 if controlled:
                     choice = ctl.choose()
                     cfgs = apply_overrides(own, choice.entry.overrides, from_baseline=True)
-                    comp.configure(cfgs["pruning"], comp.reuse)
+                    if (cfgs["pruning"], cfgs["reuse"]) != (comp.pruning, comp.reuse):
+                        comp.configure(cfgs["pruning"], cfgs["reuse"])
                     runner.configure(inference=cfgs["inference"], expert_reuse=cfgs["expert_reuse"])
                     out["chosen"].append(choice.entry.name)
                     out["predicted_ms"].append(choice.predicted_ms)
@@ -135,6 +157,7 @@ def main() -> int:
                 if controlled:
                     ctl.observe(choice.entry.name, ms)
                 out["measured_ms"].append(ms)
+                out["threads"].append(torch.get_num_threads())
                 out["actions"].append(res.actions.detach().cpu().double().numpy())
         finally:
             stop_load.set()
@@ -156,7 +179,9 @@ def main() -> int:
              "within_under_load_after_first": float(np.mean(m[la + 1:] <= budget)),
              "p95_ms_before": float(np.percentile(m[:la], 95)), "p95_ms_under_load": float(np.percentile(m[la:], 95)),
              "median_ms_under_load": float(statistics.median(m[la:])), "mean_deviation_nrmse": float(np.mean(dev)),
-             "chosen_before": dict(Counter(run["chosen"][:la])), "chosen_under_load": dict(Counter(run["chosen"][la:]))}
+             "chosen_before": dict(Counter(run["chosen"][:la])), "chosen_under_load": dict(Counter(run["chosen"][la:])),
+             "threads_before": dict(Counter(run["threads"][:la])), "threads_under_load": dict(Counter(run["threads"][la:])),
+             "measured_ms": [float(x) for x in m]}
         print(f"\n{name}: within {budget:.1f} ms on {s['within_all']:.0%} of {len(m)} steps (before the load "
               f"{s['within_before_load']:.0%}, under it {s['within_under_load']:.0%}, after its first step "
               f"{s['within_under_load_after_first']:.0%}); p95 {s['p95_ms_before']:.1f} ms before, "
@@ -164,6 +189,7 @@ def main() -> int:
               f"{s['mean_deviation_nrmse']:.4f} (nRMSE)")
         if run["chosen"]:
             print(f"  chosen before the load: {s['chosen_before']}; under it: {s['chosen_under_load']}")
+        print(f"  torch threads before the load: {s['threads_before']}; under it: {s['threads_under_load']}")
         return s
 
     rows = {"unconstrained": summary("unconstrained (no budget)", free),

@@ -36,8 +36,11 @@ def worker(args: argparse.Namespace) -> None:
     from effvla_ros.core.runner import CameraTokens, InferenceConfig, PolicyRunner
     from effvla_ros.core.smolvla import RuntimeConfig, load_policy
 
-    torch.set_num_threads(args.worker_threads)
-    rt = RuntimeConfig(vision_dtype="bfloat16", vlm_dtype="bfloat16", expert_dtype="bfloat16")
+    adaptive = args.worker_threads < 0  # "adaptive": at most every core, as many as other processes leave free
+    n = (os.cpu_count() or 1) if adaptive else args.worker_threads
+    torch.set_num_threads(n)
+    rt = RuntimeConfig(vision_dtype="bfloat16", vlm_dtype="bfloat16", expert_dtype="bfloat16", num_threads=n,
+                       adaptive_threads=adaptive)
     policy = load_policy(args.checkpoint, runtime=rt)
     be = make_backend("packed", policy)
     runner = PolicyRunner(policy, backend=be, inference=InferenceConfig(num_steps=args.steps))
@@ -50,8 +53,9 @@ def worker(args: argparse.Namespace) -> None:
     cams = {c: CameraTokens(tokens[keep], keep, (side, side)) for c in policy.cameras}
     noise = torch.zeros(1, policy.arch.chunk_size, policy.arch.max_action_dim)
     state = torch.zeros(policy.arch.state_dim)
-    enc, chunk = [], []
+    enc, chunk, used = [], [], []
     for i in range(args.repeats + 2):  # two warm-up rounds
+        used.append(policy.adapt_threads())  # as the token compressor does before each image (no-op unless adaptive)
         t = time.perf_counter()
         be.encode(px)
         e = time.perf_counter() - t
@@ -60,13 +64,14 @@ def worker(args: argparse.Namespace) -> None:
         if i >= 2:
             enc.append(e)
             chunk.append(time.perf_counter() - t)
-    print(json.dumps({"encode": enc, "chunk": chunk, "threads": torch.get_num_threads()}))
+    print(json.dumps({"encode": enc, "chunk": chunk, "threads_used": sorted(set(used[2:]))}))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="/tmp/real_ckpt")
-    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--threads", default="1,2", help="torch thread counts; 'adaptive': RuntimeConfig.adaptive_threads "
+                    "(every core, fewer while other processes keep some busy)")
     ap.add_argument("--wait-policies", default="default,PASSIVE")
     ap.add_argument("--load-procs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=6)
@@ -89,8 +94,9 @@ def main() -> int:
         load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load_procs if loaded else 0)]
         try:
             for policy in args.wait_policies.split(","):
-                for th in (int(x) for x in args.threads.split(",")):
-                    env = dict(os.environ, OMP_NUM_THREADS=str(th))
+                for th_name in args.threads.split(","):
+                    th = -1 if th_name == "adaptive" else int(th_name)
+                    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() if th < 0 else th))
                     env.pop("OMP_WAIT_POLICY", None)
                     env.pop("GOMP_SPINCOUNT", None)
                     if policy.startswith("spin="):  # GNU OpenMP (torch's): spin this long, then sleep
@@ -103,16 +109,18 @@ def main() -> int:
                     if p.returncode != 0:
                         sys.exit(f"worker failed: {p.stderr[-2000:]}")
                     r = json.loads(p.stdout.strip().splitlines()[-1])
-                    rows.append({"load": loaded, "wait_policy": policy, "threads": th, **r})
-                    print(f"# {'load ' if loaded else 'quiet'} {policy:8s} {th} threads: chunk median "
+                    rows.append({"load": loaded, "wait_policy": policy, "threads": th_name, **r})
+                    print(f"# {'load ' if loaded else 'quiet'} {policy:8s} {th_name} threads: chunk median "
                           f"{statistics.median(r['chunk']):.3f} s", file=sys.stderr, flush=True)
         finally:
             for q in load:
                 q.kill()
-    print("\n| CPU | wait policy | torch threads | encode median [s] | encode max | chunk median [s] | chunk max |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("\n| CPU | wait policy | torch threads | threads used | encode median [s] | encode max | chunk median [s] | "
+          "chunk max |")
+    print("|---|---|---:|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {'loaded' if r['load'] else 'quiet'} | {r['wait_policy']} | {r['threads']} | "
+              f"{','.join(map(str, r['threads_used']))} | "
               f"{statistics.median(r['encode']):.3f} | {max(r['encode']):.3f} | {statistics.median(r['chunk']):.3f} | "
               f"{max(r['chunk']):.3f} |")
     if args.json:

@@ -130,3 +130,38 @@ def test_entries_apply_from_the_baseline_they_were_calibrated_on() -> None:
     on = apply_overrides(configs, {"pruning.method": "task", "pruning.keep_ratio": 0.25, "expert_reuse.enabled": True},
                          from_baseline=True)
     assert on["pruning"].method == "task" and on["pruning"].keep_ratio == 0.25 and on["expert_reuse"].threshold == 0.2
+
+
+def test_a_field_implies_its_groups_switch_and_values_are_checked_at_load(tmp_path: Path) -> None:
+    """A hand-written entry {pruning.keep_ratio: 0.25} prunes (the switch is implied, as in a --sweep) unless the
+    entry sets the switch itself; an out-of-range value is refused when the table loads, naming the entry."""
+    from effvla_ros.core.compression.compressor import ReuseConfig
+
+    configs = {"pruning": PruningConfig(), "reuse": ReuseConfig(enabled=True, keyframe_interval=8),
+               "inference": InferenceConfig(num_steps=10)}
+    out = apply_overrides(configs, {"pruning.keep_ratio": 0.25, "reuse.keyframe_interval": 30}, from_baseline=True)
+    assert out["pruning"].method == "task" and out["pruning"].keep_ratio == 0.25
+    assert out["reuse"].enabled and out["reuse"].keyframe_interval == 30
+    off = apply_overrides(configs, {"reuse.enabled": False, "reuse.keyframe_interval": 30}, from_baseline=True)
+    assert not off["reuse"].enabled and off["pruning"].method == "none"
+    (tmp_path / "range.yaml").write_text("version: 1\nentries:\n- {name: tiny, overrides: {pruning.keep_ratio: 0.001}, "
+                                         "latency_ms: 10, deviation: 0}\n")
+    with pytest.raises(ValueError, match=r"entries\[tiny\].*keep_ratio"):
+        BudgetTable.load(tmp_path / "range.yaml")
+
+
+def test_the_last_measurement_moves_the_next_choice() -> None:
+    """One inference slower than the window's percentile (a load that just began) changes the very next choice."""
+    table = BudgetTable([BudgetEntry("full", {}, latency_ms=100.0, deviation=0.0),
+                         BudgetEntry("fast", {"num_steps": 3}, latency_ms=40.0, deviation=0.1)])
+    ctl = BudgetController(table, 120.0, window=20)
+    for _ in range(19):
+        ctl.observe("full", 100.0)
+    assert ctl.choose().entry.name == "full"
+    ctl.observe("full", 250.0)  # 2.5x: one of 20, below the 95th percentile's reach
+    assert float(np.percentile([1.0] * 19 + [2.5], 95)) < 1.2
+    choice = ctl.choose()
+    assert choice.entry.name == "fast" and choice.slowdown == pytest.approx(2.5)
+    for _ in range(20):
+        ctl.observe("fast", 40.0)  # the load left: the window forgets it
+    assert ctl.choose().entry.name == "full"

@@ -22,6 +22,13 @@ TABLE = BudgetTable([
     BudgetEntry("keep0.25+steps3+reuse", {"pruning.method": "task", "pruning.keep_ratio": 0.25, "inference.num_steps": 3,
                                           "expert_reuse.enabled": True}, latency_ms=100.0, deviation=0.2),
 ])
+# the encoder's temporal reuse as a budget setting (the compressor's reuse.* parameters)
+TABLE_REUSE = BudgetTable([
+    BudgetEntry("baseline", {}, latency_ms=400.0, deviation=0.0),
+    BudgetEntry("patch_reuse", {"reuse.enabled": True, "reuse.keyframe_interval": 4}, latency_ms=200.0, deviation=0.05),
+    BudgetEntry("patch_reuse+keep0.5", {"reuse.enabled": True, "reuse.keyframe_interval": 4, "pruning.method": "task",
+                                        "pruning.keep_ratio": 0.5}, latency_ms=100.0, deviation=0.1),
+])
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +93,68 @@ def test_each_inference_applies_the_chosen_setting(context, ckpt: Path, tmp_path
         assert node.budget is None and node.runner.inference.num_steps == 10 and not node.runner.expert_reuse.cfg.enabled
     finally:
         node.destroy_node()
+
+
+def test_reuse_settings_apply_to_the_compressor_in_process(context, ckpt: Path, tmp_path: Path) -> None:
+    """Images input: an entry's reuse.* fields reach the node's own compressor; an entry without reuse runs without it,
+    as it was calibrated (every budget group off, then the entry)."""
+    table = TABLE_REUSE.save(tmp_path / "table.yaml")
+    node = _node(context, ckpt, latency_budget_ms=450.0, latency_budget_table=str(table),
+                 **{"reuse.enabled": True, "reuse.dilation": 0})
+    try:
+        assert node.compressor.reuse.enabled  # the node's own parameter before the first budgeted inference
+        assert node._budget_step().entry.name == "baseline"
+        assert not node.compressor.reuse.enabled and node.compressor.pruning.method == "none"
+        for _ in range(5):
+            node.budget.observe("baseline", 800.0)  # twice as slow: baseline 800, patch_reuse 400 ms predicted
+        assert node._budget_step().entry.name == "patch_reuse"
+        r = node.compressor.reuse
+        assert r.enabled and r.keyframe_interval == 4 and r.dilation == 0  # dilation: the node's own
+    finally:
+        node.destroy_node()
+
+
+def test_budget_sets_a_compressor_nodes_pruning_and_reuse(ckpt: Path, tmp_path: Path) -> None:
+    """Tokens input: the chosen entry's pruning and reuse go to a real token_compressor node through its
+    set_parameters service, only when they change; turning the budget off restores the compressor's own values."""
+    from effvla_ros.nodes.policy import PolicyNode
+    from effvla_ros.nodes.token_compressor import TokenCompressorNode
+
+    from ros_helpers import spinner, wait_for
+
+    table = TABLE_REUSE.save(tmp_path / "table.yaml")
+    with spinner() as sp:
+        comp = sp.add(TokenCompressorNode(context=sp.context, parameter_overrides=[
+            Parameter("checkpoint", value=str(ckpt)), Parameter("cameras", value=["camera1", "camera2"]),
+            Parameter("reuse.enabled", value=True), Parameter("reuse.keyframe_interval", value=8),
+            Parameter("pruning.keep_ratio", value=0.75)]))
+        values = {"checkpoint": str(ckpt), "cameras": ["camera1", "camera2"], "startup_check": False,
+                  "warmup": False, "input_mode": "tokens", "latency_budget_ms": 450.0,
+                  "latency_budget_table": str(table)}
+        pol = sp.add(PolicyNode(context=sp.context, parameter_overrides=[Parameter(k, value=v) for k, v in values.items()]))
+
+        def params() -> tuple[object, ...]:
+            c = comp.compressor
+            return c.pruning.method, c.pruning.keep_ratio, c.reuse.enabled, c.reuse.keyframe_interval
+
+        assert params() == ("task", 0.75, True, 8)
+        wait_for(lambda: CompressorReady(pol), timeout=10.0)
+        assert pol._budget_step().entry.name == "baseline"
+        wait_for(lambda: params() == ("none", 0.75, False, 8), timeout=10.0)  # switches only: the rest its own
+        for _ in range(5):
+            pol.budget.observe("baseline", 1600.0)  # 4x slower: only patch_reuse+keep0.5 fits (400 ms)
+        assert pol._budget_step().entry.name == "patch_reuse+keep0.5"
+        wait_for(lambda: params() == ("task", 0.5, True, 4), timeout=10.0)
+        assert pol.set_parameters([Parameter("latency_budget_ms", value=0.0)])[0].successful
+        pol._apply_settings()
+        wait_for(lambda: params() == ("task", 0.75, True, 8), timeout=10.0)  # the compressor's own values again
+
+
+def CompressorReady(pol) -> bool:  # type: ignore[no-untyped-def]  # noqa: N802
+    """The policy's client to the compressor's set_parameters service sees the service (made on first use)."""
+    from effvla_ros.nodes.policy import CompressorParameters
+
+    if pol._budget_compressor is None:
+        pol._budget_compressor = CompressorParameters(pol, pol.budget_params.config.latency_budget_compressor,
+                                                      [f"{g}.{f}" for g, f in pol._budget_compressor_fields()])
+    return bool(pol._budget_compressor._set.service_is_ready() and pol._budget_compressor._get.service_is_ready())

@@ -148,3 +148,56 @@ def test_partial_passes_recompute_whole_buckets(policy) -> None:  # type: ignore
     assert n0 < n4 and n0 <= n16  # the exact pass recomputes fewest; 4 shapes round up to quarters
     assert f4 > f0 and (f16 > f0) == (n16 > n0)
     assert e4 <= e0 + 1e-6 and e16 <= e0 + 1e-6
+
+
+def _moving(seed: int, n: int) -> list[torch.Tensor]:
+    """``n`` frames of one scene with a small square that moves each frame (a partial pass every frame)."""
+    img = _scene(seed)
+    out = []
+    for i in range(n):
+        f = img.clone()
+        f[:, 4:12, 4 + 4 * i:12 + 4 * i] = 1.0
+        out.append(f)
+    return out
+
+
+def test_rolling_refresh_recomputes_every_patch_in_turn_without_full_passes(policy) -> None:  # type: ignore[no-untyped-def]
+    """refresh=rolling: after the first frame no full pass, yet within keyframe_interval partial frames every token was
+    recomputed at least once (a slice of the patches each frame), where keyframe refresh runs a full pass instead."""
+    k = 4
+    frames = _moving(5, 1 + 2 * k)
+    kf = TokenCompressor(policy, PruningConfig(method="none"),
+                         ReuseConfig(max_age=100, keyframe_interval=k, dilation=0, partial_shapes=0))
+    assert [kf.process("camera1", f).kind for f in frames].count("full") == 3  # frames 0, 4, 8
+    roll = TokenCompressor(policy, PruningConfig(method="none"),
+                           ReuseConfig(max_age=100, keyframe_interval=k, dilation=0, partial_shapes=0, refresh="rolling"))
+    outs = [roll.process("camera1", f) for f in frames]
+    assert [o.kind for o in outs] == ["full"] + ["partial"] * (2 * k)
+    recomputed = torch.zeros(16, dtype=torch.bool)
+    for o in outs[1:k + 1]:
+        recomputed |= ~o.reused
+    assert bool(recomputed.all())  # every token within k frames
+    assert all(int((~o.reused).sum()) < 16 for o in outs[1:])  # each frame still partial
+    # the square's patches plus one slice of 16 / k: more than the square alone
+    plain = TokenCompressor(policy, PruningConfig(method="none"),
+                            ReuseConfig(max_age=100, keyframe_interval=100, dilation=0, partial_shapes=0))
+    plain_outs = [plain.process("camera1", f) for f in frames[:3]]
+    assert int((~outs[1].reused).sum()) > int((~plain_outs[1].reused).sum())
+
+
+def test_keep_cache_lets_reuse_resume_with_a_partial_pass(policy) -> None:  # type: ignore[no-untyped-def]
+    """reuse.keep_cache: while reuse is off every frame is a full pass that still builds the patch cache, so the
+    first frame after reuse is turned on is partial; without it that frame is a full pass. Tokens while off equal
+    the plain encoder's."""
+    frames = _moving(6, 4)
+    for keep, want in ((True, "partial"), (False, "full")):
+        on = ReuseConfig(max_age=100, keyframe_interval=100, dilation=0, keep_cache=keep)
+        comp = TokenCompressor(policy, PruningConfig(method="none"), on)
+        comp.process("camera1", frames[0])
+        comp.configure(reuse=ReuseConfig(enabled=False, keep_cache=keep))
+        off = comp.process("camera1", frames[1])
+        ref = policy.encode_images({"camera1": frames[1][None]}).tokens["camera1"][0]
+        assert off.kind == "full"
+        torch.testing.assert_close(off.tokens, ref, rtol=1e-5, atol=1e-5)
+        comp.configure(reuse=on)
+        assert comp.process("camera1", frames[2]).kind == want, keep

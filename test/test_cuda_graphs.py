@@ -139,7 +139,7 @@ def test_token_compressor_on_the_policys_device(policy, patch_level: bool) -> No
         comp.set_instruction(TASK)
         outs[name] = [comp.process("camera1", f) for f in frames]
     for a, b in zip(outs["eager"], outs["cudagraph"], strict=True):
-        assert b.kept.device.type == "cpu" and b.tokens.device == policy.device and b.kind == a.kind
+        assert b.kept.device.type == "cpu" and b.tokens.device.type == policy.device.type and b.kind == a.kind
         assert torch.equal(a.kept, b.kept) and 0 < len(b.kept) < b.grid[0] * b.grid[1]
         torch.testing.assert_close(b.tokens, a.tokens, rtol=1e-5, atol=1e-5)
     assert [o.kind for o in outs["cudagraph"]][:2] == ["full", "partial" if patch_level else "full"]

@@ -226,3 +226,22 @@ def test_sweep_changes_what_it_should(bags: dict[str, Path], ckpt: Path, policy,
     assert (tmp_path / "out" / "compute_vs_deviation.png").stat().st_size > 1000
     assert any(p.name.startswith("actions_pruning.keep_ratio=0.25") for p in (tmp_path / "out").iterdir())
     assert "pruning.keep_ratio=0.25" in paths["md"].read_text()
+
+
+def test_replay_on_another_backend(bags: dict[str, Path], ckpt: Path, policy) -> None:  # type: ignore[no-untyped-def]
+    """--backend: the replay (and so calibrate-budget) measures on the stage backend the nodes run; the packed
+    backend's fp32 actions match the eager ones, and the report names the backend and dtypes; a backend that
+    cannot run a setting is refused naming the parameter."""
+    import dataclasses
+
+    from effvla_ros.core.backends.base import CapabilityError
+
+    cfg = _cfg(bags["sqlite3"], ckpt, ["pruning.keep_ratio=0.5"], 2)
+    eager = run_replay(cfg, policy=policy)
+    packed = run_replay(dataclasses.replace(cfg, backend="packed"), policy=policy)
+    assert packed.report["replay"]["backend"] == "packed" and eager.report["replay"]["backend"] == "eager"
+    assert packed.report["replay"]["dtypes"] == {"vision": "float32", "vlm": "float32", "expert": "float32"}
+    for a, b in zip(eager.runs, packed.runs, strict=True):
+        np.testing.assert_allclose(b.actions, a.actions, atol=1e-4)
+    with pytest.raises(CapabilityError, match="expert_reuse"):
+        run_replay(dataclasses.replace(cfg, backend="cudagraph", sweep=["expert_reuse.enabled=true"]), policy=policy)

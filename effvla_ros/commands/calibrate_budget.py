@@ -31,25 +31,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2,
                    help="first observations of each setting left out of its latency (first calls allocate)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default): as the nodes run")
+    from effvla_ros.commands.replay import _backend_arguments
+
+    _backend_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from effvla_ros.core.budget import DEFAULT_GRID, BudgetTable, entries_from_replay, grid_sweep
     from effvla_ros.replay.pipeline import ReplayConfig, run_replay
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     grid = grid_sweep(args.grid or list(DEFAULT_GRID))
     cfg = ReplayConfig(bag=args.bag, checkpoint=args.checkpoint, vlm_dir=args.vlm_dir, target=args.target,
                        sweep=grid, sweep_mode="product", max_steps=args.max_steps, seed=args.seed, flops="off",
-                       progress=not args.quiet)
+                       progress=not args.quiet, backend=args.backend, dtype=args.dtype)
     result = run_replay(cfg)
     report = result.report
-    import torch
 
     entries = entries_from_replay(report, result.runs, args.warmup)
     table = BudgetTable(entries, {
         "bag": str(Path(args.bag)), "checkpoint": str(args.checkpoint), "grid": grid,
         "observations": len(result.episode.observations), "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "warmup": args.warmup, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads(), "backend": args.backend, "dtypes": report["replay"]["dtypes"],
+        "warmup": args.warmup, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "deviation": "normalized RMSE of the actions vs the first (unconstrained) setting, by the action std"})
     out = table.save(args.out)
     print("| setting | p95 latency [ms] | deviation (nRMSE) | max |Δa| |")

@@ -11,10 +11,16 @@ grammar of ``effvla replay`` too, see :mod:`effvla_ros.core.settings`. Each fail
 (wrong cube / missed / not lifted / not placed / no grasp, from where the gripper first closed:
 :func:`effvla_ros.train.evaluate.classify_outcome`). Prints a table; ``--out`` writes the full report
 (incl. every episode) as JSON. See :mod:`effvla_ros.train.evaluate`.
+
+``--latency-budget-ms B --latency-budget-table T.yaml`` (both or neither) runs every setting under the
+latency-budget mode of the policy node: each inference takes the entry of the table (``effvla calibrate-budget``)
+that the budget controller chooses, on top of the setting's own configs; the report adds per setting the fraction
+of inferences measured within B, their p95 latency and the entries chosen.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -47,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; per worker)")
     parser.add_argument("--workers", type=int, default=1,
                         help="episode worker processes (default 1; the episodes and results are the same)")
+    parser.add_argument("--latency-budget-ms", type=float, default=None, metavar="MS",
+                        help="run every setting under this latency budget per inference (encoder + prefill + "
+                             "denoising, ms), choosing each inference's settings from --latency-budget-table")
+    parser.add_argument("--latency-budget-table", default=None, metavar="TABLE.yaml",
+                        help="the budget table written by `effvla calibrate-budget` (with --latency-budget-ms)")
+    parser.add_argument("--latency-budget-window", type=int, default=20, metavar="N",
+                        help="recent inferences whose measured / calibrated latency sets the controller's "
+                             "slowdown (default 20, as the policy node's latency_budget_window)")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument("--quiet", action="store_true", help="no per-episode lines")
 
@@ -56,12 +70,45 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from effvla_ros.core.backends import BACKENDS
+    from effvla_ros.core.budget import BudgetTable
     from effvla_ros.core.smolvla import CheckpointError, RuntimeConfig, load_policy
-    from effvla_ros.train.evaluate import eval_settings, evaluate, evaluate_parallel, format_table, write_report
+    from effvla_ros.train.evaluate import (
+        EvalBudget,
+        eval_settings,
+        evaluate,
+        evaluate_parallel,
+        format_table,
+        write_report,
+    )
 
     if args.episodes < 1:
         print("effvla eval-sim: --episodes must be at least 1", file=sys.stderr)
         return 2
+    budget = None
+    if (args.latency_budget_ms is None) != (args.latency_budget_table is None):
+        missing = "--latency-budget-table" if args.latency_budget_table is None else "--latency-budget-ms"
+        given = "--latency-budget-ms" if args.latency_budget_table is None else "--latency-budget-table"
+        print(f"effvla eval-sim: {given} needs {missing} (both or neither)", file=sys.stderr)
+        return 2
+    if args.latency_budget_ms is not None:
+        if not (args.latency_budget_ms > 0 and math.isfinite(args.latency_budget_ms)):
+            print(f"effvla eval-sim: --latency-budget-ms {args.latency_budget_ms!r} must be a positive number of ms",
+                  file=sys.stderr)
+            return 2
+        if args.latency_budget_window < 1:
+            print("effvla eval-sim: --latency-budget-window must be at least 1", file=sys.stderr)
+            return 2
+        try:  # the table's ValueError names the file and what is wrong with it
+            budget = EvalBudget(BudgetTable.load(args.latency_budget_table), args.latency_budget_ms,
+                                window=args.latency_budget_window, table_path=str(args.latency_budget_table))
+        except ValueError as e:
+            print(f"effvla eval-sim: --latency-budget-table: {e}", file=sys.stderr)
+            return 2
+        cal_backend = budget.table.source.get("backend")
+        if cal_backend and cal_backend != args.backend:
+            print(f"effvla eval-sim: warning: {args.latency_budget_table} was calibrated on the {cal_backend!r} "
+                  f"backend, this run uses {args.backend!r} (the controller's slowdown absorbs a constant factor)",
+                  file=sys.stderr)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
@@ -91,10 +138,11 @@ def run(args: argparse.Namespace) -> int:
         if args.workers > 1:
             report = evaluate_parallel(args.checkpoint, settings, seeds, workers=args.workers,
                                        max_steps=args.max_steps, threads=max(1, args.threads), progress=progress,
-                                       backend=args.backend, runtime=runtime, export_dir=args.export_dir)
+                                       backend=args.backend, runtime=runtime, export_dir=args.export_dir,
+                                       budget=budget)
         else:
             report = evaluate(policy, settings, seeds, max_steps=args.max_steps, progress=progress,
-                              backend=args.backend, export_dir=args.export_dir)
+                              backend=args.backend, export_dir=args.export_dir, budget=budget)
     except ValueError as e:
         print(f"effvla eval-sim: {e}", file=sys.stderr)
         return 2

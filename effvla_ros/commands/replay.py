@@ -86,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video-size", type=int, default=224, help="pixels per camera view in the --video")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    _backend_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -106,6 +107,18 @@ def default_out(bag: str) -> Path:
     if (parent / "metadata.yaml").is_file() or p.stem.startswith(parent.name):  # rosbag2 dir: <dir>/<dir>_0.mcap
         return parent.parent / f"{parent.name}_replay"
     return parent / f"{p.stem}_replay"
+
+
+def _backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """--backend / --dtype: the stage backend and dtype to measure on (those the policy node will run with)."""
+    from effvla_ros.core.backends import BACKENDS
+    from effvla_ros.core.smolvla.config import DTYPE_CHOICES
+
+    parser.add_argument("--backend", default="eager", choices=sorted(BACKENDS),
+                        help="stage backend, as the nodes' backend parameter (default eager)")
+    parser.add_argument("--dtype", default="", choices=["", *DTYPE_CHOICES],
+                        help="vision / VLM / expert dtype, as the nodes' *_dtype parameters (default float32; auto: "
+                             "bfloat16 where the CPU computes it natively)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         bag=args.bag, checkpoint=args.checkpoint, vlm_dir=args.vlm_dir, target=args.target, sweep=list(args.sweep),
         sweep_mode=args.sweep_mode, max_steps=args.max_steps, num_steps=args.num_steps, seed=args.seed, fps=args.fps,
         rtc_delay_steps=args.rtc_delay_steps, latency_s=args.chunk_latency, flops=args.flops,
-        device=args.device, observations=obs,
+        device=args.device, backend=args.backend, dtype=args.dtype, observations=obs,
         action_names=[x.strip() for x in args.action_names.split(",")] if args.action_names else [],
         progress=not args.quiet)
     policy = None

@@ -2,14 +2,15 @@
 the least change to the actions, from a table calibrated offline on the user's own recording.
 
 The table (``effvla calibrate-budget BAG --checkpoint CKPT --out table.yaml``) lists settings - kept-token ratio,
+the encoder's temporal reuse (the compressor's ``reuse.*``: at real size the vision encoder is most of the latency),
 VLM early exit, expert reuse, denoising steps, named by the nodes' ROS parameters - with what ``effvla replay``
 measured for each on that bag: the p95 latency of an observation's inference (encoder + prefill + denoising) and
 the deviation of its actions from the unconstrained policy (normalized RMSE; the unconstrained row deviates 0).
 
 At run time (policy parameter ``latency_budget_ms``, table in ``latency_budget_table``) the
 :class:`BudgetController` predicts each setting's latency as its calibrated latency times the current *slowdown*
-- a high percentile of measured / calibrated latency over the last inferences, so a CPU slowed by a competing
-load, or a warmer one, moves every prediction together - and picks, among the settings predicted within the
+- a high percentile of measured / calibrated latency over the last inferences, or the last one where higher, so a
+CPU slowed by a competing load, or a warmer one, moves every prediction together - and picks, among the settings predicted within the
 budget, the one with the least deviation. When none is, it picks the fastest and says so (``feasible`` False,
 with the numbers). The choice, the prediction and the margin go to the node's diagnostics.
 
@@ -30,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from effvla_ros.core.params import ConfigBase, param
-from effvla_ros.core.settings import BASELINE_OFF, canonical, typed
+from effvla_ros.core.settings import BASELINE_OFF, SWITCHES, canonical, make_setting, typed
 
 TABLE_VERSION = 1
 #: the settings a budget may change (canonical names); everything else stays as the nodes are configured
-BUDGET_GROUPS = ("pruning", "early_exit", "expert_reuse", "inference")
+BUDGET_GROUPS = ("pruning", "reuse", "early_exit", "expert_reuse", "inference")
 DEFAULT_GRID = ("pruning.keep_ratio=1.0,0.5,0.25", "num_steps=10,5", "expert_reuse.enabled=false,true")
 
 
@@ -90,6 +91,10 @@ class BudgetTable:
                     raise ValueError(f"entries[{e.name}].overrides: {k!r} is not a budget setting (groups "
                                      f"{', '.join(BUDGET_GROUPS)})")
                 typed(k, v)  # raises ValueError naming the parameter
+            try:  # the values too (ranges, choices), as the configs check them
+                make_setting(e.name, e.overrides)
+            except ValueError as err:
+                raise ValueError(f"entries[{e.name}].overrides: {err}") from None
 
     # -- files ------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -171,10 +176,12 @@ class BudgetController:
 
     @property
     def slowdown(self) -> float:
-        """How much slower than at calibration inference runs now (1.0 until measured)."""
+        """How much slower than at calibration inference runs now (1.0 until measured): the window's high percentile,
+        or the last measurement where that is higher (a load that just began moves the very next choice; measured at
+        real size: waiting for the percentile cost a second over-budget step)."""
         if not self._ratios:
             return 1.0
-        return max(self.min_slowdown, float(np.percentile(np.asarray(self._ratios), self.percentile)))
+        return max(self.min_slowdown, float(np.percentile(np.asarray(self._ratios), self.percentile)), self._ratios[-1])
 
     def choose(self) -> BudgetChoice:
         s = self.slowdown
@@ -200,10 +207,12 @@ class BudgetController:
 
 def apply_overrides(configs: Mapping[str, Any], overrides: Mapping[str, Any], *, from_baseline: bool = False
                     ) -> dict[str, Any]:
-    """The node's configs by group (``pruning``, ``early_exit``, ``expert_reuse``, ``inference``) with an entry's
+    """The node's configs by group (``pruning``, ``reuse``, ``early_exit``, ``expert_reuse``, ``inference``) with an entry's
     overrides applied field by field (every other field as configured); validated by the configs.
     ``from_baseline``: first switch every budget group off, as the table's settings were calibrated (an entry
-    that does not turn pruning on runs without it, whatever the node's parameters say)."""
+    that does not turn pruning on runs without it, whatever the node's parameters say). A field of a group turns
+    that group on unless the entry sets its switch (``pruning.keep_ratio`` implies ``pruning.method: task``), as
+    in the ``--sweep`` grammar."""
     out = dict(configs)
     changes: dict[str, dict[str, Any]] = {}
     if from_baseline:
@@ -211,10 +220,15 @@ def apply_overrides(configs: Mapping[str, Any], overrides: Mapping[str, Any], *,
             group, fld = k.split(".", 1)
             if group in BUDGET_GROUPS and group in out:
                 changes.setdefault(group, {})[fld] = v
+    given = {canonical(k) for k in overrides}
     for k, v in overrides.items():
         name = canonical(k)
         group, fld = name.split(".", 1)
         changes.setdefault(group, {})[fld] = typed(k, v)
+        if group in SWITCHES:  # a field of a group implies its switch (keep_ratio -> pruning on), as in a --sweep
+            sw, on = SWITCHES[group]
+            if fld != sw and f"{group}.{sw}" not in given:
+                changes[group][sw] = on
     for group, fields in changes.items():
         if group in out:
             out[group] = dataclasses.replace(out[group], **fields)

@@ -152,6 +152,7 @@ class PolicyRunner:
         if not torch.isfinite(state).all():
             raise ValueError("state contains NaN/Inf")
         be, count = self.backend, self.inference.count_flops
+        pol.adapt_threads()  # RuntimeConfig.adaptive_threads: the cores other processes leave free
         t0 = time.perf_counter()
         visual = self.visual_inputs(cameras)
         lang, lmask = self._lang

@@ -61,6 +61,7 @@ from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.core.rtc import DelayEstimator, GuidanceTarget, RTCConfig
 from effvla_ros.core.runner import CameraTokens, InferenceConfig, PolicyRunner, compressed_to_camera_tokens
 from effvla_ros.core.schedule import ChunkScheduler
+from effvla_ros.core.settings import canonical
 from effvla_ros.core.smolvla.config import ATTENTION_IMPLS, DTYPE_CHOICES, RuntimeConfig, resolve_dtype
 from effvla_ros.core.target_check import TARGETS, check_checkpoint, check_device, enforce, latency_problem
 from effvla_ros.core.warmup import keep_counts, warm_up
@@ -103,6 +104,8 @@ class PolicyNodeConfig(ConfigBase):
     vlm_dtype: str = param("float32", choices=DTYPE_CHOICES, read_only=True, description="VLM layers dtype (auto: as vision_dtype)")
     expert_dtype: str = param("float32", choices=DTYPE_CHOICES, read_only=True, description="action expert dtype (auto: as vision_dtype)")
     num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")
+    adaptive_threads: bool = param(False, read_only=True,
+                                   description="lower the torch threads before each stage call to the cores other processes leave free (/proc/stat), at most num_threads: no OpenMP spinning against a busy CPU")
     attention: str = param("eager", choices=ATTENTION_IMPLS, read_only=True,
                            description="VLM/expert attention: eager (LeRobot's path) or fused (torch SDPA, same result)")
     backend: str = param("eager", choices=tuple(BACKENDS), read_only=True,
@@ -195,11 +198,11 @@ def execution_report(fb: ExecutionFeedback | None) -> ExecutionReport | None:
 
 
 class CompressorParameters:
-    """The token compressor node's pruning parameters, set by the latency budget through its ``set_parameters``
+    """The token compressor node's pruning and reuse parameters, set by the latency budget through its ``set_parameters``
     service (asynchronously: an inference never waits for it). The values it had before the first change are read
     once and restored when the budget is turned off."""
 
-    def __init__(self, node: Node, name: str) -> None:
+    def __init__(self, node: Node, name: str, remember: list[str] | None = None) -> None:
         from rcl_interfaces.srv import GetParameters, SetParameters
 
         base = name if name.startswith("/") else f"{node.get_namespace().rstrip('/')}/{name}"
@@ -208,6 +211,7 @@ class CompressorParameters:
         self._get: Any = node.create_client(GetParameters, f"{base}/get_parameters")
         self.original: dict[str, Any] | None = None
         self._asked_original = False
+        self._remember = list(remember or [])  # parameters whose values to read before the first change
 
     def set(self, values: dict[str, Any]) -> None:
         from rcl_interfaces.srv import GetParameters, SetParameters
@@ -215,11 +219,12 @@ class CompressorParameters:
 
         if not self._set.service_is_ready():
             self.node.get_logger().warning(f"latency budget: {self.name}/set_parameters is not available; the kept-token "
-                                           "ratio is not applied (latency_budget_compressor)", throttle_duration_sec=5.0)
+                                           "ratio and reuse are not applied (latency_budget_compressor)",
+                                           throttle_duration_sec=5.0)
             return
         if not self._asked_original and self._get.service_is_ready():
             self._asked_original = True
-            names = list(values)
+            names = list(dict.fromkeys([*self._remember, *values]))
             self._get.call_async(GetParameters.Request(names=names)).add_done_callback(
                 functools.partial(self._got, names))
         req = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
@@ -239,7 +244,7 @@ class CompressorParameters:
         except Exception as e:  # noqa: BLE001
             bad = [str(e)]
         if bad:
-            self.node.get_logger().warning(f"latency budget: {self.name} refused the pruning change: {bad}",
+            self.node.get_logger().warning(f"latency budget: {self.name} refused the compressor change: {bad}",
                                            throttle_duration_sec=5.0)
 
     def restore(self) -> None:
@@ -274,7 +279,8 @@ class PolicyNode(Node):
             self.get_logger().info(f"startup check on {cfg.target}: ~{est.memory_gb:.2f} GB, "
                                    f"~{est.latency_s:.3f} s per chunk (estimates; measured after the warm-up)")
         runtime = RuntimeConfig(device=cfg.device, vision_dtype=cfg.vision_dtype, vlm_dtype=cfg.vlm_dtype,
-                                expert_dtype=cfg.expert_dtype, num_threads=cfg.num_threads, attention=cfg.attention)
+                                expert_dtype=cfg.expert_dtype, num_threads=cfg.num_threads, attention=cfg.attention,
+                                adaptive_threads=cfg.adaptive_threads)
         self.policy = shared_policy(cfg.checkpoint, cfg.vlm_dir or None, runtime)
         arch = self.policy.arch
         unknown = [c for c in cfg.cameras if c not in self.policy.cameras]
@@ -316,7 +322,7 @@ class PolicyNode(Node):
                                               count_flops=False, backend=self.runner.backend)
             self.reuse_params.check = lambda c: self.runner.backend.caps.check(patch_reuse=c.enabled and c.patch_level)
         # latency-budget mode: the table is loaded and checked against the backend at start and on set
-        self._budget_pruning = PruningConfig(method="none")  # what the budget last sent to the compressor node
+        self._budget_sent: dict[str, Any] = {}  # the compressor node's parameters the budget last set
         self._budget_compressor: CompressorParameters | None = None
         self.budget: BudgetController | None = self._make_budget(self.budget_params.config)
         self.budget_params.check = self._check_budget
@@ -501,6 +507,8 @@ class PolicyNode(Node):
         if dirty:
             self._apply_settings()
         if self.compressor is not None:
+            if images and self.budget is not None:
+                self._budget_step()  # the budget's pruning / reuse for these frames (the inference chooses the same)
             self._compress_images(images, instruction)
         if not instruction:
             self.get_logger().warning("no instruction yet: waiting (publish a std_msgs/String on "
@@ -578,9 +586,23 @@ class PolicyNode(Node):
     # ------------------------------------------------------------------ latency budget
     def _budget_configs(self) -> dict[str, Any]:
         """The node's own settings of the groups a budget entry sets."""
-        return {"pruning": (self.pruning_params.config if self.compressor is not None else self._budget_pruning),
+        local = self.compressor is not None  # the compressor node's own values are not known here: its defaults
+        return {"pruning": self.pruning_params.config if local else PruningConfig(),
+                "reuse": self.reuse_params.config if local else ReuseConfig(),
                 "early_exit": self.exit_params.config, "expert_reuse": self.expert_params.config,
                 "inference": self.inference_params.config}
+
+    def _budget_compressor_fields(self) -> list[tuple[str, str]]:
+        """(group, field) of the compressor node's parameters the budget sets: the pruning switch and ratio, the reuse
+        switch, and every other pruning / reuse field a setting of the table names."""
+        fields = [("pruning", "method"), ("pruning", "keep_ratio"), ("reuse", "enabled")]
+        if self.budget is not None:
+            for e in self.budget.table.entries:
+                for k in e.overrides:
+                    g, f = canonical(k).split(".", 1)
+                    if g in ("pruning", "reuse") and (g, f) not in fields:
+                        fields.append((g, f))
+        return fields
 
     def _make_budget(self, c: BudgetConfig) -> BudgetController | None:
         """The controller of ``c`` (None when off); ValueError naming the parameter when the table is missing, does not
@@ -596,6 +618,8 @@ class PolicyNode(Node):
             try:
                 cfgs = apply_overrides(self._budget_configs(), e.overrides, from_baseline=True)
                 caps.check(early_exit=cfgs["early_exit"].enabled, expert_reuse=cfgs["expert_reuse"].enabled)
+                if self.compressor is not None:  # a compressor node checks its own backend when the budget sets it
+                    caps.check(patch_reuse=cfgs["reuse"].enabled and cfgs["reuse"].patch_level)
             except (CapabilityError, ValueError) as err:
                 raise ValueError(f"latency_budget_table: setting {e.name!r} of {c.latency_budget_table} cannot run "
                                  f"here: {err}") from None
@@ -611,10 +635,16 @@ class PolicyNode(Node):
             self.get_logger().info(f"latency budget {self.budget.budget_ms:.0f} ms over "
                                    f"{len(self.budget.table.entries)} settings of "
                                    f"{self.budget_params.config.latency_budget_table}")
+            calibrated = self.budget.table.source.get("backend")
+            if calibrated and calibrated != self.runner.backend.caps.name:
+                self.get_logger().warning(
+                    f"latency_budget_table was calibrated on the {calibrated!r} backend, this node runs "
+                    f"{self.runner.backend.caps.name!r}: its latencies are scaled by the measured slowdown, but the "
+                    "settings' relative costs may differ (calibrate with `effvla calibrate-budget --backend ...`)")
         elif was_on:  # off again: the node's own parameters (applied by the other groups) and the compressor's
             if self._budget_compressor is not None:
                 self._budget_compressor.restore()
-            self._budget_pruning = PruningConfig(method="none")
+            self._budget_sent = {}
             self.get_logger().info("latency budget off: the configured settings apply again")
 
     def _budget_step(self) -> BudgetChoice | None:
@@ -632,15 +662,22 @@ class PolicyNode(Node):
             r.configure(early_exit=cfgs["early_exit"])
         if cfgs["expert_reuse"] != r.expert_reuse.cfg:
             r.configure(expert_reuse=cfgs["expert_reuse"])
-        pruning = cfgs["pruning"]
+        pruning, reuse = cfgs["pruning"], cfgs["reuse"]
         if self.compressor is not None:
-            if pruning != self.compressor.pruning:
-                self.compressor.configure(pruning, self.compressor.reuse)
-        elif (pruning.method, pruning.keep_ratio) != (self._budget_pruning.method, self._budget_pruning.keep_ratio):
-            if self._budget_compressor is None:
-                self._budget_compressor = CompressorParameters(self, self.budget_params.config.latency_budget_compressor)
-            self._budget_compressor.set({"pruning.method": pruning.method, "pruning.keep_ratio": pruning.keep_ratio})
-            self._budget_pruning = pruning
+            if pruning != self.compressor.pruning or reuse != self.compressor.reuse:
+                self.compressor.configure(pruning, reuse)
+        else:  # the compressor node: the parameters any setting of the table sets, when they change
+            fields = self._budget_compressor_fields()
+            on = {"pruning": pruning.method != "none", "reuse": reuse.enabled}
+            # a group's switch always; its other fields only while it is on (the compressor keeps its own otherwise)
+            want = {f"{g}.{f}": getattr(cfgs[g], f) for g, f in fields if on[g] or f in ("method", "enabled")}
+            changed = {k: v for k, v in want.items() if self._budget_sent.get(k) != v}
+            if changed:
+                if self._budget_compressor is None:
+                    self._budget_compressor = CompressorParameters(
+                        self, self.budget_params.config.latency_budget_compressor, [f"{g}.{f}" for g, f in fields])
+                self._budget_compressor.set(changed)
+                self._budget_sent.update(changed)
         if prev is None or prev.entry.name != choice.entry.name or prev.feasible != choice.feasible:
             log = self.get_logger().info if choice.feasible else self.get_logger().warning
             log(f"latency budget: {choice.describe()}", throttle_duration_sec=2.0)

@@ -71,6 +71,8 @@ class CompressorNodeConfig(ConfigBase):
     wire_dtype: str = param("float16", choices=tuple(WIRE_DTYPES), read_only=True,
                             description="element type of the published token payload")
     num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")
+    adaptive_threads: bool = param(False, read_only=True,
+                                   description="lower the torch threads before each stage call to the cores other processes leave free (/proc/stat), at most num_threads: no OpenMP spinning against a busy CPU")
     backend: str = param("eager", choices=tuple(BACKENDS), read_only=True,
                          description="stage backend of the encoder: eager, packed (x86 oneDNN pre-packed weights, also "
                                      "for patch reuse), compiled (torch.compile, full frames), cudagraph / "
@@ -125,7 +127,8 @@ class TokenCompressorNode(Node):
         if not cfg.checkpoint:
             raise ValueError("checkpoint: parameter is empty; set it to a local LeRobot SmolVLA checkpoint directory")
         check_device(cfg.device)  # before anything touches the device: say what to change
-        runtime = RuntimeConfig(device=cfg.device, vision_dtype=cfg.vision_dtype, num_threads=cfg.num_threads)
+        runtime = RuntimeConfig(device=cfg.device, vision_dtype=cfg.vision_dtype, num_threads=cfg.num_threads,
+                                adaptive_threads=cfg.adaptive_threads)
         policy = shared_policy(cfg.checkpoint, cfg.vlm_dir or None, runtime)
         unknown = [c for c in cfg.cameras if c not in policy.cameras]
         if unknown:

@@ -75,13 +75,14 @@ def noise_for(index: int, seed: int, shape: tuple[int, ...]) -> torch.Tensor:
 
 def run_setting(policy: Any, episode: Episode, setting: Setting, *, seed: int = 0, fps: float = 10.0,
                 rtc_delay_steps: int = 1, count_flops: bool = True,
-                progress: Callable[[int], None] | None = None) -> SettingRun:
-    """Replay every observation of ``episode`` under ``setting`` (fresh caches)."""
+                progress: Callable[[int], None] | None = None, backend: Any = "eager") -> SettingRun:
+    """Replay every observation of ``episode`` under ``setting`` (fresh caches), on the stage ``backend`` (a name or
+    a :class:`~effvla_ros.core.backends.base.StageBackend` made once for every setting)."""
     arch = policy.arch
-    comp = TokenCompressor(policy, setting.pruning, setting.reuse)
+    comp = TokenCompressor(policy, setting.pruning, setting.reuse, backend=backend)
     inference = InferenceConfig(num_steps=setting.inference.num_steps, count_flops=count_flops)
     runner = PolicyRunner(policy, inference=inference, early_exit=setting.early_exit,
-                          expert_reuse=setting.expert_reuse, rtc=setting.rtc)
+                          expert_reuse=setting.expert_reuse, rtc=setting.rtc, backend=comp.backend)
     dt = 1.0 / fps
     h = arch.chunk_size
     actions: list[np.ndarray] = []

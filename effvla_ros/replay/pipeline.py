@@ -50,6 +50,8 @@ class ReplayConfig:
     latency_s: float = 0.0  # chunk arrival delay at the executor (simulated)
     flops: str = "separate"  # separate: timing pass + counting pass | inline: one counted pass | off
     device: str = "cpu"
+    backend: str = "eager"  # stage backend (core/backends: eager, packed, compiled, ...), made once for every setting
+    dtype: str = ""  # vision / VLM / expert dtype when the checkpoint is loaded here ("": float32; auto: native bf16)
     observations: ObservationOptions = field(default_factory=ObservationOptions)
     action_names: list[str] = field(default_factory=list)
     progress: bool = True
@@ -111,7 +113,9 @@ def run_replay(cfg: ReplayConfig, policy: Any = None) -> ReplayResult:
         obs_opts.state_spec = state_spec_for(state_dim0, obs_opts, ckpt_state, cfg.target, policy_params)
     episode = build_episode(bag, cams0, state_dim0, obs_opts)
     if policy is None:
-        policy = load_policy(cfg.checkpoint, vlm_dir=cfg.vlm_dir, runtime=RuntimeConfig(device=cfg.device))
+        dt = cfg.dtype or "float32"
+        policy = load_policy(cfg.checkpoint, vlm_dir=cfg.vlm_dir, runtime=RuntimeConfig(
+            device=cfg.device, vision_dtype=dt, vlm_dtype=dt, expert_dtype=dt))
     arch = policy.arch
     settings = build_settings(sweeps, defaults={"num_steps": cfg.num_steps or policy.num_steps}, mode=cfg.sweep_mode,
                               extra=extra)
@@ -153,6 +157,9 @@ def run_replay(cfg: ReplayConfig, policy: Any = None) -> ReplayResult:
 
         passes = 2 if cfg.flops == "separate" else 1
         bar = tqdm(total=n_obs * len(settings) * passes, desc="replay", unit="step", leave=False)
+    from effvla_ros.core.backends import make_backend
+
+    backend = make_backend(cfg.backend, policy)  # raises naming the backend; settings it cannot run raise per setting
     runs: list[SettingRun] = []
     flops_identical: dict[str, bool] = {}
     t0 = time.perf_counter()
@@ -161,7 +168,7 @@ def run_replay(cfg: ReplayConfig, policy: Any = None) -> ReplayResult:
             if bar is not None:
                 bar.set_postfix_str(s.name[:40])
             kw: dict[str, Any] = {"seed": cfg.seed, "fps": fps, "rtc_delay_steps": cfg.rtc_delay_steps,
-                                  "progress": bar.update if bar is not None else None}
+                                  "progress": bar.update if bar is not None else None, "backend": backend}
             run = run_setting(policy, episode, s, count_flops=cfg.flops == "inline", **kw)
             if cfg.flops == "separate":  # FLOP counting slows inference down: count in a second, identical pass
                 counted = run_setting(policy, episode, s, count_flops=True, **kw)
@@ -244,7 +251,8 @@ def run_replay(cfg: ReplayConfig, policy: Any = None) -> ReplayResult:
                                 "limits": "target chunk_executor parameters" if exec_params else "wide (none)",
                                 "chunk_latency_s": cfg.latency_s},
                    "sweep": list(cfg.sweep), "sweep_mode": cfg.sweep_mode, "target": cfg.target,
-                   "flops": cfg.flops, "device": cfg.device},
+                   "flops": cfg.flops, "device": cfg.device, "backend": cfg.backend,
+                   "dtypes": dict(zip(("vision", "vlm", "expert"), policy.runtime.resolved_dtypes()))},
         "recorded": recorded,
         "settings": setting_reports,
         "wall_s": time.perf_counter() - t0,

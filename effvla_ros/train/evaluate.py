@@ -32,6 +32,16 @@ off), in the ``--sweep`` grammar shared with ``effvla replay`` (:mod:`effvla_ros
 (``horizon``, ``delay_steps``); list items ``:``-separated; ``+`` joins changes of one setting). Changing a
 field of a switched-off group switches it on (``pruning.keep_ratio=0.5`` implies ``pruning.method=task``),
 unless the switch itself is part of the setting.
+
+Under a latency budget (:class:`EvalBudget`: a :class:`~effvla_ros.core.budget.BudgetTable` of ``effvla
+calibrate-budget`` and a budget in ms) every inference of an episode first lets a fresh
+:class:`~effvla_ros.core.budget.BudgetController` choose a table entry, applies it on top of the setting's own
+configs as the policy node does (:func:`~effvla_ros.core.budget.apply_overrides` with ``from_baseline``: the groups
+``pruning``, ``reuse``, ``early_exit``, ``expert_reuse``, ``inference`` switched off, then the entry's overrides;
+RTC and the execution settings stay the setting's), and reports the measured latency (encoder + prefill +
+denoising) back to the controller; the encoder's FLOPs are then not counted on every call (the first full pass is,
+later passes analytically), so that its time is the node's. The report then has, per setting, the fraction of
+inferences within the budget, the p95 measured latency and how often each entry was chosen.
 """
 from __future__ import annotations
 
@@ -40,13 +50,14 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from effvla_ros.core.backends.base import StageBackend, make_backend
+from effvla_ros.core.budget import BudgetController, BudgetTable, apply_overrides
 from effvla_ros.core.chunking import FixedDelay, IssuedChunk, guidance_toward
 from effvla_ros.core.compression.compressor import TokenCompressor
 from effvla_ros.core.observation import rgb_to_tensor
@@ -73,6 +84,46 @@ def eval_settings(items: Sequence[str], *, num_steps: int = 0, horizon: int = 0,
     return build_settings(parse_sweep(items), defaults=defaults, mode=mode)
 
 
+# ----------------------------------------------------------------------------------------- latency budget
+@dataclass(frozen=True)
+class EvalBudget:
+    """The latency-budget mode of an evaluation: ``table`` (``effvla calibrate-budget``), ``budget_ms`` per inference
+    (encoder + prefill + denoising), the controller's ``window``; ``table_path`` only for the report. Picklable (sent
+    to :func:`evaluate_parallel`'s workers)."""
+
+    table: BudgetTable
+    budget_ms: float
+    window: int = 20
+    table_path: str = ""
+
+    def __post_init__(self) -> None:
+        if not (self.budget_ms > 0 and math.isfinite(self.budget_ms)):
+            raise ValueError(f"latency budget: {self.budget_ms!r} ms must be a positive number")
+        if self.window < 1:
+            raise ValueError(f"latency budget window: {self.window!r} must be at least 1")
+
+    def controller(self) -> BudgetController:
+        return BudgetController(self.table, self.budget_ms, window=self.window)
+
+    def describe(self) -> dict[str, Any]:
+        """The report's ``latency_budget``."""
+        return {"budget_ms": self.budget_ms, "table": self.table_path, "window": self.window,
+                "entries": {e.name: {"overrides": e.overrides, "latency_ms": e.latency_ms, "deviation": e.deviation}
+                            for e in self.table.entries}}
+
+
+def _check_budget(budget: EvalBudget, cfg: dict[str, Any], backend: StageBackend, setting: str) -> None:
+    """Every entry of the table applies to ``cfg`` on ``backend`` (ValueError naming the entry otherwise)."""
+    for e in budget.table.entries:
+        try:
+            c = apply_overrides(cfg, e.overrides, from_baseline=True)
+            backend.caps.check(early_exit=c["early_exit"].enabled, expert_reuse=c["expert_reuse"].enabled,
+                               patch_reuse=c["reuse"].enabled and c["reuse"].patch_level)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"latency budget table {budget.table_path or ''}: setting {e.name!r} cannot run with "
+                             f"{setting}: {err}") from None
+
+
 # ----------------------------------------------------------------------------------------- episodes
 @dataclass
 class EpisodeResult:
@@ -89,6 +140,18 @@ class EpisodeResult:
     target_lift_cm: float = math.nan  # highest rise of the instructed cube above its start
     closes: int = 0  # times the commanded gripper went from open to closed (2+: the policy grasped again)
     held_steps: int = 0  # control steps past the executing chunk's last action (its last point held)
+    # latency budget only (empty without): the measured latency of each inference (encoder + prefill + denoising,
+    # ms) and how often each table entry was chosen
+    budget_latency_ms: list[float] = field(default_factory=list)
+    budget_choices: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report's episode: without the budget fields when the episode ran without a budget."""
+        d = dataclasses.asdict(self)
+        if not self.budget_choices:
+            d.pop("budget_latency_ms")
+            d.pop("budget_choices")
+        return d
 
 
 OUTCOMES: tuple[str, ...] = ("success", "no_grasp", "wrong_cube", "missed", "not_lifted", "not_placed")
@@ -118,8 +181,9 @@ def classify_outcome(success: bool, dist_target_cm: float, dist_other_cm: float,
 
 
 def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *, max_steps: int = 150,
-                backend: StageBackend | str = "eager") -> EpisodeResult:
-    """One closed-loop episode of ``env`` (reset to ``seed``) under ``setting``, on the stage ``backend``."""
+                backend: StageBackend | str = "eager", budget: EvalBudget | None = None) -> EpisodeResult:
+    """One closed-loop episode of ``env`` (reset to ``seed``) under ``setting``, on the stage ``backend``; with a
+    ``budget``, each inference runs the table entry its controller (fresh for the episode) chooses."""
     cfg = setting.configs()
     arch = policy.arch
     h_chunk = arch.chunk_size
@@ -131,9 +195,18 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
     # arrives if that is later (a delay of E steps or more: back to back, what the policy node does then)
     period = max(horizon, delay)
     env.reset(seed=seed)
-    compressor = TokenCompressor(policy, cfg["pruning"], cfg["reuse"], backend=backend)
+    # under a budget the encoder's FLOPs are not counted per call (FlopCounterMode's dispatch is several times a small
+    # encode): its measured latency is then the policy node's (count_flops off there too); the first full pass is
+    # counted, later ones accounted analytically
+    compressor = TokenCompressor(policy, cfg["pruning"], cfg["reuse"], count_flops=budget is None, backend=backend)
     runner = PolicyRunner(policy, inference=cfg["inference"], early_exit=cfg["early_exit"],
                           expert_reuse=cfg["expert_reuse"], rtc=cfg["rtc"], backend=compressor.backend)
+    controller = None
+    if budget is not None:
+        _check_budget(budget, cfg, compressor.backend, setting.name)
+        controller = budget.controller()
+    budget_ms: list[float] = []
+    choices: dict[str, int] = {}
     instruction = env.instruction
     compressor.set_instruction(instruction)
     runner.set_instruction(instruction)
@@ -174,6 +247,21 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
             cur_start, cur = pending
             pending = None
         if k == next_obs:
+            choice = None
+            if controller is not None:  # this inference's entry, applied as the policy node does (what changed)
+                choice = controller.choose()
+                bc = apply_overrides(cfg, choice.entry.overrides, from_baseline=True)
+                new_pruning = bc["pruning"] if bc["pruning"] != compressor.pruning else None
+                new_reuse = bc["reuse"] if bc["reuse"] != compressor.reuse else None
+                if new_pruning is not None or new_reuse is not None:
+                    compressor.configure(new_pruning, new_reuse)
+                if bc["inference"] != runner.inference:
+                    runner.configure(inference=bc["inference"])
+                if bc["early_exit"] != runner.prefix_reuse.cfg:
+                    runner.configure(early_exit=bc["early_exit"])
+                if bc["expert_reuse"] != runner.expert_reuse.cfg:
+                    runner.configure(expert_reuse=bc["expert_reuse"])
+                choices[choice.entry.name] = choices.get(choice.entry.name, 0) + 1
             images = env.render_all()
             state = torch.as_tensor(env.joint_positions(), dtype=torch.float32)
             cams = {}
@@ -208,6 +296,14 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
             if res.flops:
                 add("prefill_flops", res.flops.get("prefill", 0))
                 add("denoise_flops", res.flops.get("denoise", 0))
+            if controller is not None and choice is not None:
+                measured = (enc_time + res.times["total_s"]) * 1e3
+                controller.observe(choice.entry.name, measured)
+                budget_ms.append(measured)
+                add("budget_latency_ms", measured)
+                add("budget_predicted_ms", choice.predicted_ms)
+                add("budget_within", float(measured <= controller.budget_ms))
+                add("budget_feasible", float(choice.feasible))
             if cur is None or delay == 0:
                 switch_jump(k, k, res)
                 cur, cur_start = res, k
@@ -236,11 +332,30 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
     dt_cm, do_cm = grasp if grasp is not None else (math.nan, math.nan)
     outcome = classify_outcome(bool(env.success), dt_cm, do_cm, lift)
     return EpisodeResult(int(seed), instruction, bool(env.success), steps, len(stats.get("policy_s", [])), motion, per,
-                         outcome, dt_cm, do_cm, lift, int(closes), int(held))
+                         outcome, dt_cm, do_cm, lift, int(closes), int(held), budget_ms, choices)
 
 
 # ----------------------------------------------------------------------------------------- evaluation
-def summarize(setting: Setting, results: Sequence[EpisodeResult], *, default_horizon: int = 0) -> dict[str, Any]:
+def summarize_budget(results: Sequence[EpisodeResult], budget_ms: float) -> dict[str, Any]:
+    """The budget's record over ``results``' inferences: the fraction measured within ``budget_ms``, the fraction
+    with an entry predicted within it (``feasible``), the p50 / p95 measured latency, each entry's choices."""
+    lat = np.asarray([m for r in results for m in r.budget_latency_ms], dtype=float)
+    feasible = sum(r.per_inference.get("budget_feasible", 0.0) * len(r.budget_latency_ms) for r in results)
+    choices: dict[str, int] = {}
+    for r in results:
+        for name, c in r.budget_choices.items():
+            choices[name] = choices.get(name, 0) + c
+    n = int(lat.size)
+    return {"budget_ms": float(budget_ms), "inferences": n,
+            "within_fraction": float(np.mean(lat <= budget_ms)) if n else math.nan,
+            "feasible_fraction": float(feasible / n) if n else math.nan,
+            "latency_p50_ms": float(np.percentile(lat, 50)) if n else math.nan,
+            "latency_p95_ms": float(np.percentile(lat, 95)) if n else math.nan,
+            "choices": dict(sorted(choices.items(), key=lambda kv: (-kv[1], kv[0])))}
+
+
+def summarize(setting: Setting, results: Sequence[EpisodeResult], *, default_horizon: int = 0,
+              budget: EvalBudget | None = None) -> dict[str, Any]:
     n = len(results)
     succ = [r for r in results if r.success]
     per: dict[str, float] = {}
@@ -265,16 +380,17 @@ def summarize(setting: Setting, results: Sequence[EpisodeResult], *, default_hor
         "regrasp_episodes": sum(r.closes >= 2 for r in results),
         "regrasp_successes": sum(r.closes >= 2 and r.success for r in results),
         "held_steps": float(np.mean([r.held_steps for r in results])) if n else math.nan,
-        "episode_results": [dataclasses.asdict(r) for r in results],
+        **({"budget": summarize_budget(results, budget.budget_ms)} if budget is not None else {}),
+        "episode_results": [r.as_dict() for r in results],
     }
 
 
 def evaluate(policy: SmolVLAPolicy, settings: Sequence[Setting], seeds: Sequence[int], *,
              max_steps: int = 150, image_size: int | None = None, mesh_faces: int | None = None,
              progress: Callable[[str, int, int, EpisodeResult], None] | None = None,
-             backend: str = "eager", export_dir: str | None = None) -> dict[str, Any]:
+             backend: str = "eager", export_dir: str | None = None, budget: EvalBudget | None = None) -> dict[str, Any]:
     """Run every setting on the same ``seeds`` on the stage ``backend`` (built once; an exported backend runs the
-    graphs in ``export_dir``); returns the report."""
+    graphs in ``export_dir``), under the latency ``budget`` if given (every setting); returns the report."""
     from effvla_ros.sim.env import SimConfig, TwoCubePickPlaceEnv
 
     size = image_size or int(policy.arch.camera_shape[-1])
@@ -284,17 +400,20 @@ def evaluate(policy: SmolVLAPolicy, settings: Sequence[Setting], seeds: Sequence
     env = TwoCubePickPlaceEnv(SimConfig(**sim_kw), seed=int(seeds[0]) if seeds else 0)
     report: dict[str, Any] = {"seeds": list(map(int, seeds)), "max_steps": max_steps, "image_size": size,
                               "backend": backend, "dtypes": list(policy.runtime.resolved_dtypes()), "settings": []}
+    if budget is not None:
+        report["latency_budget"] = budget.describe()
     be = make_backend(backend, policy, export_dir=export_dir)
     t0 = time.perf_counter()
     try:
         for s in settings:
             results = []
             for i, seed in enumerate(seeds):
-                r = run_episode(policy, env, int(seed), s, max_steps=max_steps, backend=be)
+                r = run_episode(policy, env, int(seed), s, max_steps=max_steps, backend=be, budget=budget)
                 results.append(r)
                 if progress is not None:
                     progress(s.name, i, len(seeds), r)
-            report["settings"].append(summarize(s, results, default_horizon=policy.arch.n_action_steps))
+            report["settings"].append(summarize(s, results, default_horizon=policy.arch.n_action_steps,
+                                                budget=budget))
     finally:
         env.close()
     report["wall_s"] = time.perf_counter() - t0
@@ -318,16 +437,18 @@ def _worker_init(checkpoint: str, sim_kw: dict[str, Any], threads: int, max_step
                    backend=make_backend(backend, policy, export_dir=export_dir))
 
 
-def _worker_job(job: tuple[int, Setting, int]) -> tuple[int, EpisodeResult]:
-    si, setting, seed = job
+def _worker_job(job: tuple[int, Setting, int, EvalBudget | None]) -> tuple[int, EpisodeResult]:
+    si, setting, seed, budget = job
     w = _WORKER
-    return si, run_episode(w["policy"], w["env"], seed, setting, max_steps=w["max_steps"], backend=w["backend"])
+    return si, run_episode(w["policy"], w["env"], seed, setting, max_steps=w["max_steps"], backend=w["backend"],
+                           budget=budget)
 
 
 def evaluate_parallel(checkpoint: str, settings: Sequence[Setting], seeds: Sequence[int], *, workers: int,
                       max_steps: int = 150, threads: int = 1,
                       progress: Callable[[str, int, int, EpisodeResult], None] | None = None,
-                      backend: str = "eager", runtime: Any = None, export_dir: str | None = None) -> dict[str, Any]:
+                      backend: str = "eager", runtime: Any = None, export_dir: str | None = None,
+                      budget: EvalBudget | None = None) -> dict[str, Any]:
     """:func:`evaluate` in ``workers`` processes (each loads ``checkpoint``); same report, same episodes."""
     import multiprocessing
 
@@ -336,7 +457,7 @@ def evaluate_parallel(checkpoint: str, settings: Sequence[Setting], seeds: Seque
     arch = load_policy(checkpoint).arch
     size = int(arch.camera_shape[-1])
     sim_kw = {"image_size": size, "cameras": list(arch.cameras)}
-    jobs = [(si, s, int(seed)) for si, s in enumerate(settings) for seed in seeds]
+    jobs = [(si, s, int(seed), budget) for si, s in enumerate(settings) for seed in seeds]
     results: dict[int, dict[int, EpisodeResult]] = {si: {} for si in range(len(settings))}
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
@@ -348,18 +469,24 @@ def evaluate_parallel(checkpoint: str, settings: Sequence[Setting], seeds: Seque
                 progress(settings[si].name, len(results[si]) - 1, len(seeds), r)
     report: dict[str, Any] = {"seeds": list(map(int, seeds)), "max_steps": max_steps, "image_size": size,
                               "workers": workers, "backend": backend, "settings": []}
+    if budget is not None:
+        report["latency_budget"] = budget.describe()
     for si, s in enumerate(settings):
         report["settings"].append(summarize(s, [results[si][int(seed)] for seed in seeds],
-                                            default_horizon=arch.n_action_steps))
+                                            default_horizon=arch.n_action_steps, budget=budget))
     report["wall_s"] = time.perf_counter() - t0
     return report
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """A fixed-width table: one row per setting."""
+    """A fixed-width table: one row per setting (under a latency budget also: the fraction of inferences measured
+    within it, their p95 latency, the fraction with a setting predicted within it; the entries chosen below)."""
     cols = ["setting", "success", "len", "len_ok", "kept/tot", "reused", "enc MFLOP", "enc ms", "prefill ms",
             "denoise ms", "exit", "exp.reuse", "failures: wrong/missed/no-lift/no-place/no-grasp",
             "re-grasp: ok/tried"]
+    budget = report.get("latency_budget")
+    if budget is not None:
+        cols += ["in budget", "p95 ms", "feasible"]
     rows = []
     for s in report["settings"]:
         p = s["per_inference"]
@@ -378,10 +505,20 @@ def format_table(report: dict[str, Any]) -> str:
         if "prefill_flops" in p:
             rows[-1][8] += f" ({p['prefill_flops'] / 1e6:.1f}MF)"
             rows[-1][9] += f" ({p['denoise_flops'] / 1e6:.1f}MF)"
+        if budget is not None:
+            b = s.get("budget") or {}
+            rows[-1] += [f"{b.get('within_fraction', math.nan):.0%}", f"{b.get('latency_p95_ms', math.nan):.1f}",
+                         f"{b.get('feasible_fraction', math.nan):.0%}"]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
     out = [line, "-" * len(line)]
     out += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    if budget is not None:
+        out.insert(0, f"latency budget {budget['budget_ms']:g} ms per inference (encoder + prefill + denoising), "
+                      f"table {budget.get('table') or '-'} ({len(budget.get('entries', {}))} settings)")
+        for s in report["settings"]:
+            ch = (s.get("budget") or {}).get("choices", {})
+            out.append(f"[{s['name']}] chosen: " + (", ".join(f"{k} x{v}" for k, v in ch.items()) or "-"))
     return "\n".join(out)
 
 

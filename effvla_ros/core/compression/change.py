@@ -80,7 +80,12 @@ class ChangeDetector:
         patch_level: bool,
         keyframe_interval: int,
         max_changed_fraction: float = 0.6,
+        rolling: bool = False,
     ) -> ChangeDecision:
+        """``rolling``: no keyframes; instead every partial pass also recomputes one slice of the patches (those
+        whose index is the frame count modulo ``keyframe_interval``), so each patch is recomputed at least every
+        ``keyframe_interval`` frames without a full pass (video coding's periodic intra refresh: the drift stays
+        bounded, the per-frame cost flat)."""
         full = torch.ones(grid, dtype=torch.bool)
         if self.reference is None or self.reference.shape != image.shape:
             return ChangeDecision("full", full, float("inf"))
@@ -89,8 +94,13 @@ class ChangeDetector:
         mx = float(pc.max())
         if not bool(changed.any()) and self.since_compute + 1 < max_age:
             return ChangeDecision("reuse", changed, mx, pc)
-        if (patch_level and self.since_keyframe + 1 < keyframe_interval and bool(changed.any())
-                and float(changed.float().mean()) <= max_changed_fraction):
+        fits = bool(changed.any()) and float(changed.float().mean()) <= max_changed_fraction
+        if patch_level and rolling and fits:
+            k = max(1, int(keyframe_interval))
+            phase = (self.since_keyframe + 1) % k
+            slice_ = (torch.arange(changed.numel()) % k == phase).reshape(changed.shape)
+            return ChangeDecision("partial", changed | slice_, mx, pc)
+        if patch_level and self.since_keyframe + 1 < keyframe_interval and fits:
             return ChangeDecision("partial", changed, mx, pc)
         return ChangeDecision("full", full, mx, pc)
 

@@ -47,6 +47,14 @@ class ReuseConfig(ConfigBase):
     dilation: int = param(1, min=0, max=8, description="changed patches grow by this many patches (context)")
     max_changed_fraction: float = param(0.6, min=0.0, max=1.0,
                                         description="above this fraction of changed patches, run a full pass")
+    refresh: str = param("keyframe", choices=("keyframe", "rolling"),
+                         description="how patch reuse bounds its drift: keyframe = a full pass every keyframe_interval "
+                                     "frames; rolling = each partial pass also recomputes 1/keyframe_interval of the "
+                                     "patches in turn (no full-pass spikes: a flat per-frame latency)")
+    keep_cache: bool = param(False, description="while reuse is off, full passes still build the patch cache (about "
+                                                "a plain encode's time on packed, ~120 MB per real-size camera) so "
+                                                "that turning reuse on (live, or by the latency budget) starts with a "
+                                                "partial pass instead of a full one")
     partial_shapes: int = param(16, min=0, max=4096,
                                 description="a partial pass recomputes a multiple of 1/N of the patches (the most-"
                                             "changed unchanged ones fill up): at most N matmul shapes, whose kernels "
@@ -114,7 +122,8 @@ class TokenCompressor:
         if pruning is not None:
             self.pruning = pruning
         if reuse is not None:
-            if not reuse.enabled or reuse.patch_level != self.reuse.patch_level:
+            kept = reuse.keep_cache and reuse.patch_level and self.reuse.patch_level
+            if (not reuse.enabled and not kept) or reuse.patch_level != self.reuse.patch_level:
                 self.reset()  # caches of the other mode are not valid
             self.reuse = reuse
 
@@ -153,6 +162,7 @@ class TokenCompressor:
         if not torch.isfinite(image).all():
             raise ValueError("image: contains NaN or Inf")
         st = self._cams.setdefault(camera, _CameraState())
+        self.policy.adapt_threads()  # RuntimeConfig.adaptive_threads: the cores other processes leave free
         t0 = time.perf_counter()
         pixels = self.policy.preprocess_image(image[None])  # (1, 3, S, S) in [-1, 1]
         vision: Any = self.policy.weights.vision
@@ -169,7 +179,7 @@ class TokenCompressor:
             decision = st.detector.decide(
                 model_img, patch_grid, threshold=cfg.threshold, max_age=cfg.max_age,
                 patch_level=cfg.patch_level and st.eventful is not None, keyframe_interval=cfg.keyframe_interval,
-                max_changed_fraction=cfg.max_changed_fraction)
+                max_changed_fraction=cfg.max_changed_fraction, rolling=cfg.refresh == "rolling")
             kind = decision.kind
         else:
             decision, kind = None, "full"
@@ -193,7 +203,7 @@ class TokenCompressor:
             reused[rows.cpu()] = False
         else:
             known = st.full_flops.get(patch_grid)
-            if cfg.enabled and cfg.patch_level:
+            if cfg.patch_level and (cfg.enabled or (cfg.keep_cache and self.backend.caps.partial_encode)):
                 (tokens, state), flops = self._count(lambda: self.eventful.encode_full(pixels), known)
                 st.eventful = state
             else:

@@ -360,6 +360,10 @@ class RuntimeConfig(ConfigBase):
                            description="Euler denoising steps; 0 = the checkpoint's num_steps")
     count_flops: bool = param(False, description="count FLOPs per stage with FlopCounterMode (slow)")
     num_threads: int = param(0, min=0, max=256, description="torch CPU threads; 0 = leave as is")
+    adaptive_threads: bool = param(False, read_only=True,
+                                   description="before each stage call, use only the cores other processes leave "
+                                               "free (read from /proc/stat), at most num_threads (0: all cores): "
+                                               "avoids OpenMP threads spinning against a busy CPU")
     attention: str = param("eager", choices=ATTENTION_IMPLS, read_only=True,
                            description="VLM/expert attention: eager (LeRobot's path) or fused (torch SDPA, same "
                                        "semantics; eager still runs where attention probabilities are needed)")

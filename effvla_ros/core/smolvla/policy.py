@@ -55,6 +55,7 @@ from effvla_ros.core.stages import (
     VisualTokens,
     measure,
 )
+from effvla_ros.core.threads import ThreadGovernor
 
 from . import layers as L  # noqa: N812
 from .config import RuntimeConfig, SmolVLAArch, to_dtype
@@ -116,10 +117,20 @@ class SmolVLAPolicy:
         self.device = torch.device(runtime.device)
         if runtime.num_threads > 0:
             torch.set_num_threads(runtime.num_threads)
+        self.thread_governor: ThreadGovernor | None = None
+        if runtime.adaptive_threads and runtime.device == "cpu":
+            self.thread_governor = ThreadGovernor(runtime.num_threads)
         self.weights.to(self.device)
         self.weights.set_dtypes(*(to_dtype(d) for d in runtime.resolved_dtypes()))  # "auto": native bf16 or fp32
         self.count_flops = runtime.count_flops
         self.fused_attention = runtime.attention == "fused"
+
+    def adapt_threads(self) -> int:
+        """Before a stage call: with ``RuntimeConfig.adaptive_threads``, set torch's threads to the cores other
+        processes leave free (:class:`~effvla_ros.core.threads.ThreadGovernor`); returns the threads in use."""
+        if self.thread_governor is None:
+            return torch.get_num_threads()
+        return self.thread_governor.update()
 
     @property
     def num_steps(self) -> int:
