@@ -75,7 +75,13 @@ def main() -> int:
     from bench_e2e_realsize import cpu_model  # this script's folder is on sys.path
 
     from effvla_ros.core.backends import make_backend
-    from effvla_ros.core.budget import BudgetController, BudgetTable, apply_overrides, entries_from_replay
+    from effvla_ros.core.budget import (
+        BudgetController,
+        BudgetTable,
+        apply_overrides,
+        configure_changed,
+        entries_from_replay,
+    )
     from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
     from effvla_ros.core.compression.pruning import PruningConfig
     from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuseConfig
@@ -136,10 +142,7 @@ def main() -> int:
                         p.start()
                 if controlled:
                     choice = ctl.choose()
-                    cfgs = apply_overrides(own, choice.entry.overrides, from_baseline=True)
-                    if (cfgs["pruning"], cfgs["reuse"]) != (comp.pruning, comp.reuse):
-                        comp.configure(cfgs["pruning"], cfgs["reuse"])
-                    runner.configure(inference=cfgs["inference"], expert_reuse=cfgs["expert_reuse"])
+                    configure_changed(apply_overrides(own, choice.entry.overrides, from_baseline=True), runner, comp)
                     out["chosen"].append(choice.entry.name)
                     out["predicted_ms"].append(choice.predicted_ms)
                 if obs.instruction != comp.instruction:

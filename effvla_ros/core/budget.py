@@ -235,6 +235,20 @@ def apply_overrides(configs: Mapping[str, Any], overrides: Mapping[str, Any], *,
     return out
 
 
+def configure_changed(cfgs: Mapping[str, Any], runner: Any, compressor: Any = None) -> None:
+    """Apply a budget choice's configs (:func:`apply_overrides`) to a :class:`~effvla_ros.core.runner.PolicyRunner`
+    and, where given, a :class:`~effvla_ros.core.compression.compressor.TokenCompressor`: only the groups that changed
+    (early exit keeps its reference prefix, the compressor its caches)."""
+    if cfgs["inference"] != runner.inference:
+        runner.configure(inference=cfgs["inference"])
+    if cfgs["early_exit"] != runner.prefix_reuse.cfg:
+        runner.configure(early_exit=cfgs["early_exit"])
+    if cfgs["expert_reuse"] != runner.expert_reuse.cfg:
+        runner.configure(expert_reuse=cfgs["expert_reuse"])
+    if compressor is not None and (cfgs["pruning"] != compressor.pruning or cfgs["reuse"] != compressor.reuse):
+        compressor.configure(cfgs["pruning"], cfgs["reuse"])
+
+
 def entries_from_replay(report: Mapping[str, Any], runs: Sequence[Any] | None = None, warmup: int = 0
                         ) -> list[BudgetEntry]:
     """Budget entries from an ``effvla replay`` report: per setting its p95 / p50 total latency and its deviation

@@ -37,7 +37,14 @@ from std_msgs.msg import Empty, String
 
 from effvla_ros.core.backends import BACKENDS, make_backend
 from effvla_ros.core.backends.base import CapabilityError
-from effvla_ros.core.budget import BudgetChoice, BudgetConfig, BudgetController, BudgetTable, apply_overrides
+from effvla_ros.core.budget import (
+    BudgetChoice,
+    BudgetConfig,
+    BudgetController,
+    BudgetTable,
+    apply_overrides,
+    configure_changed,
+)
 from effvla_ros.core.chunking import ChunkHistory, ExecutionReport, IssuedChunk
 from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
 from effvla_ros.core.compression.pruning import PruningConfig
@@ -655,18 +662,9 @@ class PolicyNode(Node):
         prev = self.budget.last
         choice = self.budget.choose()
         cfgs = apply_overrides(self._budget_configs(), choice.entry.overrides, from_baseline=True)
-        r = self.runner
-        if cfgs["inference"] != r.inference:
-            r.configure(inference=cfgs["inference"])
-        if cfgs["early_exit"] != r.prefix_reuse.cfg:
-            r.configure(early_exit=cfgs["early_exit"])
-        if cfgs["expert_reuse"] != r.expert_reuse.cfg:
-            r.configure(expert_reuse=cfgs["expert_reuse"])
+        configure_changed(cfgs, self.runner, self.compressor)
         pruning, reuse = cfgs["pruning"], cfgs["reuse"]
-        if self.compressor is not None:
-            if pruning != self.compressor.pruning or reuse != self.compressor.reuse:
-                self.compressor.configure(pruning, reuse)
-        else:  # the compressor node: the parameters any setting of the table sets, when they change
+        if self.compressor is None:  # the compressor node: the parameters any setting of the table sets, when they change
             fields = self._budget_compressor_fields()
             on = {"pruning": pruning.method != "none", "reuse": reuse.enabled}
             # a group's switch always; its other fields only while it is on (the compressor keeps its own otherwise)

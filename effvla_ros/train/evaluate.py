@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from effvla_ros.core.backends.base import StageBackend, make_backend
-from effvla_ros.core.budget import BudgetController, BudgetTable, apply_overrides
+from effvla_ros.core.budget import BudgetController, BudgetTable, apply_overrides, configure_changed
 from effvla_ros.core.chunking import FixedDelay, IssuedChunk, guidance_toward
 from effvla_ros.core.compression.compressor import TokenCompressor
 from effvla_ros.core.observation import rgb_to_tensor
@@ -250,17 +250,7 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
             choice = None
             if controller is not None:  # this inference's entry, applied as the policy node does (what changed)
                 choice = controller.choose()
-                bc = apply_overrides(cfg, choice.entry.overrides, from_baseline=True)
-                new_pruning = bc["pruning"] if bc["pruning"] != compressor.pruning else None
-                new_reuse = bc["reuse"] if bc["reuse"] != compressor.reuse else None
-                if new_pruning is not None or new_reuse is not None:
-                    compressor.configure(new_pruning, new_reuse)
-                if bc["inference"] != runner.inference:
-                    runner.configure(inference=bc["inference"])
-                if bc["early_exit"] != runner.prefix_reuse.cfg:
-                    runner.configure(early_exit=bc["early_exit"])
-                if bc["expert_reuse"] != runner.expert_reuse.cfg:
-                    runner.configure(expert_reuse=bc["expert_reuse"])
+                configure_changed(apply_overrides(cfg, choice.entry.overrides, from_baseline=True), runner, compressor)
                 choices[choice.entry.name] = choices.get(choice.entry.name, 0) + 1
             images = env.render_all()
             state = torch.as_tensor(env.joint_positions(), dtype=torch.float32)
