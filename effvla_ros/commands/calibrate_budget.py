@@ -32,9 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="first observations of each setting left out of its latency (first calls allocate)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default): as the nodes run")
-    from effvla_ros.commands.replay import _backend_arguments
+    from effvla_ros.commands.replay import add_backend_arguments
 
-    _backend_arguments(p)
+    add_backend_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from effvla_ros.core.backends import BACKENDS
-    from effvla_ros.core.budget import BudgetTable
+    from effvla_ros.core.budget import BudgetTable, backend_mismatch
     from effvla_ros.core.smolvla import CheckpointError, RuntimeConfig, load_policy
     from effvla_ros.train.evaluate import (
         EvalBudget,
@@ -104,11 +104,9 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"effvla eval-sim: --latency-budget-table: {e}", file=sys.stderr)
             return 2
-        cal_backend = budget.table.source.get("backend")
-        if cal_backend and cal_backend != args.backend:
-            print(f"effvla eval-sim: warning: {args.latency_budget_table} was calibrated on the {cal_backend!r} "
-                  f"backend, this run uses {args.backend!r} (the controller's slowdown absorbs a constant factor)",
-                  file=sys.stderr)
+        note = backend_mismatch(budget.table, args.backend)
+        if note:
+            print(f"effvla eval-sim: warning: {args.latency_budget_table}: {note}", file=sys.stderr)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:

@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video-size", type=int, default=224, help="pixels per camera view in the --video")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    _backend_arguments(parser)
+    add_backend_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -109,7 +109,7 @@ def default_out(bag: str) -> Path:
     return parent / f"{p.stem}_replay"
 
 
-def _backend_arguments(parser: argparse.ArgumentParser) -> None:
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
     """--backend / --dtype: the stage backend and dtype to measure on (those the policy node will run with)."""
     from effvla_ros.core.backends import BACKENDS
     from effvla_ros.core.smolvla.config import DTYPE_CHOICES

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from effvla_ros.core.params import ConfigBase, param
-from effvla_ros.core.settings import BASELINE_OFF, SWITCHES, canonical, make_setting, typed
+from effvla_ros.core.settings import BASELINE_OFF, canonical, implied_switches, make_setting, typed
 
 TABLE_VERSION = 1
 #: the settings a budget may change (canonical names); everything else stays as the nodes are configured
@@ -220,19 +220,38 @@ def apply_overrides(configs: Mapping[str, Any], overrides: Mapping[str, Any], *,
             group, fld = k.split(".", 1)
             if group in BUDGET_GROUPS and group in out:
                 changes.setdefault(group, {})[fld] = v
-    given = {canonical(k) for k in overrides}
-    for k, v in overrides.items():
-        name = canonical(k)
+    given = {canonical(k): typed(k, v) for k, v in overrides.items()}
+    for name, v in {**given, **implied_switches(given)}.items():  # keep_ratio -> pruning on, as in a --sweep
         group, fld = name.split(".", 1)
-        changes.setdefault(group, {})[fld] = typed(k, v)
-        if group in SWITCHES:  # a field of a group implies its switch (keep_ratio -> pruning on), as in a --sweep
-            sw, on = SWITCHES[group]
-            if fld != sw and f"{group}.{sw}" not in given:
-                changes[group][sw] = on
+        changes.setdefault(group, {})[fld] = v
     for group, fields in changes.items():
         if group in out:
             out[group] = dataclasses.replace(out[group], **fields)
     return out
+
+
+def check_runnable(table: BudgetTable, configs: Mapping[str, Any], caps: Any, *, compressor: bool = True) -> None:
+    """Every entry of ``table`` applies to ``configs`` (:func:`apply_overrides`, validated by the configs) and runs on
+    a backend of capabilities ``caps``; ValueError naming the first entry that does not. ``compressor``: the token
+    compressor runs on that backend too, so an entry's patch-level reuse is checked against it."""
+    for e in table.entries:
+        try:
+            c = apply_overrides(configs, e.overrides, from_baseline=True)
+            caps.check(early_exit=c["early_exit"].enabled, expert_reuse=c["expert_reuse"].enabled,
+                       patch_reuse=compressor and c["reuse"].enabled and c["reuse"].patch_level)
+        except (TypeError, ValueError) as err:  # CapabilityError is a ValueError
+            raise ValueError(f"setting {e.name!r} cannot run here: {err}") from None
+
+
+def backend_mismatch(table: BudgetTable, backend: str) -> str | None:
+    """A warning when ``table`` was calibrated on another stage backend than ``backend`` (None when it was not, or
+    the table does not say)."""
+    calibrated = table.source.get("backend")
+    if not calibrated or calibrated == backend:
+        return None
+    return (f"the latency-budget table was calibrated on the {calibrated!r} backend, this runs {backend!r}: its "
+            "latencies are scaled by the measured slowdown, but the settings' relative costs may differ (calibrate "
+            "with `effvla calibrate-budget --backend ...`)")
 
 
 def configure_changed(cfgs: Mapping[str, Any], runner: Any, compressor: Any = None) -> None:

@@ -230,22 +230,27 @@ def _check_supported(changes: Mapping[str, Any], unsupported: Mapping[str, str])
                 raise ValueError(f"{key}: {unsupported[what]}")
 
 
+def implied_switches(changes: Mapping[str, Any]) -> Changes:
+    """The switches ``changes`` (canonical names) imply: a field of a group turns that group's switch on unless the
+    changes set the switch themselves (``pruning.keep_ratio`` implies ``pruning.method=task``)."""
+    out: Changes = {}
+    for key in changes:
+        group, _, fld = key.partition(".")
+        if group in SWITCHES:
+            sw, on = SWITCHES[group]
+            if fld != sw and f"{group}.{sw}" not in changes:
+                out[f"{group}.{sw}"] = on
+    return out
+
+
 def make_setting(name: str, overrides: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> Setting:
     """Baseline + ``defaults`` (the run's, e.g. ``{"num_steps": 10}``; they imply nothing) + ``overrides``
     (names as in the grammar, typed or string values), validated by the configs (``ValueError``)."""
     base = {canonical(k): typed(k, v) for k, v in (defaults or {}).items()}
     changes = {canonical(k): typed(k, v) for k, v in overrides.items()}
     values: Changes = {**BASELINE_OFF, **base}
-    implied: list[str] = []
-    implied_values: Changes = {}
-    for key in changes:
-        group, _, fld = key.partition(".")
-        if group in SWITCHES:
-            sw, on = SWITCHES[group]
-            swname = f"{group}.{sw}"
-            if fld != sw and swname not in changes and swname not in implied_values and values.get(swname) != on:
-                implied_values[swname] = on
-                implied.append(f"{swname}={format_value(on)}")
+    implied_values = {k: v for k, v in implied_switches(changes).items() if values.get(k) != v}
+    implied = [f"{k}={format_value(v)}" for k, v in implied_values.items()]
     values.update(implied_values)
     values.update(changes)
     fields: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
@@ -299,5 +304,6 @@ def build_settings(sweep: Sequence[SweepItem | str], *, defaults: Mapping[str, A
 
 
 __all__ = ["ALIASES", "BASELINE_OFF", "GROUPS", "LIST_SEPARATOR", "SWITCHES", "ExecConfig", "Setting", "SweepItem",
+           "implied_switches",
            "build_settings", "canonical", "format_value", "make_setting", "parse_item", "parse_sweep", "parse_value",
            "typed"]

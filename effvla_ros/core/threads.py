@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ _log = logging.getLogger(__name__)
 # /proc/stat's aggregate "cpu" line: user nice system idle iowait irq softirq steal ...; busy = all but idle, iowait.
 # steal counts as busy: time the hypervisor gave another guest is not ours either.
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)
+_TICKS_PER_S = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,7 @@ def read_cpu_sample(stat_path: str | Path = "/proc/stat") -> CpuSample | None:
         ticks = [int(x) for x in first[1:]]
     except ValueError:
         return None
-    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    busy = sum(ticks[i] for i in _BUSY_FIELDS if i < len(ticks)) / float(hz)
+    busy = sum(ticks[i] for i in _BUSY_FIELDS if i < len(ticks)) / _TICKS_PER_S
     return CpuSample(time.monotonic(), busy, time.process_time())
 
 
@@ -81,12 +82,12 @@ affinity); tests pass synthetic ones.
     """
 
     def __init__(self, max_threads: int = 0, *, margin: float = 0.3, min_interval_s: float = 0.05,
-                 read: object = None, cores: int = 0) -> None:
+                 read: Callable[[], CpuSample | None] | None = None, cores: int = 0) -> None:
         self.cores = int(cores) if cores > 0 else usable_cores()
         self.max_threads = int(max_threads) if max_threads > 0 else self.cores
         self.margin = float(margin)
         self.min_interval_s = float(min_interval_s)
-        self._read = read if callable(read) else read_cpu_sample
+        self._read = read or read_cpu_sample
         self._last: CpuSample | None = self._read()
         self.available = self._last is not None
         if not self.available:

@@ -36,13 +36,14 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Empty, String
 
 from effvla_ros.core.backends import BACKENDS, make_backend
-from effvla_ros.core.backends.base import CapabilityError
 from effvla_ros.core.budget import (
     BudgetChoice,
     BudgetConfig,
     BudgetController,
     BudgetTable,
     apply_overrides,
+    backend_mismatch,
+    check_runnable,
     configure_changed,
 )
 from effvla_ros.core.chunking import ChunkHistory, ExecutionReport, IssuedChunk
@@ -620,16 +621,10 @@ class PolicyNode(Node):
             raise ValueError("latency_budget_table: empty; latency_budget_ms needs the table written by "
                              "`effvla calibrate-budget BAG --checkpoint CKPT --out table.yaml`")
         table = BudgetTable.load(c.latency_budget_table)
-        caps = self.runner.backend.caps
-        for e in table.entries:
-            try:
-                cfgs = apply_overrides(self._budget_configs(), e.overrides, from_baseline=True)
-                caps.check(early_exit=cfgs["early_exit"].enabled, expert_reuse=cfgs["expert_reuse"].enabled)
-                if self.compressor is not None:  # a compressor node checks its own backend when the budget sets it
-                    caps.check(patch_reuse=cfgs["reuse"].enabled and cfgs["reuse"].patch_level)
-            except (CapabilityError, ValueError) as err:
-                raise ValueError(f"latency_budget_table: setting {e.name!r} of {c.latency_budget_table} cannot run "
-                                 f"here: {err}") from None
+        try:  # a compressor node checks its own backend when the budget sets its reuse
+            check_runnable(table, self._budget_configs(), self.runner.backend.caps, compressor=self.compressor is not None)
+        except ValueError as err:
+            raise ValueError(f"latency_budget_table: {err} ({c.latency_budget_table})") from None
         return BudgetController(table, c.latency_budget_ms, window=c.latency_budget_window)
 
     def _check_budget(self, c: BudgetConfig) -> None:
@@ -642,12 +637,9 @@ class PolicyNode(Node):
             self.get_logger().info(f"latency budget {self.budget.budget_ms:.0f} ms over "
                                    f"{len(self.budget.table.entries)} settings of "
                                    f"{self.budget_params.config.latency_budget_table}")
-            calibrated = self.budget.table.source.get("backend")
-            if calibrated and calibrated != self.runner.backend.caps.name:
-                self.get_logger().warning(
-                    f"latency_budget_table was calibrated on the {calibrated!r} backend, this node runs "
-                    f"{self.runner.backend.caps.name!r}: its latencies are scaled by the measured slowdown, but the "
-                    "settings' relative costs may differ (calibrate with `effvla calibrate-budget --backend ...`)")
+            note = backend_mismatch(self.budget.table, self.runner.backend.caps.name)
+            if note:
+                self.get_logger().warning(f"latency_budget_table: {note}")
         elif was_on:  # off again: the node's own parameters (applied by the other groups) and the compressor's
             if self._budget_compressor is not None:
                 self._budget_compressor.restore()

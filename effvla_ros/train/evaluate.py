@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from effvla_ros.core.backends.base import StageBackend, make_backend
-from effvla_ros.core.budget import BudgetController, BudgetTable, apply_overrides, configure_changed
+from effvla_ros.core.budget import BudgetController, BudgetTable, apply_overrides, check_runnable, configure_changed
 from effvla_ros.core.chunking import FixedDelay, IssuedChunk, guidance_toward
 from effvla_ros.core.compression.compressor import TokenCompressor
 from effvla_ros.core.observation import rgb_to_tensor
@@ -114,14 +114,10 @@ class EvalBudget:
 
 def _check_budget(budget: EvalBudget, cfg: dict[str, Any], backend: StageBackend, setting: str) -> None:
     """Every entry of the table applies to ``cfg`` on ``backend`` (ValueError naming the entry otherwise)."""
-    for e in budget.table.entries:
-        try:
-            c = apply_overrides(cfg, e.overrides, from_baseline=True)
-            backend.caps.check(early_exit=c["early_exit"].enabled, expert_reuse=c["expert_reuse"].enabled,
-                               patch_reuse=c["reuse"].enabled and c["reuse"].patch_level)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"latency budget table {budget.table_path or ''}: setting {e.name!r} cannot run with "
-                             f"{setting}: {err}") from None
+    try:
+        check_runnable(budget.table, cfg, backend.caps)
+    except ValueError as err:
+        raise ValueError(f"latency budget table {budget.table_path or ''}: {err} (with {setting})") from None
 
 
 # ----------------------------------------------------------------------------------------- episodes
