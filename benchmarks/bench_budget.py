@@ -68,6 +68,9 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=3.0, help="seconds of the synthetic recording (10 Hz)")
     ap.add_argument("--keep-cache", action="store_true",
                     help="the controlled loop's compressor keeps its patch cache while reuse is off (reuse.keep_cache)")
+    ap.add_argument("--margin", type=float, default=None,
+                    help="the controller's planning margin, a fraction of the budget (default: the policy node's "
+                         "latency_budget_margin)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,6 +79,7 @@ def main() -> int:
 
     from effvla_ros.core.backends import make_backend
     from effvla_ros.core.budget import (
+        BudgetConfig,
         BudgetController,
         BudgetTable,
         apply_overrides,
@@ -108,9 +112,10 @@ def main() -> int:
     table = BudgetTable(entries_from_replay(cal.report, cal.runs, warmup=2))
     base = next(e for e in table.entries if not e.overrides)
     budget = args.budget_ms or 1.1 * base.latency_ms
+    margin = BudgetConfig().latency_budget_margin if args.margin is None else args.margin
     print(f"# {cpu_model()}; {Path(ckpt).name} on {args.backend} {'/'.join(policy.runtime.resolved_dtypes())}, "
           f"{args.threads} threads{' (adaptive in the loops)' if args.adaptive_threads else ''}, calibration {time.perf_counter() - t0:.0f} s on "
-          f"{len(cal.episode.observations)} observations; budget {budget:.1f} ms")
+          f"{len(cal.episode.observations)} observations; budget {budget:.1f} ms, planning margin {margin:.0%}")
     print("\n| setting | calibrated p95 [ms] | deviation (nRMSE) |\n|---|---:|---:|")
     for e in sorted(table.entries, key=lambda e: e.latency_ms):
         print(f"| {e.name} | {e.latency_ms:.1f} | {e.deviation:.4f} |")
@@ -130,7 +135,7 @@ def main() -> int:
                "early_exit": EarlyExitConfig(enabled=False),
                "expert_reuse": ExpertReuseConfig(enabled=False),
                "inference": InferenceConfig(num_steps=policy.num_steps)}
-        ctl = BudgetController(table, budget)
+        ctl = BudgetController(table, budget, margin=margin)
         procs: list[Any] = []
         out: dict[str, Any] = {"measured_ms": [], "chosen": [], "actions": [], "predicted_ms": [], "threads": []}
         try:
@@ -200,7 +205,7 @@ def main() -> int:
     print(f"\n(competing load: {args.load_procs} busy processes from step {args.load_at} of {args.steps}; "
           f"{args.threads} torch threads)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"budget_ms": budget, "table": table.to_dict(), **rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"budget_ms": budget, "margin": margin, "table": table.to_dict(), **rows}, indent=1))
     tmp.cleanup()
     return 0
 

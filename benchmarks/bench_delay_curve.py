@@ -8,7 +8,8 @@ Every (method, delay d) is one ``effvla eval-sim`` setting (:mod:`effvla_ros.tra
 same noise, the default compression (task pruning 0.5 + token reuse, as ``config/base.yaml``), the checkpoint's
 execution horizon E, and d emulated as eval-sim does it: the previous chunk keeps executing for d steps (from
 ``d >= E`` on, inferences run back to back and a chunk that runs out holds its last action). The methods are those
-of :mod:`effvla_ros.train.delay_curve` (``trained`` is skipped for a checkpoint not trained for it).
+of :mod:`effvla_ros.train.delay_curve` (``trained`` is skipped for a checkpoint not trained for it, ``a2c2`` for one
+without a correction head).
 
 The report (eval-sim's, every episode included, plus ``curve``: method -> delay -> successes) is merged into
 ``--out`` (default: ``<checkpoint>/eval_delay_curve.json``), so that methods and delays can be run in parts;
@@ -27,6 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+from effvla_ros.core.correction import HEAD_META  # noqa: E402
 from effvla_ros.train.delay_curve import (  # noqa: E402
     COMPRESSION,
     METHODS,
@@ -70,7 +72,7 @@ def plot(reports: list[tuple[str, dict[str, Any]]], path: str, title: str) -> No
         color = f"C{list(METHODS).index(method) % 10}" if method in METHODS else None  # one colour per method
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o" if r == 0 else "s", capsize=2, label=f"{label}: {method}",
                     color=color,
-                    linestyle="-" if r == 0 else "--", linewidth=2.2 if method in ("no_rtc", "trained") else 1.0,
+                    linestyle="-" if r == 0 else "--", linewidth=2.2 if method in ("no_rtc", "trained", "a2c2") else 1.0,
                     markersize=4)
     ax.set_xlabel("emulated inference delay d [control steps at 10 Hz]")
     ax.set_ylabel("success [%] (95 % Wilson interval)")
@@ -128,6 +130,9 @@ def main() -> int:
     if "trained" in methods and not arch.rtc_trained_max_delay:
         print(f"bench_delay_curve: {args.checkpoint} was not trained with training-time RTC: 'trained' skipped")
         methods.remove("trained")
+    if "a2c2" in methods and not (Path(args.checkpoint) / HEAD_META).is_file():
+        print(f"bench_delay_curve: {args.checkpoint} has no correction head: 'a2c2' skipped")
+        methods.remove("a2c2")
     delays = [int(d) for d in args.delays.split(",")]
     settings = [make_setting(setting_name(m, d), {**COMPRESSION, **METHODS[m], "exec.delay_steps": d})
                 for m in methods for d in delays]

@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gen-demos": ("effvla_ros.commands.gen_demos", "generate scripted demonstrations in simulation"),
     "train": ("effvla_ros.commands.train", "train a small SmolVLA-architecture policy on demonstrations"),
     "eval-sim": ("effvla_ros.commands.eval_sim", "success rate in simulation under several settings"),
+    "train-correction": ("effvla_ros.commands.train_correction",
+                         "per-step chunk correction head (A2C2) of a checkpoint, from demonstrations"),
     "calibrate-budget": ("effvla_ros.commands.calibrate_budget",
                          "latency-budget table: latency and action deviation per setting, on your bag"),
     "export": ("effvla_ros.commands.export", "export a checkpoint's stages to ONNX (+ TensorRT build scripts)"),

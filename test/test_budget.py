@@ -59,6 +59,18 @@ def test_when_no_setting_can_meet_the_budget_it_says_so_and_takes_the_fastest() 
         BudgetController(TABLE, 0.0)
 
 
+def test_a_planning_margin_chooses_below_the_budget() -> None:
+    # steps5 (260 ms) is within 300 ms but not within 300 x (1 - 0.2) = 240 ms: the margin moves to keep0.25+steps5
+    assert BudgetController(TABLE, 300.0).choose().entry.name == "steps5"
+    ctl = BudgetController(TABLE, 300.0, margin=0.2)
+    c = ctl.choose()
+    assert ctl.target_ms == pytest.approx(240.0) and c.feasible and c.entry.name == "keep0.25+steps5"
+    assert c.margin_ms == pytest.approx(180.0)  # still reported against the budget itself
+    assert not BudgetController(TABLE, 130.0, margin=0.1).choose().feasible  # 120 ms > 117 ms
+    with pytest.raises(ValueError, match="latency_budget_margin"):
+        BudgetController(TABLE, 300.0, margin=1.0)
+
+
 def test_overrides_change_only_the_budget_fields() -> None:
     configs = {"pruning": PruningConfig(keep_ratio=0.7, min_tokens=6), "early_exit": EarlyExitConfig(),
                "expert_reuse": ExpertReuseConfig(threshold=0.2), "inference": InferenceConfig(num_steps=10),

@@ -26,6 +26,8 @@ ASSETS = REPO / "effvla_ros" / "assets"
 #: the prefix base.yaml's quoted rows carry -> the checkpoint whose curve they are
 CURVES = {"pruned": ASSETS / "so101_pickplace_pruned" / "eval_delay_curve.json",
           "rtc": ASSETS / "so101_pickplace_rtc" / "eval_delay_curve.json"}
+#: no RTC and the per-step correction (A2C2), side by side on the default checkpoint
+A2C2_CURVE = ASSETS / "so101_pickplace_pruned" / "eval_delay_curve_a2c2.json"
 #: successes within this many of the best at 100 episodes are not resolved by the evaluation (95 % interval ~ +-8)
 NOISE = 8
 #: the delay (control steps at the policy's 10 Hz) each layer's latency implies, as the files' comments say: the
@@ -48,8 +50,9 @@ def curve(curves):  # type: ignore[no-untyped-def]
 
 
 def test_the_curves_have_every_method_at_every_delay_on_100_episodes(curves) -> None:  # type: ignore[no-untyped-def]
-    assert set(curves["rtc"]) == set(METHODS)
-    assert set(curves["pruned"]) == set(METHODS) - {"trained"}  # not trained for it: refused by rtc.mode
+    # a2c2 (per-step correction) has its own report, measured side by side with no RTC on another machine
+    assert set(curves["rtc"]) == set(METHODS) - {"a2c2"}
+    assert set(curves["pruned"]) == set(METHODS) - {"trained", "a2c2"}  # not trained for it: refused by rtc.mode
     for c in curves.values():
         for method, pts in c.items():
             assert sorted(map(int, pts)) == [0, 1, 2, 3, 5], method
@@ -73,8 +76,22 @@ def test_each_layer_runs_the_best_measured_rtc_at_its_delay(curve, target: str, 
                                  f"{best}/100 there")
 
 
+def test_the_correction_curve_is_complete_and_its_head_lies_beside_the_checkpoint() -> None:
+    report = json.loads(A2C2_CURVE.read_text())
+    c = curve_of(report)
+    assert set(c) == {"no_rtc", "a2c2"}
+    for pts in c.values():
+        assert sorted(map(int, pts)) == [0, 1, 2, 3, 5] and all(p["episodes"] == 100 for p in pts.values())
+    assert (A2C2_CURVE.parent / "correction_head.safetensors").is_file()
+    assert not _runs_on("a2c2", "eager")  # no node applies it: never a parameter file's default
+    assert method_of({"rtc.enabled": False, "rtc.mode": "guided", "correction.enabled": True}) == "a2c2"
+
+
 def _runs_on(method: str, backend: str) -> bool:
-    """Whether ``backend`` can run ``method`` (VJP guidance needs autograd through the expert: ``caps.vjp``)."""
+    """Whether the nodes on ``backend`` can run ``method`` (VJP guidance needs autograd through the expert:
+    ``caps.vjp``; the per-step correction runs in eval-sim only so far)."""
+    if method == "a2c2":
+        return False
     if METHODS[method].get("rtc.guidance") != "vjp":
         return True
     if backend in EXPORTED_BACKENDS:

@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-budget-window", type=int, default=20, metavar="N",
                         help="recent inferences whose measured / calibrated latency sets the controller's "
                              "slowdown (default 20, as the policy node's latency_budget_window)")
+    parser.add_argument("--latency-budget-margin", type=float, default=None, metavar="F",
+                        help="fraction of the budget kept free when choosing (default: the policy node's "
+                             "latency_budget_margin default)")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     parser.add_argument("--quiet", action="store_true", help="no per-episode lines")
 
@@ -98,9 +101,15 @@ def run(args: argparse.Namespace) -> int:
         if args.latency_budget_window < 1:
             print("effvla eval-sim: --latency-budget-window must be at least 1", file=sys.stderr)
             return 2
+        from effvla_ros.core.budget import BudgetConfig
+        margin = BudgetConfig().latency_budget_margin if args.latency_budget_margin is None else args.latency_budget_margin
+        if not 0.0 <= margin < 1.0:
+            print(f"effvla eval-sim: --latency-budget-margin {margin!r} must be in [0, 1)", file=sys.stderr)
+            return 2
         try:  # the table's ValueError names the file and what is wrong with it
             budget = EvalBudget(BudgetTable.load(args.latency_budget_table), args.latency_budget_ms,
-                                window=args.latency_budget_window, table_path=str(args.latency_budget_table))
+                                window=args.latency_budget_window, table_path=str(args.latency_budget_table),
+                                margin=margin)
         except ValueError as e:
             print(f"effvla eval-sim: --latency-budget-table: {e}", file=sys.stderr)
             return 2

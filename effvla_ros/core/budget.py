@@ -11,7 +11,7 @@ At run time (policy parameter ``latency_budget_ms``, table in ``latency_budget_t
 :class:`BudgetController` predicts each setting's latency as its calibrated latency times the current *slowdown*
 - a high percentile of measured / calibrated latency over the last inferences, or the last one where higher, so a
 CPU slowed by a competing load, or a warmer one, moves every prediction together - and picks, among the settings predicted within the
-budget, the one with the least deviation. When none is, it picks the fastest and says so (``feasible`` False,
+budget less a planning margin (``latency_budget_margin``, a fraction of the budget), the one with the least deviation. When none is, it picks the fastest and says so (``feasible`` False,
 with the numbers). The choice, the prediction and the margin go to the node's diagnostics.
 
 No ROS here; the policy node applies a choice (:func:`apply_overrides`) to its configs and sends the kept-token
@@ -52,6 +52,10 @@ class BudgetConfig(ConfigBase):
     latency_budget_window: int = param(20, min=1, max=1000,
                                        description="recent inferences whose measured / calibrated latency ratio sets "
                                                    "the slowdown (its 95th percentile)")
+    latency_budget_margin: float = param(0.1, min=0.0, max=0.9,
+                                         description="fraction of the budget kept free when choosing: a setting is "
+                                                     "chosen only if its predicted latency is within (1 - margin) x "
+                                                     "latency_budget_ms (absorbs the spread of a short calibration)")
     latency_budget_compressor: str = param("token_compressor",
                                            description="node whose pruning parameters the budget sets (tokens "
                                                        "input; relative names resolve in the policy's namespace)")
@@ -158,15 +162,19 @@ class BudgetController:
     """Chooses a table entry per inference (see the module docstring).
 
     ``window``: recent measurements kept; ``percentile``: of measured / calibrated latency, the slowdown (95: the
-    budget holds for the p95 latency); ``min_slowdown``: never predict faster than this fraction of calibration.
+    budget holds for the p95 latency); ``min_slowdown``: never predict faster than this fraction of calibration;
+    ``margin``: the fraction of the budget kept free when choosing (``feasible`` means within the budget less it).
     """
 
     def __init__(self, table: BudgetTable, budget_ms: float, *, window: int = 20, percentile: float = 95.0,
-                 min_slowdown: float = 0.5) -> None:
+                 min_slowdown: float = 0.5, margin: float = 0.0) -> None:
         if not budget_ms > 0:
             raise ValueError(f"latency_budget_ms: {budget_ms!r} must be positive (0 turns the budget mode off)")
+        if not 0.0 <= margin < 1.0:
+            raise ValueError(f"latency_budget_margin: {margin!r} must be in [0, 1)")
         self.table = table
         self.budget_ms = float(budget_ms)
+        self.margin = float(margin)
         self.percentile = float(percentile)
         self.min_slowdown = float(min_slowdown)
         self._ratios: deque[float] = deque(maxlen=max(1, int(window)))
@@ -183,10 +191,15 @@ class BudgetController:
             return 1.0
         return max(self.min_slowdown, float(np.percentile(np.asarray(self._ratios), self.percentile)), self._ratios[-1])
 
+    @property
+    def target_ms(self) -> float:
+        """What a choice plans for: the budget less the margin."""
+        return self.budget_ms * (1.0 - self.margin)
+
     def choose(self) -> BudgetChoice:
         s = self.slowdown
         entries = self.table.entries
-        within = [e for e in entries if e.latency_ms * s <= self.budget_ms]
+        within = [e for e in entries if e.latency_ms * s <= self.target_ms]
         if within:
             best = min(within, key=lambda e: (e.deviation, e.latency_ms))
             choice = BudgetChoice(best, best.latency_ms * s, self.budget_ms, s, True)

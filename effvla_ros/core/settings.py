@@ -9,6 +9,7 @@ names, on top of the *baseline* - every optimization off (``pruning.method=none`
     early_exit.*    EarlyExitConfig (policy)           expert_reuse.*  ExpertReuseConfig (policy)
     rtc.*           RTCConfig (policy)                 inference.*     InferenceConfig (policy: num_steps, count_flops)
     exec.*          ExecConfig (eval-sim only: horizon, delay_steps)
+    correction.*    CorrectionConfig (per control step: eval-sim; A2C2, core/correction.py)
 
 Short names: ``num_steps``, ``count_flops`` (``inference.``), ``horizon``, ``delay_steps`` (``exec.``).
 
@@ -29,7 +30,7 @@ joined with ``+``); settings of the same name are run once.
 Implied switches: changing a field of a group whose switch is off turns the switch on, unless the
 setting sets the switch itself (``pruning.keep_ratio=0.25`` implies ``pruning.method=task``;
 ``reuse.threshold=...`` implies ``reuse.enabled=true``; likewise ``early_exit``, ``expert_reuse``,
-``rtc``). :attr:`Setting.implied` lists what was implied.
+``rtc``, ``correction``). :attr:`Setting.implied` lists what was implied.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from typing import Any
 
 from effvla_ros.core.compression.compressor import ReuseConfig
 from effvla_ros.core.compression.pruning import PruningConfig
+from effvla_ros.core.correction import CorrectionConfig
 from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuseConfig
 from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.core.rtc import RTCConfig
@@ -70,6 +72,7 @@ GROUPS: dict[str, type[ConfigBase]] = {
     "rtc": RTCConfig,
     "inference": InferenceConfig,
     "exec": ExecConfig,
+    "correction": CorrectionConfig,
 }
 ALIASES: dict[str, str] = {"num_steps": "inference.num_steps", "count_flops": "inference.count_flops",
                            "horizon": "exec.horizon", "delay_steps": "exec.delay_steps"}
@@ -80,6 +83,7 @@ SWITCHES: dict[str, tuple[str, Any]] = {
     "early_exit": ("enabled", True),
     "expert_reuse": ("enabled", True),
     "rtc": ("enabled", True),
+    "correction": ("enabled", True),
 }
 BASELINE_OFF: dict[str, Any] = {
     "pruning.method": "none",
@@ -87,6 +91,7 @@ BASELINE_OFF: dict[str, Any] = {
     "early_exit.enabled": False,
     "expert_reuse.enabled": False,
     "rtc.enabled": False,
+    "correction.enabled": False,
 }
 
 Changes = dict[str, Any]  # canonical name (group.field) -> typed value
@@ -107,6 +112,7 @@ class Setting:
     inference: InferenceConfig
     execution: ExecConfig
     implied: list[str] = field(default_factory=list)  # "group.switch=value" turned on by the changes
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)  # per-step correction (eval-sim, executor)
 
     @property
     def is_baseline(self) -> bool:
@@ -116,7 +122,7 @@ class Setting:
         """The configs by group name (``pruning``, ..., ``inference``, ``exec``)."""
         return {"pruning": self.pruning, "reuse": self.reuse, "early_exit": self.early_exit,
                 "expert_reuse": self.expert_reuse, "rtc": self.rtc, "inference": self.inference,
-                "exec": self.execution}
+                "exec": self.execution, "correction": self.correction}
 
     def config_dict(self) -> dict[str, Any]:
         """The policy-side configs as plain values (replay's report)."""
@@ -263,7 +269,7 @@ def make_setting(name: str, overrides: Mapping[str, Any], defaults: Mapping[str,
         raise ValueError(f"setting {name}: {e}") from None
     return Setting(name, {**changes, **implied_values}, cfgs["pruning"], cfgs["reuse"],  # type: ignore[arg-type]
                    cfgs["early_exit"], cfgs["expert_reuse"], cfgs["rtc"], cfgs["inference"],  # type: ignore[arg-type]
-                   cfgs["exec"], implied)  # type: ignore[arg-type]
+                   cfgs["exec"], implied, cfgs["correction"])  # type: ignore[arg-type]
 
 
 def format_value(v: Any) -> str:

@@ -625,7 +625,8 @@ class PolicyNode(Node):
             check_runnable(table, self._budget_configs(), self.runner.backend.caps, compressor=self.compressor is not None)
         except ValueError as err:
             raise ValueError(f"latency_budget_table: {err} ({c.latency_budget_table})") from None
-        return BudgetController(table, c.latency_budget_ms, window=c.latency_budget_window)
+        return BudgetController(table, c.latency_budget_ms, window=c.latency_budget_window,
+                                margin=c.latency_budget_margin)
 
     def _check_budget(self, c: BudgetConfig) -> None:
         self._make_budget(c)

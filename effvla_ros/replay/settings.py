@@ -37,6 +37,7 @@ from effvla_ros.core.settings import (
 REPLAY_UNSUPPORTED: dict[str, str] = {
     "exec": "eval-sim only (replay executes every chunk; its RTC delay is --rtc-delay-steps)",
     "inference.count_flops": "replay counts FLOPs per --flops, not per setting",
+    "correction": "eval-sim only (the correction runs at every control step, from the measured joint positions)",
 }
 
 

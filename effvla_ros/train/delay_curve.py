@@ -10,7 +10,10 @@ defaults are checked against it (``test/test_rtc_defaults.py``). The methods, ea
 * ``guided_*`` - inference-time RTC (Black et al., arXiv 2506.07339): Jacobian-free (LeRobot 0.6.1) with beta 10
   (LeRobot's) and 3, exp and linear soft masks; the true VJP with beta 5 (the paper's);
 * ``trained`` - training-time RTC (arXiv 2512.05964): the committed d actions held clean; needs a checkpoint trained
-  so (``effvla train --rtc-train-max-delay N``).
+  so (``effvla train --rtc-train-max-delay N``);
+* ``a2c2`` - no RTC, and every executed action corrected at its own control step by the checkpoint's correction head
+  (A2C2, arXiv 2509.23224; :mod:`effvla_ros.core.correction`) from the measured joints and the newest frames; needs
+  ``correction_head.*`` beside the checkpoint (``effvla train-correction``). Runs in eval-sim; no node applies it yet.
 """
 from __future__ import annotations
 
@@ -31,7 +34,11 @@ METHODS: dict[str, dict[str, Any]] = {
                              "rtc.schedule": "linear"},
     "guided_vjp_b5_exp": {**_GUIDED, "rtc.guidance": "vjp", "rtc.max_guidance_weight": 5.0, "rtc.schedule": "exp"},
     "trained": {"rtc.enabled": True, "rtc.mode": "trained"},
+    "a2c2": {"rtc.enabled": False, "correction.enabled": True},
 }
+#: methods that need something beside the checkpoint, and what
+NEEDS: dict[str, str] = {"trained": "a checkpoint trained with training-time RTC (rtc_trained_max_delay)",
+                         "a2c2": "a correction head beside the checkpoint (effvla train-correction)"}
 
 
 def setting_name(method: str, delay: int) -> str:
@@ -41,6 +48,8 @@ def setting_name(method: str, delay: int) -> str:
 def method_of(params: Mapping[str, Any]) -> str:
     """The :data:`METHODS` name of the policy parameters ``params`` (``rtc.*``, flattened, defaults applied);
     ValueError if they are no measured method."""
+    if params.get("correction.enabled"):
+        return "a2c2" if not params["rtc.enabled"] else f"a2c2 with rtc ({params['rtc.mode']})"
     if not params["rtc.enabled"]:
         return "no_rtc"
     if params["rtc.mode"] == "trained":

@@ -22,6 +22,11 @@ Timeline (control step ``k``, execution horizon ``E``, emulated inference delay 
   ``D .. 2D - 1``; where that passes the chunk's end, its last action is held (``held_steps``), as the chunk
   executor holds the last point of a chunk that ran out.
 
+With ``correction.enabled`` (A2C2, :mod:`effvla_ros.core.correction`) the action of every control step is the
+executing chunk's row plus the residual of the checkpoint's correction head, computed at that step from the
+measured joint positions, the chunk's observation state, the row (steps since the chunk's observation) and, for a
+head with camera input, the frames rendered at that step through the policy's own vision encoder.
+
 An episode ends on success (latched by the environment) or after ``max_steps`` control steps. The
 noise of every inference comes from a generator seeded by the episode seed, so every setting sees the
 same episodes and the same noise sequence (until their actions differ).
@@ -60,6 +65,7 @@ from effvla_ros.core.backends.base import StageBackend, make_backend
 from effvla_ros.core.budget import BudgetController, BudgetTable, apply_overrides, check_runnable, configure_changed
 from effvla_ros.core.chunking import FixedDelay, IssuedChunk, guidance_toward
 from effvla_ros.core.compression.compressor import TokenCompressor
+from effvla_ros.core.correction import load_corrector
 from effvla_ros.core.observation import rgb_to_tensor
 from effvla_ros.core.runner import InferenceResult, PolicyRunner, compressed_to_camera_tokens
 from effvla_ros.core.settings import BASELINE_OFF, Setting, build_settings, parse_sweep
@@ -95,19 +101,22 @@ class EvalBudget:
     budget_ms: float
     window: int = 20
     table_path: str = ""
+    margin: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.budget_ms > 0 and math.isfinite(self.budget_ms)):
             raise ValueError(f"latency budget: {self.budget_ms!r} ms must be a positive number")
         if self.window < 1:
             raise ValueError(f"latency budget window: {self.window!r} must be at least 1")
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"latency budget margin: {self.margin!r} must be in [0, 1)")
 
     def controller(self) -> BudgetController:
-        return BudgetController(self.table, self.budget_ms, window=self.window)
+        return BudgetController(self.table, self.budget_ms, window=self.window, margin=self.margin)
 
     def describe(self) -> dict[str, Any]:
         """The report's ``latency_budget``."""
-        return {"budget_ms": self.budget_ms, "table": self.table_path, "window": self.window,
+        return {"budget_ms": self.budget_ms, "table": self.table_path, "window": self.window, "margin": self.margin,
                 "entries": {e.name: {"overrides": e.overrides, "latency_ms": e.latency_ms, "deviation": e.deviation}
                             for e in self.table.entries}}
 
@@ -197,6 +206,12 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
     compressor = TokenCompressor(policy, cfg["pruning"], cfg["reuse"], count_flops=budget is None, backend=backend)
     runner = PolicyRunner(policy, inference=cfg["inference"], early_exit=cfg["early_exit"],
                           expert_reuse=cfg["expert_reuse"], rtc=cfg["rtc"], backend=compressor.backend)
+    corrector = None
+    if cfg["correction"].enabled:  # A2C2: a residual per control step from the measured joints and newest frames
+        if policy.source is None:
+            raise ValueError(f"{setting.name}: correction.enabled needs a policy loaded from a checkpoint directory")
+        corrector = load_corrector(policy.source, cfg["correction"])
+        corrector.check(h_chunk, int(arch.action_dim), list(arch.cameras))
     controller = None
     if budget is not None:
         _check_budget(budget, cfg, compressor.backend, setting.name)
@@ -215,6 +230,8 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
     cur_start = 0  # step at which cur's row 0 applies
     pending: tuple[int, InferenceResult] | None = None  # a chunk waiting out the emulated delay
     next_obs = 0
+    obs_step = -1
+    images: dict[str, Any] = {}
     stats: dict[str, list[float]] = {}
 
     def add(k: str, v: float) -> None:
@@ -243,6 +260,7 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
             cur_start, cur = pending
             pending = None
         if k == next_obs:
+            obs_step = k
             choice = None
             if controller is not None:  # this inference's entry, applied as the policy node does (what changed)
                 choice = controller.choose()
@@ -299,6 +317,18 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
         assert cur is not None
         held += k - cur_start >= h_chunk  # past the chunk's end the executor holds its last point
         action = cur.actions[min(k - cur_start, h_chunk - 1)].detach().cpu()
+        if corrector is not None:
+            visual = None
+            if corrector.needs_visual:  # the newest frames (rendered above when this step observed)
+                frames = images if k == obs_step else env.render_all()
+                with torch.no_grad():
+                    enc = policy.encode_images({c: rgb_to_tensor(frames[c]).unsqueeze(0) for c in arch.cameras})
+                visual = {c: enc.tokens[c][0] for c in arch.cameras}
+            corrected = corrector.correct(cur.actions.detach().cpu(), k - cur_start, env.joint_positions(),
+                                          cur.state if cur.state is not None else env.joint_positions(), visual)
+            add("correction_abs_arm", float((corrected - action)[:-1].abs().mean()))
+            add("correction_abs_gripper", float((corrected - action)[-1].abs()))
+            action = corrected
         env.set_joint_targets(action.numpy().astype(np.float64))
         closed = float(action[-1]) < grip_mid
         closes += closed and not was_closed

@@ -1,0 +1,104 @@
+"""``effvla train-correction``: the per-step correction head (A2C2, arXiv 2509.23224) of a checkpoint.
+
+The base policy stays frozen. It is run over demonstrations (``effvla gen-demos`` sets) with the setting it is
+deployed with (``--setting``, the ``--sweep`` grammar: by default the default compression), and a small head learns
+the demonstrator's action minus the executing chunk's row from the joint positions and camera frames of the step it
+is executed at (:mod:`effvla_ros.train.correction`). Writes ``correction_head.safetensors`` and
+``correction_head.json`` (architecture, data, held-out errors before and after) into ``--out`` (default: the
+checkpoint directory, where ``effvla eval-sim --sweep correction.enabled=true`` finds it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="the base policy's checkpoint directory")
+    parser.add_argument("--demos", action="append", required=True, metavar="DIR",
+                        help="a demonstration set of `effvla gen-demos` (repeatable)")
+    parser.add_argument("--out", default=None, help="where the head is written (default: --checkpoint)")
+    parser.add_argument("--setting", default="pruning.keep_ratio=0.5+reuse.enabled=true",
+                        help="the base policy's setting while collecting (--sweep grammar; default: the default "
+                             "compression, as config/base.yaml)")
+    parser.add_argument("--stride", type=int, default=5, help="frames between inferences (default 5: the horizon)")
+    parser.add_argument("--offsets", default="0,2", help="first inference frames, one pass each (default 0,2)")
+    parser.add_argument("--no-visual", action="store_true", help="no camera input (joint positions and chunk only)")
+    parser.add_argument("--no-state", action="store_true",
+                        help="no joint positions as input (the chunk, its row and the camera frames only)")
+    parser.add_argument("--dims", default="", help="comma-separated action dimensions to correct (default: all)")
+    parser.add_argument("--max-episodes", type=int, default=0, help="use at most this many episodes (0: all)")
+    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps (default 4000)")
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=1, help="collection processes (default 1)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for training (0: torch's default)")
+    parser.add_argument("--data", default=None, metavar="NPZ",
+                        help="cache of the collected samples: read if it exists, else written")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    import torch
+
+    from effvla_ros.core.settings import make_setting, parse_sweep
+    from effvla_ros.core.smolvla import load_policy
+    from effvla_ros.train.correction import collect, load_data, save_data, train_head
+
+    for d in args.demos:
+        if not (Path(d) / "index.json").is_file():
+            print(f"effvla train-correction: --demos {d}: no index.json (make one with `effvla gen-demos`)",
+                  file=sys.stderr)
+            return 2
+    if args.stride < 1:
+        print("effvla train-correction: --stride must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        offsets = [int(x) for x in args.offsets.split(",") if x.strip()]
+    except ValueError:
+        print(f"effvla train-correction: --offsets {args.offsets!r}: comma-separated integers", file=sys.stderr)
+        return 2
+    policy = load_policy(args.checkpoint)  # CheckpointError (a ValueError) names the file
+    items = parse_sweep([args.setting])
+    if len(items) != 1 or len(items[0]) != 1:
+        print(f"effvla train-correction: --setting {args.setting!r} must be one setting (join changes with +)",
+              file=sys.stderr)
+        return 2
+    name, changes = items[0][0]
+    setting = make_setting(name, changes, {"num_steps": policy.num_steps})
+    if args.data and Path(args.data).is_file():
+        data = load_data(args.data)
+        print(f"samples from {args.data}: {len(data)}")
+    else:
+        def progress(k: int, n: int) -> None:
+            if k % 20 == 0 or k == n:
+                print(f"  collected {k}/{n} episodes", flush=True)
+
+        data = collect(args.checkpoint, args.demos, setting, stride=args.stride, offsets=offsets,
+                       visual=not args.no_visual, max_episodes=args.max_episodes, workers=args.workers,
+                       progress=progress)
+        if args.data:
+            save_data(data, args.data)
+        print(f"collected {len(data)} samples from {len(set(data.episode.tolist()))} episodes, "
+              f"{data.chunks.shape[0]} chunks under {setting.name}")
+    if args.no_visual:  # a cache collected with frames trains a head without them too
+        data.visual = None
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    head, record = train_head(data, chunk_size=policy.arch.chunk_size, steps=args.steps, batch=args.batch, lr=args.lr,
+                              hidden=args.hidden, seed=args.seed, use_state=not args.no_state,
+                              dims=[int(d) for d in args.dims.split(",") if d.strip()], log=print)
+    head.spec.trained = {"checkpoint": str(args.checkpoint), "demos": [str(d) for d in args.demos],
+                         "setting": setting.name, "stride": args.stride, "offsets": offsets, **record}
+    out = head.save(args.out or args.checkpoint)
+    b, a = record["held_out_before"], record["held_out_after"]
+    print(f"held-out RMSE (normalized), base -> corrected: arm {b['base_rmse_arm']:.3f} -> "
+          f"{a['corrected_rmse_arm']:.3f}, gripper {b['base_rmse_gripper']:.3f} -> {a['corrected_rmse_gripper']:.3f}")
+    print(f"wrote {out}/correction_head.safetensors, correction_head.json")
+    print(json.dumps({k: v for k, v in record.items() if k != "held_out_episodes"}))
+    return 0

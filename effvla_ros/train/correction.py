@@ -1,0 +1,258 @@
+"""Training the per-step correction head (A2C2, arXiv 2509.23224; :mod:`effvla_ros.core.correction`).
+
+The base policy is frozen. :func:`collect` runs it over demonstrations as the closed loop would (the token
+compressor with the chosen setting over the frames where an inference happens, the policy runner for the chunk):
+from frame ``t0`` it plans a chunk; for each row ``j`` whose frame ``t0 + j`` exists (and is a demonstration, not a
+deliberately failed grasp) one sample is the chunk, ``j``, the joint positions at ``t0 + j`` and ``t0``, the
+newest frames' connector tokens (``t0 + j``) and, as target, the demonstrator's action at ``t0 + j`` minus the
+chunk's row ``j``. Inferences start every ``stride`` frames from each of ``offsets``, so rows past the execution
+horizon (the delay's rows) are covered too.
+
+:func:`train_head` fits the head by mean squared error on the normalized residual, holding out whole episodes; its
+record has the held-out error of the base actions (the residual zero) and of the corrected ones, per dimension
+group (arm, gripper).
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from effvla_ros.core.correction import CorrectionHead, HeadSpec
+
+
+@dataclass
+class CorrectionData:
+    """Frames of the demonstrations (F), the chunks planned from them (M) and the samples (S) pairing both."""
+
+    q: np.ndarray  # (F, A) joint positions
+    action: np.ndarray  # (F, A) the demonstrator's action
+    visual: np.ndarray | None  # (F, C, N, D) float16 connector tokens, or None
+    episode: np.ndarray  # (F,) episode number of each frame
+    chunks: np.ndarray  # (M, H, A) raw actions
+    chunk_frame: np.ndarray  # (M,) frame of each chunk's observation
+    samples: np.ndarray  # (S, 2) (chunk, row j): the sample's frame is chunk_frame + j
+    cameras: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.samples.shape[0])
+
+    @staticmethod
+    def concat(parts: Sequence[CorrectionData]) -> CorrectionData:
+        f_off = m_off = 0
+        qs, acts, vis, eps, chunks, cf, samples = [], [], [], [], [], [], []
+        for p in parts:
+            qs.append(p.q)
+            acts.append(p.action)
+            if p.visual is not None:
+                vis.append(p.visual)
+            eps.append(p.episode)
+            chunks.append(p.chunks)
+            cf.append(p.chunk_frame + f_off)
+            samples.append(p.samples + np.array([m_off, 0]))
+            f_off += p.q.shape[0]
+            m_off += p.chunks.shape[0]
+        return CorrectionData(np.concatenate(qs), np.concatenate(acts), np.concatenate(vis) if vis else None,
+                              np.concatenate(eps), np.concatenate(chunks), np.concatenate(cf),
+                              np.concatenate(samples), parts[0].cameras if parts else [])
+
+
+def _episode_data(policy: Any, arrays: dict[str, np.ndarray], episode: int, setting: Any, *, stride: int,
+                  offsets: Sequence[int], seed: int, visual: bool, backend: str = "eager") -> CorrectionData:
+    from effvla_ros.core.compression.compressor import TokenCompressor
+    from effvla_ros.core.observation import rgb_to_tensor
+    from effvla_ros.core.runner import PolicyRunner, compressed_to_camera_tokens
+
+    cams = list(policy.arch.cameras)
+    h = policy.arch.chunk_size
+    q = np.asarray(arrays["observation.state"], dtype=np.float32)
+    act = np.asarray(arrays["action"], dtype=np.float32)
+    n = q.shape[0]
+    failed = np.asarray(arrays.get("failed_grasp", np.zeros(n, bool)), dtype=bool)
+    instruction = str(arrays["task"])
+    images = {c: arrays[f"observation.images.{c}"] for c in cams}
+    vis = None
+    if visual:  # the newest frames as the head sees them: every token, no pruning
+        toks = []
+        with torch.no_grad():
+            for t in range(n):
+                enc = policy.encode_images({c: rgb_to_tensor(images[c][t]).unsqueeze(0) for c in cams})
+                toks.append(torch.stack([enc.tokens[c][0] for c in cams]).to(torch.float16).numpy())
+        vis = np.stack(toks)                                                  # (F, C, N, D)
+    cfg = setting.configs()
+    chunks: list[np.ndarray] = []
+    chunk_frame: list[int] = []
+    samples: list[tuple[int, int]] = []
+    for off in offsets:
+        comp = TokenCompressor(policy, cfg["pruning"], cfg["reuse"], count_flops=False, backend=backend)
+        runner = PolicyRunner(policy, inference=cfg["inference"], early_exit=cfg["early_exit"],
+                              expert_reuse=cfg["expert_reuse"], backend=comp.backend)
+        comp.set_instruction(instruction)
+        runner.set_instruction(instruction)
+        gen = torch.Generator().manual_seed(int(seed) * 1000 + int(off))
+        for t0 in range(int(off), n, int(stride)):
+            if failed[t0]:
+                continue
+            tokens = {c: compressed_to_camera_tokens(comp.process(c, rgb_to_tensor(images[c][t0]))) for c in cams}
+            res = runner.infer(tokens, torch.as_tensor(q[t0]), generator=gen)
+            m = len(chunks)
+            chunks.append(res.actions.detach().float().numpy())
+            chunk_frame.append(t0)
+            for j in range(h):
+                if t0 + j < n and not failed[t0 + j]:
+                    samples.append((m, j))
+    return CorrectionData(q, act, vis, np.full(n, episode, dtype=np.int64),
+                          np.asarray(chunks, dtype=np.float32).reshape(-1, h, act.shape[1]),
+                          np.asarray(chunk_frame, dtype=np.int64), np.asarray(samples, dtype=np.int64).reshape(-1, 2),
+                          cams)
+
+
+_W: dict[str, Any] = {}
+
+
+def _init(checkpoint: str, setting: Any, kw: dict[str, Any]) -> None:
+    torch.set_num_threads(1)
+    from effvla_ros.core.smolvla import load_policy
+
+    _W.update(policy=load_policy(checkpoint), setting=setting, kw=kw)
+
+
+def _job(job: tuple[str, int, int]) -> CorrectionData:
+    from effvla_ros.sim.dataset import load_episode
+
+    root, i, number = job
+    arrays = load_episode(Path(root), i)
+    return _episode_data(_W["policy"], arrays, number, _W["setting"], seed=number, **_W["kw"])
+
+
+def collect(checkpoint: str, demo_roots: Sequence[str], setting: Any, *, stride: int = 5,
+            offsets: Sequence[int] = (0, 2), visual: bool = True, max_episodes: int = 0, workers: int = 1,
+            progress: Callable[[int, int], None] | None = None) -> CorrectionData:
+    """Samples from the demonstrations in ``demo_roots`` (``effvla gen-demos`` sets) under the base policy of
+    ``checkpoint`` run with ``setting`` (a :class:`~effvla_ros.core.settings.Setting`)."""
+    from effvla_ros.sim.dataset import load_index
+
+    jobs: list[tuple[str, int, int]] = []
+    for root in demo_roots:
+        for i, _ in enumerate(load_index(Path(root))["episodes"]):
+            jobs.append((str(root), i, len(jobs)))
+    if max_episodes:
+        jobs = jobs[:max_episodes]
+    kw = {"stride": stride, "offsets": tuple(offsets), "visual": visual}
+    parts: list[CorrectionData] = []
+    if workers <= 1:
+        _init(checkpoint, setting, kw)
+        for k, j in enumerate(jobs):
+            parts.append(_job(j))
+            if progress:
+                progress(k + 1, len(jobs))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        os.environ.setdefault("MUJOCO_GL", "egl")
+        with ctx.Pool(workers, initializer=_init, initargs=(checkpoint, setting, kw)) as pool:
+            for k, p in enumerate(pool.imap(_job, jobs)):
+                parts.append(p)
+                if progress:
+                    progress(k + 1, len(jobs))
+    parts.sort(key=lambda p: int(p.episode[0]))
+    return CorrectionData.concat(parts)
+
+
+# ------------------------------------------------------------------------------------------ training
+def _batch(data: CorrectionData, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor | None, torch.Tensor]:
+    s = data.samples[idx]
+    ci, j = s[:, 0], s[:, 1]
+    f0 = data.chunk_frame[ci]
+    f = f0 + j
+    chunk = torch.from_numpy(data.chunks[ci])
+    target = torch.from_numpy(data.action[f] - data.chunks[ci, j])
+    vis = torch.from_numpy(data.visual[f].astype(np.float32)) if data.visual is not None else None
+    return (chunk, torch.from_numpy(j), torch.from_numpy(data.q[f]), torch.from_numpy(data.q[f0]), vis, target)
+
+
+def _errors(head: CorrectionHead, data: CorrectionData, idx: np.ndarray) -> dict[str, float]:
+    """Held-out RMSE (normalized units) of the base action and of the corrected one, arm and gripper."""
+    base_sq = np.zeros(head.spec.action_dim)
+    corr_sq = np.zeros(head.spec.action_dim)
+    with torch.no_grad():
+        for k in range(0, len(idx), 4096):
+            chunk, j, qn, qo, vis, target = _batch(data, idx[k:k + 4096])
+            t = target / head.std
+            r = head(chunk, j, qn, qo, vis)  # 0 on the dimensions the head leaves alone
+            base_sq += (t ** 2).sum(0).numpy()
+            corr_sq += ((t - r) ** 2).sum(0).numpy()
+    n = max(1, len(idx))
+    return {"base_rmse_arm": math.sqrt(base_sq[:-1].sum() / n / (len(base_sq) - 1)),
+            "corrected_rmse_arm": math.sqrt(corr_sq[:-1].sum() / n / (len(corr_sq) - 1)),
+            "base_rmse_gripper": math.sqrt(base_sq[-1] / n), "corrected_rmse_gripper": math.sqrt(corr_sq[-1] / n)}
+
+
+def train_head(data: CorrectionData, *, chunk_size: int, steps: int = 4000, batch: int = 512, lr: float = 1e-3,
+               hidden: int = 256, layers: int = 3, visual_width: int = 8, use_state: bool = True,
+               dims: Sequence[int] = (), val_fraction: float = 0.1, seed: int = 0,
+               log: Callable[[str], None] | None = None) -> tuple[CorrectionHead, dict[str, Any]]:
+    """Fit a head to ``data``; returns it and the training record (held-out errors before and after)."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    a = data.action.shape[1]
+    eps = np.unique(data.episode)
+    val_eps = set(rng.choice(eps, size=max(1, int(round(len(eps) * val_fraction))), replace=False).tolist())
+    sample_ep = data.episode[data.chunk_frame[data.samples[:, 0]]]
+    val = np.flatnonzero(np.isin(sample_ep, list(val_eps)))
+    tr = np.flatnonzero(~np.isin(sample_ep, list(val_eps)))
+    vis_shape = data.visual.shape[1:] if data.visual is not None else (0, 0, 0)
+    spec = HeadSpec(action_dim=a, chunk_size=chunk_size, hidden=hidden, layers=layers,
+                    cameras=list(data.cameras) if data.visual is not None else [],
+                    visual_tokens=int(vis_shape[1]), visual_dim=int(vis_shape[2]), visual_width=visual_width,
+                    use_state=use_state, dims=[int(d) for d in dims])
+    head = CorrectionHead(spec)
+    train_frames = np.isin(data.episode, [e for e in eps if e not in val_eps])
+    head.mean.copy_(torch.from_numpy(data.action[train_frames].mean(0)))
+    head.std.copy_(torch.from_numpy(np.maximum(data.action[train_frames].std(0), 1e-3)))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    before = _errors(head, data, val)
+    t0 = time.perf_counter()
+    head.train()
+    for step in range(steps):
+        idx = rng.choice(tr, size=min(batch, len(tr)), replace=False)
+        chunk, j, qn, qo, vis, target = _batch(data, idx)
+        loss = torch.nn.functional.mse_loss(head(chunk, j, qn, qo, vis), target / head.std * head.mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if log and (step % 500 == 0 or step == steps - 1):
+            log(f"step {step}: loss {float(loss):.4f}")
+    head.eval()
+    after = _errors(head, data, val)
+    record = {"samples": int(len(tr)), "held_out_samples": int(len(val)), "episodes": int(len(eps)),
+              "held_out_episodes": sorted(int(e) for e in val_eps), "steps": steps, "batch": batch, "lr": lr,
+              "train_s": time.perf_counter() - t0, "held_out_before": before, "held_out_after": after}
+    return head, record
+
+
+def save_data(data: CorrectionData, path: str | Path) -> None:
+    np.savez(path, q=data.q, action=data.action, visual=data.visual if data.visual is not None else np.zeros(0),
+             episode=data.episode, chunks=data.chunks, chunk_frame=data.chunk_frame, samples=data.samples,
+             cameras=np.asarray(data.cameras))
+
+
+def load_data(path: str | Path) -> CorrectionData:
+    with np.load(path) as z:
+        vis = z["visual"]
+        return CorrectionData(z["q"], z["action"], vis if vis.size else None, z["episode"], z["chunks"],
+                              z["chunk_frame"], z["samples"], [str(c) for c in z["cameras"]])
+
+
+__all__ = ["CorrectionData", "collect", "load_data", "save_data", "train_head"]

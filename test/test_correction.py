@@ -1,0 +1,180 @@
+"""Per-step chunk correction (A2C2, arXiv 2509.23224): the head against its definition, its files and refusals,
+training on a residual it can learn, collection from real demonstrations, and eval-sim applying it per step."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from effvla_ros.core.correction import (
+    HEAD_META,
+    ChunkCorrector,
+    CorrectionConfig,
+    CorrectionHead,
+    HeadSpec,
+    load_corrector,
+)
+from effvla_ros.core.settings import make_setting
+from effvla_ros.train.correction import CorrectionData, collect, load_data, save_data, train_head
+
+CKPT = Path(__file__).resolve().parents[1] / "effvla_ros" / "assets" / "so101_pickplace_pruned"
+
+
+def _head(visual: bool = False, **kw) -> CorrectionHead:  # type: ignore[no-untyped-def]
+    spec = HeadSpec(action_dim=6, chunk_size=10, hidden=32, layers=2,
+                    cameras=["scene", "wrist"] if visual else [], visual_tokens=4 if visual else 0,
+                    visual_dim=8 if visual else 0, **kw)
+    return CorrectionHead(spec)
+
+
+def test_a_new_head_returns_the_base_action_and_rows_past_the_end_hold_the_last():
+    g = torch.Generator().manual_seed(0)
+    chunk = torch.randn(10, 6, generator=g)
+    c = ChunkCorrector(_head(visual=True))
+    vis = {cam: torch.randn(4, 8, generator=g) for cam in ("scene", "wrist")}
+    for row in (0, 3, 9):
+        assert torch.equal(c.correct(chunk, row, np.zeros(6), np.ones(6), vis), chunk[row])
+    assert torch.equal(c.correct(chunk, 14, np.zeros(6), np.ones(6), vis), chunk[9])  # held past the end
+    with pytest.raises(ValueError, match="camera frames"):
+        c.correct(chunk, 0, np.zeros(6), np.zeros(6), None)
+
+
+def test_residual_scale_cap_and_a_non_finite_head_leaves_the_base_action():
+    head = _head()
+    head.std.copy_(torch.full((6,), 0.5))
+    with torch.no_grad():
+        head.out.bias.copy_(torch.tensor([1.0, -2.0, 5.0, 0.0, 0.0, 0.1]))
+    chunk = torch.zeros(10, 6)
+    q = np.zeros(6)
+    out = ChunkCorrector(head, CorrectionConfig(enabled=True, scale=1.0, max_correction=3.0)).correct(chunk, 2, q, q)
+    assert torch.allclose(out, torch.tensor([0.5, -1.0, 1.5, 0.0, 0.0, 0.05]))  # 5 capped at 3 std = 1.5
+    half = ChunkCorrector(head, CorrectionConfig(enabled=True, scale=0.5)).correct(chunk, 2, q, q)
+    assert torch.allclose(half, torch.tensor([0.25, -0.5, 1.25, 0.0, 0.0, 0.025]))
+    off = ChunkCorrector(head, CorrectionConfig(enabled=False)).correct(chunk, 2, q, q)
+    assert torch.equal(off, chunk[2])
+    with torch.no_grad():
+        head.out.bias[0] = float("nan")
+    assert torch.equal(ChunkCorrector(head).correct(chunk, 2, q, q), chunk[2])
+    with pytest.raises(ValueError, match="max_correction"):
+        CorrectionConfig(max_correction=-1.0)
+
+
+def test_files_round_trip_and_refusals(tmp_path):
+    head = _head(visual=True)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    head.save(tmp_path)
+    back = CorrectionHead.load(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    chunk, vis = torch.randn(10, 6, generator=g), {c: torch.randn(4, 8, generator=g) for c in ("scene", "wrist")}
+    a = ChunkCorrector(head).correct(chunk, 3, np.ones(6), np.zeros(6), vis)
+    b = load_corrector(tmp_path, CorrectionConfig(enabled=True)).correct(chunk, 3, np.ones(6), np.zeros(6), vis)
+    assert torch.equal(a, b) and not torch.equal(a, chunk[3])
+    with pytest.raises(ValueError, match="trained for chunks of 10 x 6"):
+        ChunkCorrector(back).check(20, 6)
+    with pytest.raises(ValueError, match="cameras"):
+        ChunkCorrector(back).check(10, 6, ["front"])
+    with pytest.raises(ValueError, match=HEAD_META):
+        CorrectionHead.load(tmp_path / "missing")
+    meta = json.loads((tmp_path / HEAD_META).read_text())
+    meta["hidden"] = 64
+    (tmp_path / HEAD_META).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not match"):
+        CorrectionHead.load(tmp_path)
+
+
+def _synthetic(n_eps: int = 40, t: int = 30, seed: int = 0) -> CorrectionData:
+    """Chunks whose rows drift from where the arm really is; the demonstrator's action pulls half the way back
+    toward the measured joints: target residual = 0.5 * (q_now - base[j])."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(n_eps * t, 6)).astype(np.float32)
+    chunks, cf, samples = [], [], []
+    action = np.zeros_like(q)
+    for e in range(n_eps):
+        for t0 in range(0, t - 10, 5):
+            f0 = e * t + t0
+            chunk = (q[f0] + rng.normal(scale=0.5, size=(10, 6))).astype(np.float32)
+            for j in range(10):
+                samples.append((len(chunks), j))
+            chunks.append(chunk)
+            cf.append(f0)
+    for ci, j in samples:  # the action the demonstrator takes where the chunk's row j is executed
+        f = cf[ci] + j
+        action[f] = chunks[ci][j] + 0.5 * (q[f] - chunks[ci][j])
+    # one frame is labelled once per chunk covering it: keep the last label, and the samples that agree with it
+    keep = [(ci, j) for ci, j in samples if np.allclose(action[cf[ci] + j], chunks[ci][j] + 0.5 * (q[cf[ci] + j] - chunks[ci][j]))]
+    return CorrectionData(q, action, None, np.repeat(np.arange(n_eps), t), np.asarray(chunks), np.asarray(cf),
+                          np.asarray(keep, dtype=np.int64), [])
+
+
+def test_training_learns_a_residual_from_the_measured_joints(tmp_path):
+    data = _synthetic()
+    save_data(data, tmp_path / "d.npz")
+    back = load_data(tmp_path / "d.npz")
+    assert len(back) == len(data) and back.visual is None
+    head, rec = train_head(back, chunk_size=10, steps=600, batch=256, lr=3e-3, hidden=64, seed=0)
+    before, after = rec["held_out_before"], rec["held_out_after"]
+    assert after["corrected_rmse_arm"] < 0.35 * before["base_rmse_arm"]  # held-out episodes
+    assert rec["held_out_samples"] > 0 and rec["samples"] > rec["held_out_samples"]
+
+
+def test_collect_runs_the_base_policy_over_real_demonstrations(tmp_path):
+    from effvla_ros.sim import dataset as sim_dataset
+
+    demos = tmp_path / "demos"
+    sim_dataset.generate(demos, 1, image_size=64, seed=7, max_steps=40, keep_failed=True)
+    setting = make_setting("pruning.keep_ratio=0.5", {"pruning.keep_ratio": 0.5}, {"num_steps": 2})
+    data = collect(str(CKPT), [str(demos)], setting, stride=5, offsets=(0,), visual=True)
+    n = data.q.shape[0]
+    assert data.visual is not None and data.visual.shape[:2] == (n, 2) and data.cameras == ["scene", "wrist"]
+    assert data.chunks.shape[1:] == (10, 6) and data.chunk_frame.tolist() == list(range(0, n, 5))
+    f = data.chunk_frame[data.samples[:, 0]] + data.samples[:, 1]
+    assert f.max() < n and len(data) == sum(min(10, n - t0) for t0 in range(0, n, 5))
+    ep = sim_dataset.load_episode(demos, 0)
+    assert np.array_equal(data.action, ep["action"]) and np.array_equal(data.q, ep["observation.state"])
+
+
+def test_eval_sim_applies_the_head_at_every_step(tmp_path, capsys):
+    from effvla_ros.commands import eval_sim
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(CKPT, ckpt, ignore=shutil.ignore_patterns("eval_*.json", "train_log*.json"))
+    from effvla_ros.core.smolvla import load_policy
+
+    arch = load_policy(ckpt).arch
+    enc = load_policy(ckpt).encode_images({c: torch.zeros(1, 3, 64, 64) for c in arch.cameras})
+    n, d = enc.tokens[arch.cameras[0]].shape[1:]
+    head = CorrectionHead(HeadSpec(action_dim=6, chunk_size=arch.chunk_size, hidden=16, layers=2,
+                                   cameras=list(arch.cameras), visual_tokens=int(n), visual_dim=int(d)))
+    with torch.no_grad():
+        head.std.copy_(torch.full((6,), 0.1))
+        head.out.bias.copy_(torch.tensor([0.5, 0.0, 0.0, 0.0, 0.0, 0.0]))  # +0.05 rad on the first joint
+    head.save(ckpt)
+    p = argparse.ArgumentParser()
+    eval_sim.add_arguments(p)
+    out = tmp_path / "r.json"
+    args = p.parse_args(["--checkpoint", str(ckpt), "--episodes", "1", "--max-steps", "6", "--quiet", "--threads", "1",
+                         "--sweep", "correction.enabled=true", "--sweep", "correction.scale=0.5+delay_steps=2",
+                         "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        assert eval_sim.run(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rep = {s["name"]: s for s in json.loads(out.read_text())["settings"]}
+    per = {name: s["episode_results"][0]["per_inference"] for name, s in rep.items()}
+    assert "correction_abs_arm" not in per["baseline"]
+    assert per["correction.enabled=true"]["correction_abs_arm"] == pytest.approx(0.05 / 5, rel=1e-4)  # mean of 5
+    assert per["correction.scale=0.5+delay_steps=2"]["correction_abs_arm"] == pytest.approx(0.025 / 5, rel=1e-4)
+    assert per["correction.enabled=true"]["correction_abs_gripper"] == 0.0
+    # a checkpoint without a head is refused, naming the file
+    args = p.parse_args(["--checkpoint", str(CKPT.parent / "so101_pickplace"), "--episodes", "1", "--max-steps", "2", "--quiet", "--threads", "1",
+                         "--sweep", "correction.enabled=true"])
+    assert eval_sim.run(args) == 2
+    assert "no correction head" in capsys.readouterr().err
