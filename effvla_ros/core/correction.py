@@ -239,6 +239,16 @@ class ChunkCorrector:
         return base + r
 
 
+@torch.no_grad()
+def encode_frames(policy: Any, frames: Mapping[str, Any]) -> dict[str, Tensor]:
+    """What a head with camera input sees of RGB ``frames`` (camera -> HxWx3 uint8): each through the policy's own
+    vision encoder and connector, every token, no pruning (camera -> (N, D)). Training and eval-sim both call this."""
+    from effvla_ros.core.observation import rgb_to_tensor
+
+    enc = policy.encode_images({c: rgb_to_tensor(f).unsqueeze(0) for c, f in frames.items()})
+    return {c: enc.tokens[c][0] for c in frames}
+
+
 _LOADED: dict[str, CorrectionHead] = {}
 
 
@@ -251,4 +261,4 @@ def load_corrector(directory: str | Path, cfg: CorrectionConfig) -> ChunkCorrect
 
 
 __all__ = ["HEAD_META", "HEAD_WEIGHTS", "ChunkCorrector", "CorrectionConfig", "CorrectionHead", "HeadSpec",
-           "load_corrector"]
+           "encode_frames", "load_corrector"]

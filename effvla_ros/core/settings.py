@@ -112,7 +112,7 @@ class Setting:
     inference: InferenceConfig
     execution: ExecConfig
     implied: list[str] = field(default_factory=list)  # "group.switch=value" turned on by the changes
-    correction: CorrectionConfig = field(default_factory=CorrectionConfig)  # per-step correction (eval-sim, executor)
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)  # per-step correction (eval-sim only so far)
 
     @property
     def is_baseline(self) -> bool:

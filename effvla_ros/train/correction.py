@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from effvla_ros.core.correction import CorrectionHead, HeadSpec
+from effvla_ros.core.correction import CorrectionHead, HeadSpec, encode_frames
 
 
 @dataclass
@@ -80,12 +79,11 @@ def _episode_data(policy: Any, arrays: dict[str, np.ndarray], episode: int, sett
     instruction = str(arrays["task"])
     images = {c: arrays[f"observation.images.{c}"] for c in cams}
     vis = None
-    if visual:  # the newest frames as the head sees them: every token, no pruning
+    if visual:  # the newest frames as the head sees them (encode_frames, as eval-sim)
         toks = []
-        with torch.no_grad():
-            for t in range(n):
-                enc = policy.encode_images({c: rgb_to_tensor(images[c][t]).unsqueeze(0) for c in cams})
-                toks.append(torch.stack([enc.tokens[c][0] for c in cams]).to(torch.float16).numpy())
+        for t in range(n):
+            tok = encode_frames(policy, {c: images[c][t] for c in cams})
+            toks.append(torch.stack([tok[c] for c in cams]).to(torch.float16).numpy())
         vis = np.stack(toks)                                                  # (F, C, N, D)
     cfg = setting.configs()
     chunks: list[np.ndarray] = []
@@ -156,14 +154,12 @@ def collect(checkpoint: str, demo_roots: Sequence[str], setting: Any, *, stride:
                 progress(k + 1, len(jobs))
     else:
         ctx = multiprocessing.get_context("spawn")
-        os.environ.setdefault("MUJOCO_GL", "egl")
         with ctx.Pool(workers, initializer=_init, initargs=(checkpoint, setting, kw)) as pool:
             for k, p in enumerate(pool.imap(_job, jobs)):
                 parts.append(p)
                 if progress:
                     progress(k + 1, len(jobs))
-    parts.sort(key=lambda p: int(p.episode[0]))
-    return CorrectionData.concat(parts)
+    return CorrectionData.concat(parts)  # in job order (imap keeps it)
 
 
 # ------------------------------------------------------------------------------------------ training

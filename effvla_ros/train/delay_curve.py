@@ -36,9 +36,6 @@ METHODS: dict[str, dict[str, Any]] = {
     "trained": {"rtc.enabled": True, "rtc.mode": "trained"},
     "a2c2": {"rtc.enabled": False, "correction.enabled": True},
 }
-#: methods that need something beside the checkpoint, and what
-NEEDS: dict[str, str] = {"trained": "a checkpoint trained with training-time RTC (rtc_trained_max_delay)",
-                         "a2c2": "a correction head beside the checkpoint (effvla train-correction)"}
 
 
 def setting_name(method: str, delay: int) -> str:

@@ -65,7 +65,7 @@ from effvla_ros.core.backends.base import StageBackend, make_backend
 from effvla_ros.core.budget import BudgetController, BudgetTable, apply_overrides, check_runnable, configure_changed
 from effvla_ros.core.chunking import FixedDelay, IssuedChunk, guidance_toward
 from effvla_ros.core.compression.compressor import TokenCompressor
-from effvla_ros.core.correction import load_corrector
+from effvla_ros.core.correction import encode_frames, load_corrector
 from effvla_ros.core.observation import rgb_to_tensor
 from effvla_ros.core.runner import InferenceResult, PolicyRunner, compressed_to_camera_tokens
 from effvla_ros.core.settings import BASELINE_OFF, Setting, build_settings, parse_sweep
@@ -321,9 +321,7 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
             visual = None
             if corrector.needs_visual:  # the newest frames (rendered above when this step observed)
                 frames = images if k == obs_step else env.render_all()
-                with torch.no_grad():
-                    enc = policy.encode_images({c: rgb_to_tensor(frames[c]).unsqueeze(0) for c in arch.cameras})
-                visual = {c: enc.tokens[c][0] for c in arch.cameras}
+                visual = encode_frames(policy, {c: frames[c] for c in arch.cameras})
             corrected = corrector.correct(cur.actions.detach().cpu(), k - cur_start, env.joint_positions(),
                                           cur.state if cur.state is not None else env.joint_positions(), visual)
             add("correction_abs_arm", float((corrected - action)[:-1].abs().mean()))
