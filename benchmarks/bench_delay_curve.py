@@ -30,6 +30,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 from effvla_ros.core.correction import HEAD_META  # noqa: E402
 from effvla_ros.train.delay_curve import (  # noqa: E402
+    A2C2_LAG,
     COMPRESSION,
     METHODS,
     curve_of,
@@ -102,6 +103,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="report (merged into); default <checkpoint>/eval_delay_curve.json")
     ap.add_argument("--plot", default=None, help="PNG of success vs delay (e.g. docs/delay_curve.png)")
     ap.add_argument("--plot-only", action="store_true", help="draw --plot from --out without running")
+    ap.add_argument("--correction-lag", type=int, default=A2C2_LAG,
+                    help=f"a2c2: the observation lag of each step's correction (default {A2C2_LAG}: the graph's)")
     ap.add_argument("--compare", action="append", default=[], metavar="REPORT",
                     help="also draw this report's curve (another checkpoint's), dashed")
     args = ap.parse_args()
@@ -134,7 +137,9 @@ def main() -> int:
         print(f"bench_delay_curve: {args.checkpoint} has no correction head: 'a2c2' skipped")
         methods.remove("a2c2")
     delays = [int(d) for d in args.delays.split(",")]
-    settings = [make_setting(setting_name(m, d), {**COMPRESSION, **METHODS[m], "exec.delay_steps": d})
+    lag = {"exec.correction_lag": args.correction_lag}
+    settings = [make_setting(setting_name(m, d), {**COMPRESSION, **METHODS[m], "exec.delay_steps": d,
+                                                  **(lag if METHODS[m].get("correction.enabled") else {})})
                 for m in methods for d in delays]
     seeds = list(range(args.seed, args.seed + args.episodes))
     t0 = time.perf_counter()

@@ -13,6 +13,8 @@ Topic layout (names relative to the namespace unless absolute)::
     instruction ────────────► token_compressor, policy                    ▲                     │
     joint_states ───────────► policy, chunk_executor                      └─ execution_feedback ┘
     chunk_executor ─► /<controller>/joint_trajectory (ros2_control joint_trajectory_controller)
+    camera/<cam>/image_raw, joint_states, action_chunk, execution_feedback ─► chunk_corrector
+        ─► action_correction ─► chunk_executor       (per-step A2C2 corrections; idle unless correction.enabled)
 
 With ``sim=True`` the SO-101 MuJoCo bridge provides the cameras, joint states, instruction and the
 controller; otherwise the robot's drivers and ros2_control do.
@@ -183,7 +185,13 @@ def describe_graph(
         NodeSpec(
             "chunk_executor", "chunk_executor", "effvla_ros.nodes.chunk_executor", "ChunkExecutorNode",
             remappings=(("~/action_chunk", "action_chunk"), ("~/feedback", "execution_feedback"),
+                        ("~/action_correction", "action_correction"),
                         ("~/joint_trajectory", f"/{controller}/joint_trajectory")),
+        ),
+        NodeSpec(  # idle unless correction.enabled (its parameter files say)
+            "chunk_corrector", "chunk_corrector", "effvla_ros.nodes.chunk_corrector", "ChunkCorrectorNode",
+            remappings=(("~/action_chunk", "action_chunk"), ("~/execution_feedback", "execution_feedback"),
+                        ("~/action_correction", "action_correction")),
         ),
     ]
     if sim:

@@ -40,10 +40,12 @@ def generate() -> str:
     from effvla_ros.core.budget import BudgetConfig
     from effvla_ros.core.compression.compressor import ReuseConfig
     from effvla_ros.core.compression.pruning import PruningConfig
+    from effvla_ros.core.correction import CorrectionConfig
     from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuseConfig
     from effvla_ros.core.executor.config import ExecutorConfig
     from effvla_ros.core.rtc import RTCConfig
     from effvla_ros.core.runner import InferenceConfig
+    from effvla_ros.nodes.chunk_corrector import CorrectorNodeConfig
     from effvla_ros.nodes.chunk_executor import ChunkExecutorNodeConfig
     from effvla_ros.nodes.policy import PolicyNodeConfig
     from effvla_ros.nodes.token_compressor import CompressorNodeConfig
@@ -56,6 +58,8 @@ def generate() -> str:
             table("expert feature reuse", ExpertReuseConfig, "expert_reuse."),
             table("latency budget", BudgetConfig)]
     out += ["### chunk_executor", "", table("node", ChunkExecutorNodeConfig), table("executor core", ExecutorConfig)]
+    out += ["### chunk_corrector", "", table("node", CorrectorNodeConfig),
+            table("per-step correction (A2C2)", CorrectionConfig, "correction.")]
     try:
         from effvla_ros.nodes.sim_bridge import SimBridgeConfig  # type: ignore[attr-defined]
 

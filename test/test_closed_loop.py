@@ -35,9 +35,11 @@ def test_closed_loop_episode_moves_the_simulated_arm(ckpt: Path, tmp_path: Path)
         # to follow them (config/sim.yaml raises them for the bundled policy's step targets)
         "/**/chunk_executor:\n  ros__parameters:\n    watchdog_timeout: 3.0\n"
         "    velocity_limits: [3.0, 3.0, 3.0, 3.0, 3.0, 6.0]\n    acceleration_limits: [20.0, 20.0, 20.0, 20.0, 20.0, 40.0]\n"
-        "/**/policy:\n  ros__parameters:\n    max_observation_age_s: 5.0\n")
+        "/**/policy:\n  ros__parameters:\n    max_observation_age_s: 5.0\n"
+        # a tiny random checkpoint has no per-step correction head (config/sim.yaml turns it on for the bundled one)
+        "/**/chunk_corrector:\n  ros__parameters:\n    correction:\n      enabled: false\n")
     graph = describe_graph("x86_cpu", sim=True, checkpoint=str(ckpt), params_file=params)
-    assert [n.name for n in graph.nodes] == ["sim_bridge", "token_compressor", "policy", "chunk_executor"]
+    assert [n.name for n in graph.nodes] == ["sim_bridge", "token_compressor", "policy", "chunk_executor", "chunk_corrector"]
     b = Bringup(graph, log_level="error")
     b.start()
     trajs: list[JointTrajectory] = []

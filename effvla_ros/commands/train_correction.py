@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-state", action="store_true",
                         help="no joint positions as input (the chunk, its row and the camera frames only)")
     parser.add_argument("--dims", default="", help="comma-separated action dimensions to correct (default: all)")
+    parser.add_argument("--max-lag", type=int, default=0,
+                        help="train on joints and frames 0..N steps older than the corrected row, the lag given to "
+                             "the head (the graph commits a row before it runs: chunk_corrector; default 0)")
+    parser.add_argument("--min-lag", type=int, default=0, help="smallest lag trained on (default 0)")
     parser.add_argument("--max-episodes", type=int, default=0, help="use at most this many episodes (0: all)")
     parser.add_argument("--steps", type=int, default=4000, help="optimizer steps (default 4000)")
     parser.add_argument("--batch", type=int, default=512)
@@ -92,13 +96,17 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     head, record = train_head(data, chunk_size=policy.arch.chunk_size, steps=args.steps, batch=args.batch, lr=args.lr,
                               hidden=args.hidden, seed=args.seed, use_state=not args.no_state,
-                              dims=[int(d) for d in args.dims.split(",") if d.strip()], log=print)
+                              dims=[int(d) for d in args.dims.split(",") if d.strip()], max_lag=args.max_lag,
+                              min_lag=args.min_lag,
+                              log=print)
     head.spec.trained = {"checkpoint": str(args.checkpoint), "demos": [str(d) for d in args.demos],
                          "setting": setting.name, "stride": args.stride, "offsets": offsets, **record}
     out = head.save(args.out or args.checkpoint)
-    b, a = record["held_out_before"], record["held_out_after"]
-    print(f"held-out RMSE (normalized), base -> corrected: arm {b['base_rmse_arm']:.3f} -> "
-          f"{a['corrected_rmse_arm']:.3f}, gripper {b['base_rmse_gripper']:.3f} -> {a['corrected_rmse_gripper']:.3f}")
+    for lag, r in record["held_out_by_lag"].items():
+        b, a = r["before"], r["after"]
+        print(f"held-out RMSE (normalized) at lag {lag}, base -> corrected: arm {b['base_rmse_arm']:.3f} -> "
+              f"{a['corrected_rmse_arm']:.3f}, gripper {b['base_rmse_gripper']:.3f} -> "
+              f"{a['corrected_rmse_gripper']:.3f}")
     print(f"wrote {out}/correction_head.safetensors, correction_head.json")
     print(json.dumps({k: v for k, v in record.items() if k != "held_out_episodes"}))
     return 0

@@ -23,9 +23,11 @@ head's own statistics (mean / std of the demonstrations' actions, which also nor
 are joint angles), stored with it.
 
 Files (beside a checkpoint, or anywhere): ``correction_head.safetensors`` (weights and statistics) and
-``correction_head.json`` (the architecture and how it was trained). No ROS here: eval-sim applies it per step. No
-node applies it yet; in the graph it needs the newest frames and the measured joints at every control step (the
-policy node has both), and its residual must reach the chunk executor before that step is committed.
+``correction_head.json`` (the architecture and how it was trained). No ROS here: eval-sim applies it per step; in the
+graph the ``chunk_corrector`` node runs it on every new frame set for the rows of the executing chunk that are not
+yet committed and the chunk executor adds the residuals (``effvla_ros/ActionCorrection``). A row is committed before
+it runs, so there its residual comes from an observation a step or more older than the row (eval-sim's
+``exec.correction_lag`` emulates that; the executor reports the age it measured).
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ class HeadSpec:
     visual_dim: int = 0  # the connector's width
     visual_width: int = 8  # per token after the projection
     use_state: bool = True  # the measured joint positions (now and at the chunk's observation) as inputs
+    max_lag: int = 0  # > 0: trained on observations 0..max_lag steps older than the corrected row, told which
     dims: list[int] = field(default_factory=list)  # the action dimensions corrected (empty: all); others pass
     trained: dict[str, Any] = field(default_factory=dict)  # how (for the record)
 
@@ -85,6 +88,8 @@ class HeadSpec:
         n = a + h * a + (h + 1) + 1 + (3 * a if self.use_state else 0)
         if self.visual:
             n += len(self.cameras) * self.visual_tokens * self.visual_width
+        if self.max_lag > 0:
+            n += self.max_lag + 1  # the lag one-hot
         return n
 
     def validate(self) -> None:
@@ -93,6 +98,8 @@ class HeadSpec:
                 raise ValueError(f"correction head: {name} {getattr(self, name)!r} must be at least 1")
         if self.visual and (self.visual_tokens < 1 or self.visual_dim < 1 or self.visual_width < 1):
             raise ValueError("correction head: cameras given without visual_tokens / visual_dim / visual_width")
+        if int(self.max_lag) < 0:
+            raise ValueError(f"correction head: max_lag {self.max_lag} must be >= 0")
         if any(not 0 <= int(d) < self.action_dim for d in self.dims):
             raise ValueError(f"correction head: dims {self.dims} must lie in 0..{self.action_dim - 1}")
 
@@ -129,9 +136,10 @@ class CorrectionHead(nn.Module):
         return (x - self.mean) / self.std
 
     def features(self, chunk: Tensor, index: Tensor, q_now: Tensor, q_obs: Tensor,
-                 visual: Tensor | None = None) -> Tensor:
+                 visual: Tensor | None = None, lag: Tensor | None = None) -> Tensor:
         """chunk (B, H, A) raw actions; index (B,) long rows (>= H: past the end); q_now, q_obs (B, A) raw joint
-        positions; visual (B, C, N, D) connector tokens of the newest frames. Returns (B, F)."""
+        positions; visual (B, C, N, D) connector tokens of the newest frames; lag (B,) long: how many steps older
+        than the row ``q_now`` and ``visual`` are (heads with ``max_lag``; None: 0). Returns (B, F)."""
         h = self.spec.chunk_size
         b = chunk.shape[0]
         row = index.clamp(0, h - 1)
@@ -147,12 +155,16 @@ class CorrectionHead(nn.Module):
             if visual is None:
                 raise ValueError("correction head: this head takes the newest camera frames (visual)")
             parts.append(self.vis_proj(visual).flatten(1))                  # (B, C * N * W)
+        if self.spec.max_lag > 0:
+            lag = torch.zeros_like(index) if lag is None else lag
+            parts.append(torch.nn.functional.one_hot(lag.clamp(0, self.spec.max_lag),
+                                                     self.spec.max_lag + 1).to(cn.dtype))  # (B, L + 1)
         return torch.cat(parts, dim=1)
 
     def forward(self, chunk: Tensor, index: Tensor, q_now: Tensor, q_obs: Tensor,
-                visual: Tensor | None = None) -> Tensor:
+                visual: Tensor | None = None, lag: Tensor | None = None) -> Tensor:
         """The residual in normalized units (B, A)."""
-        return self.out(self.body(self.features(chunk, index, q_now, q_obs, visual))) * self.mask
+        return self.out(self.body(self.features(chunk, index, q_now, q_obs, visual, lag))) * self.mask
 
     # ------------------------------------------------------------------------------------------ files
     def save(self, directory: str | Path) -> Path:
@@ -208,9 +220,10 @@ class ChunkCorrector:
 
     @torch.no_grad()
     def residual(self, chunk: Tensor, row: int, q_now: Any, q_obs: Any,
-                 visual: Mapping[str, Tensor] | None = None) -> Tensor:
+                 visual: Mapping[str, Tensor] | None = None, lag: int = 0) -> Tensor:
         """The raw residual (A,) for the action at ``row`` of ``chunk`` (H, A), joint positions now and at the
-        chunk's observation; ``visual``: camera -> connector tokens (N, D) or (1, N, D) of the newest frames."""
+        chunk's observation; ``visual``: camera -> connector tokens (N, D) or (1, N, D) of the newest frames;
+        ``lag``: how many steps before ``row``'s step those were observed."""
         h = self.head
         chunk = torch.as_tensor(chunk, dtype=torch.float32).reshape(1, h.spec.chunk_size, h.spec.action_dim)
         qn = torch.as_tensor(np.asarray(q_now, dtype=np.float32)).reshape(1, -1)
@@ -221,19 +234,49 @@ class ChunkCorrector:
                 raise ValueError("correction head: needs the newest camera frames")
             vis = torch.stack([visual[c].float().reshape(h.spec.visual_tokens, h.spec.visual_dim)
                                for c in h.spec.cameras]).unsqueeze(0)       # (1, C, N, D)
-        r = h(chunk, torch.tensor([int(row)]), qn, qo, vis)[0]              # (A,) normalized
+        r = h(chunk, torch.tensor([int(row)]), qn, qo, vis, torch.tensor([int(lag)]))[0]  # (A,) normalized
         cap = float(self.cfg.max_correction)
         r = (float(self.cfg.scale) * r).clamp(-cap, cap)
         return r * h.std
 
+    @torch.no_grad()
+    def row_residuals(self, chunk: Tensor, first: int, q_now: Any, q_obs: Any,
+                      visual: Mapping[str, Tensor] | None = None, obs_row: int | None = None) -> Tensor | None:
+        """The raw residuals (R, A) of rows ``first .. H - 1`` of ``chunk`` (H, A), all from one observation (the
+        chunk_corrector node's call: the executor uses each row's newest residual when it commits that row), made
+        at the chunk's row ``obs_row`` (None: ``first``; row i's lag is ``i - obs_row``); None when the head gives a
+        non-finite value (nothing is corrected then)."""
+        h = self.head
+        hs, a = h.spec.chunk_size, h.spec.action_dim
+        rows = torch.arange(int(first), hs)
+        if rows.numel() == 0:
+            return torch.zeros(0, a)
+        n = int(rows.numel())
+        chunk = torch.as_tensor(chunk, dtype=torch.float32).reshape(1, hs, a).expand(n, hs, a)
+        qn = torch.as_tensor(np.asarray(q_now, dtype=np.float32)).reshape(1, -1).expand(n, -1)
+        qo = torch.as_tensor(np.asarray(q_obs, dtype=np.float32)).reshape(1, -1).expand(n, -1)
+        vis = None
+        if h.spec.visual:
+            if visual is None:
+                raise ValueError("correction head: needs the newest camera frames")
+            vis = torch.stack([visual[c].float().reshape(h.spec.visual_tokens, h.spec.visual_dim)
+                               for c in h.spec.cameras]).unsqueeze(0).expand(n, -1, -1, -1)  # (R, C, N, D)
+        if not self.cfg.enabled or self.cfg.scale == 0.0:
+            return torch.zeros(n, a)
+        lag = (rows - (int(first) if obs_row is None else int(obs_row))).clamp(min=0)
+        r = h(chunk, rows, qn, qo, vis, lag)                                # (R, A) normalized
+        cap = float(self.cfg.max_correction)
+        r = (float(self.cfg.scale) * r).clamp(-cap, cap) * h.std
+        return r if bool(torch.isfinite(r).all()) else None
+
     def correct(self, chunk: Tensor, row: int, q_now: Any, q_obs: Any,
-                visual: Mapping[str, Tensor] | None = None) -> Tensor:
+                visual: Mapping[str, Tensor] | None = None, lag: int = 0) -> Tensor:
         """The corrected raw action for this step: ``chunk[min(row, H - 1)]`` + :meth:`residual`."""
         chunk = torch.as_tensor(chunk, dtype=torch.float32)
         base = chunk[min(int(row), chunk.shape[0] - 1)]
         if not self.cfg.enabled or self.cfg.scale == 0.0:
             return base.clone()
-        r = self.residual(chunk, row, q_now, q_obs, visual)
+        r = self.residual(chunk, row, q_now, q_obs, visual, lag)
         if not bool(torch.isfinite(r).all()):  # never let a bad head move the arm: the base action stands
             return base.clone()
         return base + r

@@ -62,6 +62,9 @@ class ExecConfig(ConfigBase):
     horizon: int = param(0, min=0, max=10000, description="actions executed per chunk (0: the checkpoint's "
                                                            "n_action_steps)")
     delay_steps: int = param(0, min=0, max=10000, description="emulated inference delay in control steps")
+    correction_lag: int = param(0, min=0, max=10000,
+                                description="correction.*: the observation a step's correction sees is this many "
+                                            "control steps old (the graph commits a step before it runs)")
 
 
 GROUPS: dict[str, type[ConfigBase]] = {
@@ -75,7 +78,8 @@ GROUPS: dict[str, type[ConfigBase]] = {
     "correction": CorrectionConfig,
 }
 ALIASES: dict[str, str] = {"num_steps": "inference.num_steps", "count_flops": "inference.count_flops",
-                           "horizon": "exec.horizon", "delay_steps": "exec.delay_steps"}
+                           "horizon": "exec.horizon", "delay_steps": "exec.delay_steps",
+                           "correction_lag": "exec.correction_lag"}
 # switch of each group: (field, value that turns the group on)
 SWITCHES: dict[str, tuple[str, Any]] = {
     "pruning": ("method", "task"),

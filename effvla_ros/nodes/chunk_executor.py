@@ -1,7 +1,9 @@
 """chunk_executor: policy action chunks -> limited, continuous JointTrajectory commands.
 
-Subscribes ``effvla_ros/ActionChunk`` (``~/action_chunk``, reliable) and ``sensor_msgs/JointState``
-(``/joint_states``, best effort: matches reliable and best-effort publishers). Publishes
+Subscribes ``effvla_ros/ActionChunk`` (``~/action_chunk``, reliable), ``effvla_ros/ActionCorrection``
+(``~/action_correction``, reliable: the ``chunk_corrector``'s per-step residuals, added to rows of the executing
+chunk not yet committed) and ``sensor_msgs/JointState`` (``/joint_states``, best effort: matches reliable and
+best-effort publishers). Publishes
 ``trajectory_msgs/JointTrajectory`` on ``~/joint_trajectory`` (remap it to
 ``/<controller>/joint_trajectory``) and, when ``gripper_joints`` is set, the gripper joints on
 ``~/gripper_trajectory``; ``effvla_ros/ExecutionFeedback`` on ``~/feedback`` (every publishing tick);
@@ -56,7 +58,7 @@ from effvla_ros.core.executor import (
     PeriodJitter,
 )
 from effvla_ros.core.params import ConfigBase, param
-from effvla_ros.msg import ActionChunk, ExecutionFeedback
+from effvla_ros.msg import ActionChunk, ActionCorrection, ExecutionFeedback
 from effvla_ros.nodes.common import Deadlines, join_thread, run_node
 from effvla_ros.nodes.param_bridge import ConfigParameters
 
@@ -190,6 +192,9 @@ class ChunkExecutorNode(Node):
             ActionChunk, ncfg.action_chunk_topic, self._on_chunk, reliable, callback_group=self._io_group
         )
         self.create_subscription(
+            ActionCorrection, "~/action_correction", self._on_correction, reliable, callback_group=self._io_group
+        )
+        self.create_subscription(
             JointState, ncfg.joint_states_topic, self._on_joint_state, best_effort, callback_group=self._io_group
         )
         self.create_subscription(Empty, "reset", self._on_reset, 10, callback_group=self._io_group)
@@ -281,6 +286,21 @@ class ChunkExecutorNode(Node):
         if not res.accepted:
             self._throttled(res.verdict.value, f"chunk {msg.chunk_id} rejected ({res.verdict.value}): {res.reason}")
         self._log_state(state)
+
+    def _on_correction(self, msg: ActionCorrection) -> None:
+        now = self._now()
+        with self._lock:
+            res = self._core.on_correction(
+                now,
+                chunk_id=int(msg.chunk_id),
+                first_index=int(msg.first_index),
+                joint_names=list(msg.joint_names),
+                action_dim=int(msg.action_dim),
+                residuals=np.asarray(msg.residuals, dtype=np.float64),
+                stamp=stamp_to_sec(msg.header.stamp, self._epoch_ns),
+            )
+        if res.dropped and "not the executing chunk" not in res.reason:  # a chunk switch in flight is normal
+            self._throttled("correction", f"correction for chunk {msg.chunk_id} dropped: {res.reason}")
 
     def _log_state(self, state: ExecState) -> None:
         if state is self._last_state:
@@ -423,6 +443,7 @@ class ChunkExecutorNode(Node):
             hold_reached = core.hold_reached
             trips = st.watchdog_trips
             max_gap_s = st.max_gap_s
+            ages = np.asarray(st.correction_age_steps, dtype=np.float64)
             clamps = {
                 n: (int(st.clamp_position[i]), int(st.clamp_velocity[i]), int(st.clamp_acceleration[i]))
                 for i, n in enumerate(core.names)
@@ -452,6 +473,12 @@ class ChunkExecutorNode(Node):
         values["period.error_p50_ms"] = f"{jit['p50_ms']:.4f}"
         values["period.error_p99_ms"] = f"{jit['p99_ms']:.4f}"
         values["period.error_max_ms"] = f"{jit['max_ms']:.4f}"
+        for key, k in (("received", "corrections_received"), ("dropped", "corrections_dropped"),
+                       ("rows", "corrected_rows"), ("rows_late", "corrected_rows_late")):
+            values[f"correction.{key}"] = str(counts.get(k, 0))
+        if ages.size:  # how old the observation of a committed row's residual was, in the chunk's steps
+            values["correction.age_steps_mean"] = f"{float(ages.mean()):.2f}"
+            values["correction.age_steps_max"] = f"{float(ages.max()):.2f}"
         values["merge_strategy"] = cfg.merge_strategy
         values["output_mode"] = cfg.output_mode
         level = 0  # DiagnosticStatus.OK

@@ -163,27 +163,35 @@ def collect(checkpoint: str, demo_roots: Sequence[str], setting: Any, *, stride:
 
 
 # ------------------------------------------------------------------------------------------ training
-def _batch(data: CorrectionData, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                           torch.Tensor | None, torch.Tensor]:
+def _batch(data: CorrectionData, idx: np.ndarray, lag: np.ndarray | None = None) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Inputs and target of samples ``idx``; ``lag`` (per sample, clipped to the row): the joints and frames are
+    taken that many frames before the corrected row's (what the graph's correction sees: a row is committed before
+    it runs), the target stays the row's."""
     s = data.samples[idx]
     ci, j = s[:, 0], s[:, 1]
     f0 = data.chunk_frame[ci]
     f = f0 + j
+    lg = np.zeros_like(j) if lag is None else np.minimum(lag, j)
+    fo = f - lg  # the observation's frame (never before the chunk's own)
     chunk = torch.from_numpy(data.chunks[ci])
     target = torch.from_numpy(data.action[f] - data.chunks[ci, j])
-    vis = torch.from_numpy(data.visual[f].astype(np.float32)) if data.visual is not None else None
-    return (chunk, torch.from_numpy(j), torch.from_numpy(data.q[f]), torch.from_numpy(data.q[f0]), vis, target)
+    vis = torch.from_numpy(data.visual[fo].astype(np.float32)) if data.visual is not None else None
+    return (chunk, torch.from_numpy(j), torch.from_numpy(data.q[fo]), torch.from_numpy(data.q[f0]), vis, target,
+            torch.from_numpy(lg))
 
 
-def _errors(head: CorrectionHead, data: CorrectionData, idx: np.ndarray) -> dict[str, float]:
-    """Held-out RMSE (normalized units) of the base action and of the corrected one, arm and gripper."""
+def _errors(head: CorrectionHead, data: CorrectionData, idx: np.ndarray, lag: int = 0) -> dict[str, float]:
+    """Held-out RMSE (normalized units) of the base action and of the corrected one, arm and gripper, with the
+    observations ``lag`` frames old."""
     base_sq = np.zeros(head.spec.action_dim)
     corr_sq = np.zeros(head.spec.action_dim)
     with torch.no_grad():
         for k in range(0, len(idx), 4096):
-            chunk, j, qn, qo, vis, target = _batch(data, idx[k:k + 4096])
+            part = idx[k:k + 4096]
+            chunk, j, qn, qo, vis, target, lg = _batch(data, part, np.full(len(part), lag))
             t = target / head.std
-            r = head(chunk, j, qn, qo, vis)  # 0 on the dimensions the head leaves alone
+            r = head(chunk, j, qn, qo, vis, lg)  # 0 on the dimensions the head leaves alone
             base_sq += (t ** 2).sum(0).numpy()
             corr_sq += ((t - r) ** 2).sum(0).numpy()
     n = max(1, len(idx))
@@ -194,9 +202,13 @@ def _errors(head: CorrectionHead, data: CorrectionData, idx: np.ndarray) -> dict
 
 def train_head(data: CorrectionData, *, chunk_size: int, steps: int = 4000, batch: int = 512, lr: float = 1e-3,
                hidden: int = 256, layers: int = 3, visual_width: int = 8, use_state: bool = True,
-               dims: Sequence[int] = (), val_fraction: float = 0.1, seed: int = 0,
+               dims: Sequence[int] = (), max_lag: int = 0, min_lag: int = 0, val_fraction: float = 0.1, seed: int = 0,
                log: Callable[[str], None] | None = None) -> tuple[CorrectionHead, dict[str, Any]]:
-    """Fit a head to ``data``; returns it and the training record (held-out errors before and after)."""
+    """Fit a head to ``data``; returns it and the training record (held-out errors before and after, per lag).
+    ``max_lag`` > 0: each sample's observation is ``min_lag``..``max_lag`` frames older than its row (uniform), and
+    the head is told the lag (for a graph that commits rows before they run: the chunk_corrector's lag is 1)."""
+    if not 0 <= min_lag <= max_lag:
+        raise ValueError(f"min_lag {min_lag} must lie in 0..max_lag ({max_lag})")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     a = data.action.shape[1]
@@ -209,32 +221,38 @@ def train_head(data: CorrectionData, *, chunk_size: int, steps: int = 4000, batc
     spec = HeadSpec(action_dim=a, chunk_size=chunk_size, hidden=hidden, layers=layers,
                     cameras=list(data.cameras) if data.visual is not None else [],
                     visual_tokens=int(vis_shape[1]), visual_dim=int(vis_shape[2]), visual_width=visual_width,
-                    use_state=use_state, dims=[int(d) for d in dims])
+                    use_state=use_state, dims=[int(d) for d in dims], max_lag=int(max_lag))
     head = CorrectionHead(spec)
     train_frames = np.isin(data.episode, [e for e in eps if e not in val_eps])
     head.mean.copy_(torch.from_numpy(data.action[train_frames].mean(0)))
     head.std.copy_(torch.from_numpy(np.maximum(data.action[train_frames].std(0), 1e-3)))
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    before = _errors(head, data, val)
+    lags = range(int(min_lag), int(max_lag) + 1)
+    before = {lag: _errors(head, data, val, lag) for lag in lags}
     t0 = time.perf_counter()
     head.train()
     for step in range(steps):
         idx = rng.choice(tr, size=min(batch, len(tr)), replace=False)
-        chunk, j, qn, qo, vis, target = _batch(data, idx)
-        loss = torch.nn.functional.mse_loss(head(chunk, j, qn, qo, vis), target / head.std * head.mask)
+        lag = rng.integers(int(min_lag), int(max_lag) + 1, size=len(idx)) if max_lag else None
+        chunk, j, qn, qo, vis, target, lg = _batch(data, idx, lag)
+        loss = torch.nn.functional.mse_loss(head(chunk, j, qn, qo, vis, lg), target / head.std * head.mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         opt.step()
         sched.step()
         if log and (step % 500 == 0 or step == steps - 1):
-            log(f"step {step}: loss {float(loss):.4f}")
+            log(f"step {step}: loss {float(loss.detach()):.4f}")
     head.eval()
-    after = _errors(head, data, val)
+    after = {lag: _errors(head, data, val, lag) for lag in lags}
     record = {"samples": int(len(tr)), "held_out_samples": int(len(val)), "episodes": int(len(eps)),
               "held_out_episodes": sorted(int(e) for e in val_eps), "steps": steps, "batch": batch, "lr": lr,
-              "train_s": time.perf_counter() - t0, "held_out_before": before, "held_out_after": after}
+              "max_lag": int(max_lag), "train_s": time.perf_counter() - t0,
+              "min_lag": int(min_lag),
+              # the smallest lag's at the top level (lag 0 as before); every lag's under held_out_by_lag
+              "held_out_before": before[int(min_lag)], "held_out_after": after[int(min_lag)],
+              "held_out_by_lag": {str(lag): {"before": before[lag], "after": after[lag]} for lag in lags}}
     return head, record
 
 

@@ -11,9 +11,10 @@ defaults are checked against it (``test/test_rtc_defaults.py``). The methods, ea
   (LeRobot's) and 3, exp and linear soft masks; the true VJP with beta 5 (the paper's);
 * ``trained`` - training-time RTC (arXiv 2512.05964): the committed d actions held clean; needs a checkpoint trained
   so (``effvla train --rtc-train-max-delay N``);
-* ``a2c2`` - no RTC, and every executed action corrected at its own control step by the checkpoint's correction head
-  (A2C2, arXiv 2509.23224; :mod:`effvla_ros.core.correction`) from the measured joints and the newest frames; needs
-  ``correction_head.*`` beside the checkpoint (``effvla train-correction``). Runs in eval-sim; no node applies it yet.
+* ``a2c2`` - no RTC, and every executed action corrected by the checkpoint's correction head (A2C2, arXiv 2509.23224;
+  :mod:`effvla_ros.core.correction`) from the measured joints and the frames of :data:`A2C2_LAG` steps before it (the
+  ``chunk_corrector`` node's lag in the graph); needs ``correction_head.*`` beside the checkpoint (``effvla
+  train-correction``).
 """
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "trained": {"rtc.enabled": True, "rtc.mode": "trained"},
     "a2c2": {"rtc.enabled": False, "correction.enabled": True},
 }
+#: the observation lag (control steps) of the per-step correction in the graph: the chunk_corrector's residuals
+#: from the frames of step k reach rows from k + 1 on, row k being committed already (the chunk executor's
+#: diagnostics measured correction.age_steps 1.00 in the simulated graph, docs/benchmarks.md); eval-sim's
+#: ``exec.correction_lag`` emulates it
+A2C2_LAG = 1
 
 
 def setting_name(method: str, delay: int) -> str:

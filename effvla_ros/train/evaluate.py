@@ -25,7 +25,10 @@ Timeline (control step ``k``, execution horizon ``E``, emulated inference delay 
 With ``correction.enabled`` (A2C2, :mod:`effvla_ros.core.correction`) the action of every control step is the
 executing chunk's row plus the residual of the checkpoint's correction head, computed at that step from the
 measured joint positions, the chunk's observation state, the row (steps since the chunk's observation) and, for a
-head with camera input, the frames rendered at that step through the policy's own vision encoder.
+head with camera input, the frames rendered at that step through the policy's own vision encoder. With
+``exec.correction_lag`` L the joints and frames are those of L steps before (never older than the chunk's own
+observation; a head trained with ``max_lag`` is told the lag): the graph's ``chunk_corrector`` corrects a row from
+the frames of the step before it (that step's row is committed by then; the chunk executor measures the age).
 
 An episode ends on success (latched by the environment) or after ``max_steps`` control steps. The
 noise of every inference comes from a generator seeded by the episode seed, so every setting sees the
@@ -193,6 +196,7 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
     arch = policy.arch
     h_chunk = arch.chunk_size
     horizon, delay = setting.exec_params()
+    lag = setting.execution.correction_lag
     horizon = horizon or arch.n_action_steps
     if not 1 <= horizon <= h_chunk:
         raise ValueError(f"execution horizon {horizon} must be in 1..chunk_size ({h_chunk})")
@@ -232,6 +236,7 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
     next_obs = 0
     obs_step = -1
     images: dict[str, Any] = {}
+    seen: dict[int, tuple[Any, Any]] = {}  # step -> (joint positions, encoded frames) the correction may use
     stats: dict[str, list[float]] = {}
 
     def add(k: str, v: float) -> None:
@@ -322,8 +327,17 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
             if corrector.needs_visual:  # the newest frames (rendered above when this step observed)
                 frames = images if k == obs_step else env.render_all()
                 visual = encode_frames(policy, {c: frames[c] for c in arch.cameras})
-            corrected = corrector.correct(cur.actions.detach().cpu(), k - cur_start, env.joint_positions(),
-                                          cur.state if cur.state is not None else env.joint_positions(), visual)
+            seen[k] = (env.joint_positions(), visual)
+            # what the graph's correction of this step can have seen: the observation `lag` steps back, never one
+            # older than the executing chunk's own (the policy node corrects a chunk once it has it)
+            # (cur_start is that chunk's observation step: its row i is meant for step cur_start + i)
+            obs_k = max(k - lag, cur_start)
+            q_now, visual = seen[obs_k]
+            for old_k in [s for s in seen if s < min(k - lag, cur_start)]:
+                del seen[old_k]
+            corrected = corrector.correct(cur.actions.detach().cpu(), k - cur_start, q_now,
+                                          cur.state if cur.state is not None else env.joint_positions(), visual,
+                                          lag=k - obs_k)
             add("correction_abs_arm", float((corrected - action)[:-1].abs().mean()))
             add("correction_abs_gripper", float((corrected - action)[-1].abs()))
             action = corrected
@@ -382,6 +396,7 @@ def summarize(setting: Setting, results: Sequence[EpisodeResult], *, default_hor
         "name": setting.name,
         "changes": setting.effective_changes(),
         "horizon": h or default_horizon, "delay_steps": d,
+        **({"correction_lag": setting.execution.correction_lag} if setting.correction.enabled else {}),
         "episodes": n,
         "successes": len(succ),
         "success_rate": len(succ) / n if n else math.nan,

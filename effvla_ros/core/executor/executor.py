@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from effvla_ros.core.executor.config import ExecutorConfig
 from effvla_ros.core.executor.limiter import Limiter
 from effvla_ros.core.executor.limits import JointLimits
-from effvla_ros.core.executor.timeline import Chunk, Reference, merge
+from effvla_ros.core.executor.timeline import Chunk, Reference, merge, rebuild
 
 FloatArray = NDArray[np.float64]
 
@@ -67,6 +67,19 @@ class ChunkResult:
     @property
     def accepted(self) -> bool:
         return self.verdict is Verdict.ACCEPTED
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrectionResult:
+    """What became of one per-step correction message (:meth:`ChunkExecutorCore.on_correction`)."""
+
+    applied: int = 0  # rows whose target now carries this message's residual
+    late: int = 0  # rows already committed when it arrived (too late to change)
+    reason: str = ""  # non-empty: the whole message was dropped, and why
+
+    @property
+    def dropped(self) -> bool:
+        return bool(self.reason)
 
 
 @dataclasses.dataclass
@@ -107,10 +120,15 @@ class ExecutorStats:
     watchdog_trips: int = 0
     max_gap_s: float = 0.0  # longest interval no published command covered (the controller held)
     last_gap_s: float = 0.0
+    # per-step corrections: for each corrected row once committed, how old its residual's observation was, in the
+    # chunk's steps (what eval-sim's exec.correction_lag emulates)
+    correction_age_steps: collections.deque[float] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=1000))
 
     def __post_init__(self) -> None:
         d = len(self.joint_names)
-        for key in ("received", "accepted", "rejected", "actions_dropped", "joint_state_rejected", "reanchored"):
+        for key in ("received", "accepted", "rejected", "actions_dropped", "joint_state_rejected", "reanchored",
+                    "corrections_received", "corrections_dropped", "corrected_rows", "corrected_rows_late"):
             self.counts.setdefault(key, 0)
         for v in Verdict:
             if v is not Verdict.ACCEPTED:
@@ -184,6 +202,9 @@ class ChunkExecutorCore:
         self._last_accept = -math.inf
         self._seen: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._advertised: collections.OrderedDict[int, float] = collections.OrderedDict()
+        # per-step corrections of the current chunk: knot time -> (its target before any correction, the stamp of
+        # the observation of the residual it carries now)
+        self._corrected: dict[float, tuple[FloatArray, float]] = {}
 
     def reset(self) -> None:
         """Forget every chunk and the command stream (new episode, robot re-homed, clock reset):
@@ -350,11 +371,9 @@ class ChunkExecutorCore:
         # the new plan continues the committed command; where the command is exactly on the old
         # plan (no limit active) its velocity is the old plan's, not the limiter's secant (which lags
         # by a*dt/2 and, fed into every merge of a burst of chunks, would add up to a drift)
-        v_c = self._v
-        if not self._hold:
-            r_p, r_v = self._ref.eval(self.committed_until)
-            if np.all(np.abs(r_p - self._q) <= 1e-9):
-                v_c = r_v
+        v_c = self._commit_velocity()
+        self._settle_corrections()
+        self._corrected = {}
         res = merge(
             strategy=self.cfg.merge_strategy,
             new=c,
@@ -381,6 +400,81 @@ class ChunkExecutorCore:
         self.stats.counts["accepted"] += 1
         self.stats.counts["actions_dropped"] += res.dropped_actions
         return ChunkResult(Verdict.ACCEPTED, "", res.dropped_actions)
+
+    def _commit_velocity(self) -> FloatArray:
+        """The velocity a new plan continues at the commit time: the old plan's where the command is exactly on it
+        (no limit active), not the limiter's secant (which lags by a*dt/2 and, fed into every merge of a burst of
+        chunks, would add up to a drift); else the command's."""
+        if not self._hold and self._ref is not None:
+            r_p, r_v = self._ref.eval(self.committed_until)
+            if np.all(np.abs(r_p - self._q) <= 1e-9):
+                return r_v
+        return self._v
+
+    def on_correction(self, now: float, *, chunk_id: int, first_index: int, joint_names: Sequence[str],
+                      action_dim: int, residuals: Sequence[float] | FloatArray, stamp: float) -> CorrectionResult:
+        """Per-step corrections (A2C2; ``effvla_ros/ActionCorrection``): row ``first_index + r`` of the executing chunk
+        ``chunk_id`` is executed as its target plus ``residuals[r]``, for every row not yet committed (a later
+        message for a row replaces an earlier one's residual); the reference is rebuilt from the committed command
+        as a merge does, and the limiter still bounds every sample. Dropped whole (with the reason) when it is for
+        another chunk, while holding, or malformed."""
+        st = self.stats.counts
+        st["corrections_received"] += 1
+
+        def drop(reason: str) -> CorrectionResult:
+            st["corrections_dropped"] += 1
+            return CorrectionResult(reason=reason)
+
+        c = self.current
+        if c is None or int(chunk_id) != c.chunk_id:
+            return drop(f"chunk {chunk_id} is not the executing chunk ({c.chunk_id if c else 'none'})")
+        if self._hold or self.state is not ExecState.EXECUTING or self._ref is None:
+            return drop("not executing a chunk (holding or idle)")
+        flat = np.asarray(residuals, dtype=np.float64).reshape(-1)
+        if action_dim != self.dof or flat.shape[0] % max(action_dim, 1):
+            return drop(f"{flat.shape[0]} residual values for action_dim {action_dim} (the executor has {self.dof})")
+        names = list(joint_names)
+        if names and sorted(names) != sorted(self.names):
+            return drop(f"joint_names {names} do not match the executor's {list(self.names)}")
+        if not np.all(np.isfinite(flat)) or not math.isfinite(stamp):
+            return drop("non-finite residuals or stamp")
+        res = flat.reshape(-1, action_dim)
+        if names:
+            res = res[:, [names.index(n) for n in self.names]]
+        times = list(self._ref.times)
+        pos = np.array(self._ref.pos, dtype=np.float64)
+        t_c = self.committed_until
+        applied = late = 0
+        for r, row in enumerate(res):
+            i = int(first_index) + r
+            if i >= c.actions.shape[0]:
+                break
+            t = c.t0 + i * c.dt
+            if t <= t_c + _EPS:
+                late += 1
+                continue
+            j = next((j for j, tj in enumerate(times) if abs(tj - t) < 1e-6), None)
+            if j is None:  # no target at that time (dropped as too close to the commit time)
+                late += 1
+                continue
+            base = self._corrected.get(times[j], (pos[j].copy(), stamp))[0]
+            pos[j] = base + row
+            self._corrected[times[j]] = (base, stamp)
+            applied += 1
+        st["corrected_rows"] += applied
+        st["corrected_rows_late"] += late
+        if applied:
+            self._ref = rebuild(times, list(pos), t_c=t_c, q_c=self._q, v_c=self._commit_velocity(),
+                                min_gap=max(0.25 * c.dt, 0.5 * self.dt), blend_time=max(self.cfg.blend_time, c.dt))
+        return CorrectionResult(applied, late)
+
+    def _settle_corrections(self) -> None:
+        """Record how old the residual of each corrected row that is now committed was."""
+        c, t_c = self.current, self.committed_until
+        if c is None:
+            return
+        for t in [t for t in self._corrected if t <= t_c + _EPS]:
+            self.stats.correction_age_steps.append((t - self._corrected.pop(t)[1]) / c.dt)
 
     # -- output --------------------------------------------------------------------------------
     def _extend(self, k_target: int) -> None:
@@ -451,6 +545,7 @@ class ChunkExecutorCore:
             span = max(1, int(round(cfg.rolling_horizon / self.dt)))
             ks = sorted({k0 + int(round(j * span / (cfg.rolling_points - 1))) for j in range(cfg.rolling_points)})
         self._extend(ks[-1])
+        self._settle_corrections()
         for k in [k for k in self._samples if k < k0]:
             del self._samples[k]
         self._k_pub_last = k0

@@ -265,12 +265,22 @@ def merge(
         # or from the committed command (latest, temporal_ensemble) straight to the first new target
         gt, gp = _knots_between(old, t_c + 1e-9, float(np.nextafter(kt[after] - min_gap, -math.inf)))
         kt, kp = [*kt[:after], *gt, *kt[after:]], [*kp[:after], *gp, *kp[after:]]
+    return MergeResult(rebuild(kt, kp, t_c=t_c, q_c=q_c, v_c=v_c, min_gap=min_gap, blend_time=blend_time),
+                       boundary, dropped)
+
+
+def rebuild(kt: Sequence[float], kp: Sequence[FloatArray], *, t_c: float, q_c: FloatArray, v_c: FloatArray,
+            min_gap: float, blend_time: float) -> Reference:
+    """The reference through target knots ``(kt, kp)`` (ascending times) that continues the committed command
+    ``(q_c, v_c)`` at the commit time ``t_c``: knots closer than ``min_gap`` dropped, one knot at or before ``t_c``
+    kept, and the boundary correction fading over ``blend_time`` (what :func:`merge` ends with; the chunk executor's
+    per-step corrections rebuild with it too)."""
     ft: list[float] = []
     fp: list[FloatArray] = []
     for t, p in zip(kt, kp):
         if not ft or t - ft[-1] >= min_gap:
-            ft.append(t)
-            fp.append(p)
+            ft.append(float(t))
+            fp.append(np.asarray(p, dtype=np.float64))
     # keep one knot at or before t_c (the spline's shape at the boundary), drop older ones; the
     # tangents are computed before dropping them (centred at that knot, not a one-sided secant)
     first = max(0, int(np.searchsorted(np.array(ft), t_c, side="right")) - 1)
@@ -285,7 +295,7 @@ def merge(
             ft, fp = ft[1:], fp[1:]
         tarr = np.array([t_c, *ft], dtype=np.float64)
         parr = np.stack([q_c, *fp])
-        return MergeResult(Reference(tarr, parr, hermite_tangents(tarr, parr, v_c)), boundary, dropped)
+        return Reference(tarr, parr, hermite_tangents(tarr, parr, v_c))
     tarr = np.array(ft, dtype=np.float64)
     parr = np.stack(fp)
     tangents = all_tangents[first:] if all_tangents is not None else hermite_tangents(tarr, parr)
@@ -293,7 +303,5 @@ def merge(
     s_p, s_v = spline.spline(t_c)
     if blend_time > 0.0:
         corr = Correction(t_c, blend_time, q_c - s_p, v_c - s_v)
-        ref = Reference(tarr, parr, spline.tangents, corr)
-    else:  # no blending: start exactly at the committed command (the limiter absorbs the rest)
-        ref = spline
-    return MergeResult(ref, boundary, dropped)
+        return Reference(tarr, parr, spline.tangents, corr)
+    return spline  # no blending: start exactly at the committed command (the limiter absorbs the rest)
