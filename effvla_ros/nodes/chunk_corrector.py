@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Empty
 
@@ -51,6 +50,7 @@ from effvla_ros.nodes.common import (
     PIPELINE_QOS,
     SENSOR_QOS,
     NodeWorker,
+    WorkerNode,
     image_to_rgb,
     run_node,
     shared_policy,
@@ -91,7 +91,7 @@ class CorrectorNodeConfig(ConfigBase):
             raise ValueError("image_topic: must contain '{camera}'")
 
 
-class ChunkCorrectorNode(Node):
+class ChunkCorrectorNode(WorkerNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("chunk_corrector", **kwargs)
         started = time.monotonic()
@@ -286,16 +286,6 @@ class ChunkCorrectorNode(Node):
         st.values = [KeyValue(key=k, value=v) for k, v in vals.items()]
         arr.status.append(st)
         self.diag_pub.publish(arr)
-
-    def destroy_node(self) -> None:
-        """Stop the worker (joined, 10 s at most) and destroy the node; idempotent."""
-        worker = getattr(self, "_worker", None)
-        if worker is not None and not worker.stop():
-            self.get_logger().warning("worker thread did not stop within 10 s")
-        if getattr(self, "_destroyed", False):
-            return
-        self._destroyed = True
-        super().destroy_node()
 
 
 def main(args: list[str] | None = None) -> None:

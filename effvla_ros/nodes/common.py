@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 from builtin_interfaces.msg import Time as TimeMsg
+from rclpy.node import Node
 from rclpy.qos import (
     DurabilityPolicy,
     HistoryPolicy,
@@ -219,6 +220,22 @@ class NodeWorker:
         if threading.current_thread() is self._thread:
             return False
         return join_thread(self._thread, timeout)
+
+
+class WorkerNode(Node):
+    """A node whose heavy work runs in a :class:`NodeWorker` kept as ``self._worker`` (policy, token compressor,
+    chunk corrector): destroying it stops and joins that thread first (10 s at most)."""
+
+    def destroy_node(self) -> None:
+        """Stop the worker and destroy the node; idempotent, and safe after a failed ``__init__`` (rclpy's context
+        shutdown destroys a half-built node too)."""
+        worker = getattr(self, "_worker", None)  # absent when the constructor failed
+        if worker is not None and not worker.stop():
+            self.get_logger().warning("worker thread did not stop within 10 s")
+        if getattr(self, "_destroyed", False):
+            return
+        self._destroyed = True
+        super().destroy_node()
 
 
 def join_thread(thread: threading.Thread | None, timeout: float) -> bool:

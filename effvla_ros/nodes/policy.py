@@ -81,6 +81,7 @@ from effvla_ros.nodes.common import (
     SENSOR_QOS,
     NodeWorker,
     Throttle,
+    WorkerNode,
     clean_instruction,
     describe_text,
     image_to_rgb,
@@ -260,7 +261,7 @@ class CompressorParameters:
             self.set(dict(self.original))
 
 
-class PolicyNode(Node):
+class PolicyNode(WorkerNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("policy", **kwargs)
         started = time.monotonic()
@@ -860,17 +861,6 @@ class PolicyNode(Node):
         st.values = [KeyValue(key=k, value=v) for k, v in vals.items()]
         arr.status.append(st)
         self.diag_pub.publish(arr)
-
-    def destroy_node(self) -> None:
-        """Stop the worker (joined, 10 s at most) and destroy the node; idempotent, and safe after a failed
-        ``__init__`` (rclpy's context shutdown destroys a half-built node too)."""
-        worker = getattr(self, "_worker", None)  # absent when the constructor failed
-        if worker is not None and not worker.stop():
-            self.get_logger().warning("worker thread did not stop within 10 s")
-        if getattr(self, "_destroyed", False):
-            return
-        self._destroyed = True
-        super().destroy_node()
 
 
 def main(args: list[str] | None = None) -> None:

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Empty, String
 
@@ -43,6 +42,7 @@ from effvla_ros.nodes.common import (
     ImageError,
     NodeWorker,
     Throttle,
+    WorkerNode,
     clean_instruction,
     describe_text,
     image_to_rgb,
@@ -116,7 +116,7 @@ class _Slot:
         self.missing = False
 
 
-class TokenCompressorNode(Node):
+class TokenCompressorNode(WorkerNode):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("token_compressor", **kwargs)
         started = time.monotonic()
@@ -341,17 +341,6 @@ class TokenCompressorNode(Node):
             st.values = [KeyValue(key=k, value=v) for k, v in vals.items()]
             arr.status.append(st)
         self.diag_pub.publish(arr)
-
-    def destroy_node(self) -> None:
-        """Stop the worker (joined, 10 s at most) and destroy the node; idempotent, and safe after a failed
-        ``__init__`` (rclpy's context shutdown destroys a half-built node too)."""
-        worker = getattr(self, "_worker", None)  # absent when the constructor failed
-        if worker is not None and not worker.stop():
-            self.get_logger().warning("worker thread did not stop within 10 s")
-        if getattr(self, "_destroyed", False):
-            return
-        self._destroyed = True
-        super().destroy_node()
 
 
 def main(args: list[str] | None = None) -> None:
