@@ -64,8 +64,10 @@ def test_executor_adds_the_newest_residual_to_uncommitted_rows_only():
 def test_executor_drops_corrections_it_cannot_apply_with_the_reason():
     ex, _ = _core()
     before = ex.reference
-    assert "not the executing chunk" in _correct(ex, 4, np.zeros((6, 2)), chunk_id=7).reason
-    assert "non-finite" in _correct(ex, 4, np.full((6, 2), np.nan)).reason
+    other = _correct(ex, 4, np.zeros((6, 2)), chunk_id=7)
+    assert "not the executing chunk" in other.reason and other.stale
+    bad = _correct(ex, 4, np.full((6, 2), np.nan))
+    assert "non-finite" in bad.reason and not bad.stale
     assert "residual values" in ex.on_correction(0.3, chunk_id=1, first_index=4, joint_names=[], action_dim=3,
                                                  residuals=np.zeros(9), stamp=0.2).reason
     assert "do not match" in _correct(ex, 4, np.zeros((6, 2)), names=["a", "c"]).reason

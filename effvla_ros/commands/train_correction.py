@@ -64,8 +64,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         offsets = [int(x) for x in args.offsets.split(",") if x.strip()]
+        dims = [int(d) for d in args.dims.split(",") if d.strip()]
     except ValueError:
-        print(f"effvla train-correction: --offsets {args.offsets!r}: comma-separated integers", file=sys.stderr)
+        print(f"effvla train-correction: --offsets {args.offsets!r} / --dims {args.dims!r}: comma-separated integers",
+              file=sys.stderr)
+        return 2
+    if not 0 <= args.min_lag <= args.max_lag:  # before minutes of collection, not after
+        print(f"effvla train-correction: --min-lag {args.min_lag} must lie in 0..--max-lag ({args.max_lag})",
+              file=sys.stderr)
         return 2
     policy = load_policy(args.checkpoint)  # CheckpointError (a ValueError) names the file
     items = parse_sweep([args.setting])
@@ -96,9 +102,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     head, record = train_head(data, chunk_size=policy.arch.chunk_size, steps=args.steps, batch=args.batch, lr=args.lr,
                               hidden=args.hidden, seed=args.seed, use_state=not args.no_state,
-                              dims=[int(d) for d in args.dims.split(",") if d.strip()], max_lag=args.max_lag,
-                              min_lag=args.min_lag,
-                              log=print)
+                              dims=dims, max_lag=args.max_lag, min_lag=args.min_lag, log=print)
     head.spec.trained = {"checkpoint": str(args.checkpoint), "demos": [str(d) for d in args.demos],
                          "setting": setting.name, "stride": args.stride, "offsets": offsets, **record}
     out = head.save(args.out or args.checkpoint)

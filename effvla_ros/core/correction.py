@@ -218,26 +218,36 @@ class ChunkCorrector:
         if s.visual and cameras is not None and list(cameras) != list(s.cameras):
             raise ValueError(f"correction head: trained on cameras {s.cameras}, the policy has {list(cameras)}")
 
+    def _inputs(self, chunk: Tensor, n: int, q_now: Any, q_obs: Any,
+                visual: Mapping[str, Tensor] | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The head's inputs for ``n`` rows of one chunk (H, A) from one observation: chunk (n, H, A), q_now and
+        q_obs (n, A), visual (n, C, N, D) or None."""
+        h = self.head
+        hs, a = h.spec.chunk_size, h.spec.action_dim
+        ch = torch.as_tensor(chunk, dtype=torch.float32).reshape(1, hs, a).expand(n, hs, a)
+        qn = torch.as_tensor(np.asarray(q_now, dtype=np.float32)).reshape(1, -1).expand(n, -1)
+        qo = torch.as_tensor(np.asarray(q_obs, dtype=np.float32)).reshape(1, -1).expand(n, -1)
+        vis = None
+        if h.spec.visual:
+            if visual is None:
+                raise ValueError("correction head: needs the newest camera frames")
+            vis = torch.stack([visual[c].float().reshape(h.spec.visual_tokens, h.spec.visual_dim)
+                               for c in h.spec.cameras]).unsqueeze(0).expand(n, -1, -1, -1)  # (n, C, N, D)
+        return ch, qn, qo, vis
+
+    def _scaled(self, r: Tensor) -> Tensor:
+        """A normalized residual scaled, capped (``scale``, ``max_correction``) and in the actions' units."""
+        cap = float(self.cfg.max_correction)
+        return (float(self.cfg.scale) * r).clamp(-cap, cap) * self.head.std
+
     @torch.no_grad()
     def residual(self, chunk: Tensor, row: int, q_now: Any, q_obs: Any,
                  visual: Mapping[str, Tensor] | None = None, lag: int = 0) -> Tensor:
         """The raw residual (A,) for the action at ``row`` of ``chunk`` (H, A), joint positions now and at the
         chunk's observation; ``visual``: camera -> connector tokens (N, D) or (1, N, D) of the newest frames;
         ``lag``: how many steps before ``row``'s step those were observed."""
-        h = self.head
-        chunk = torch.as_tensor(chunk, dtype=torch.float32).reshape(1, h.spec.chunk_size, h.spec.action_dim)
-        qn = torch.as_tensor(np.asarray(q_now, dtype=np.float32)).reshape(1, -1)
-        qo = torch.as_tensor(np.asarray(q_obs, dtype=np.float32)).reshape(1, -1)
-        vis = None
-        if h.spec.visual:
-            if visual is None:
-                raise ValueError("correction head: needs the newest camera frames")
-            vis = torch.stack([visual[c].float().reshape(h.spec.visual_tokens, h.spec.visual_dim)
-                               for c in h.spec.cameras]).unsqueeze(0)       # (1, C, N, D)
-        r = h(chunk, torch.tensor([int(row)]), qn, qo, vis, torch.tensor([int(lag)]))[0]  # (A,) normalized
-        cap = float(self.cfg.max_correction)
-        r = (float(self.cfg.scale) * r).clamp(-cap, cap)
-        return r * h.std
+        ch, qn, qo, vis = self._inputs(chunk, 1, q_now, q_obs, visual)
+        return self._scaled(self.head(ch, torch.tensor([int(row)]), qn, qo, vis, torch.tensor([int(lag)]))[0])
 
     @torch.no_grad()
     def row_residuals(self, chunk: Tensor, first: int, q_now: Any, q_obs: Any,
@@ -246,27 +256,15 @@ class ChunkCorrector:
         chunk_corrector node's call: the executor uses each row's newest residual when it commits that row), made
         at the chunk's row ``obs_row`` (None: ``first``; row i's lag is ``i - obs_row``); None when the head gives a
         non-finite value (nothing is corrected then)."""
-        h = self.head
-        hs, a = h.spec.chunk_size, h.spec.action_dim
-        rows = torch.arange(int(first), hs)
-        if rows.numel() == 0:
-            return torch.zeros(0, a)
+        rows = torch.arange(int(first), self.head.spec.chunk_size)
         n = int(rows.numel())
-        chunk = torch.as_tensor(chunk, dtype=torch.float32).reshape(1, hs, a).expand(n, hs, a)
-        qn = torch.as_tensor(np.asarray(q_now, dtype=np.float32)).reshape(1, -1).expand(n, -1)
-        qo = torch.as_tensor(np.asarray(q_obs, dtype=np.float32)).reshape(1, -1).expand(n, -1)
-        vis = None
-        if h.spec.visual:
-            if visual is None:
-                raise ValueError("correction head: needs the newest camera frames")
-            vis = torch.stack([visual[c].float().reshape(h.spec.visual_tokens, h.spec.visual_dim)
-                               for c in h.spec.cameras]).unsqueeze(0).expand(n, -1, -1, -1)  # (R, C, N, D)
+        if n == 0:
+            return torch.zeros(0, self.head.spec.action_dim)
+        ch, qn, qo, vis = self._inputs(chunk, n, q_now, q_obs, visual)
         if not self.cfg.enabled or self.cfg.scale == 0.0:
-            return torch.zeros(n, a)
+            return torch.zeros(n, self.head.spec.action_dim)
         lag = (rows - (int(first) if obs_row is None else int(obs_row))).clamp(min=0)
-        r = h(chunk, rows, qn, qo, vis, lag)                                # (R, A) normalized
-        cap = float(self.cfg.max_correction)
-        r = (float(self.cfg.scale) * r).clamp(-cap, cap) * h.std
+        r = self._scaled(self.head(ch, rows, qn, qo, vis, lag))            # (R, A)
         return r if bool(torch.isfinite(r).all()) else None
 
     def correct(self, chunk: Tensor, row: int, q_now: Any, q_obs: Any,

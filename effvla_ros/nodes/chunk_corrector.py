@@ -261,7 +261,8 @@ class ChunkCorrectorNode(WorkerNode):
             self.get_logger().error("correction head gave NaN/Inf; nothing corrected", throttle_duration_sec=5.0)
             return
         msg = ActionCorrection()
-        msg.header.stamp = frames[self.node_params.config.cameras[0]].header.stamp
+        # the stamp the residuals were computed for (the newest of the frame set's, as its state and row)
+        msg.header.stamp = max((m.header.stamp for m in frames.values()), key=stamp_to_sec)
         msg.chunk_id = chunk.chunk_id
         msg.first_index = first
         msg.num_rows = int(res.shape[0])

@@ -299,7 +299,7 @@ class ChunkExecutorNode(Node):
                 residuals=np.asarray(msg.residuals, dtype=np.float64),
                 stamp=stamp_to_sec(msg.header.stamp, self._epoch_ns),
             )
-        if res.dropped and "not the executing chunk" not in res.reason:  # a chunk switch in flight is normal
+        if res.dropped and not res.stale:  # a correction for the chunk just replaced is normal, not logged
             self._throttled("correction", f"correction for chunk {msg.chunk_id} dropped: {res.reason}")
 
     def _log_state(self, state: ExecState) -> None:

@@ -76,6 +76,7 @@ class CorrectionResult:
     applied: int = 0  # rows whose target now carries this message's residual
     late: int = 0  # rows already committed when it arrived (too late to change)
     reason: str = ""  # non-empty: the whole message was dropped, and why
+    stale: bool = False  # dropped because another chunk runs now (normal while a new chunk takes over)
 
     @property
     def dropped(self) -> bool:
@@ -421,13 +422,13 @@ class ChunkExecutorCore:
         st = self.stats.counts
         st["corrections_received"] += 1
 
-        def drop(reason: str) -> CorrectionResult:
+        def drop(reason: str, stale: bool = False) -> CorrectionResult:
             st["corrections_dropped"] += 1
-            return CorrectionResult(reason=reason)
+            return CorrectionResult(reason=reason, stale=stale)
 
         c = self.current
         if c is None or int(chunk_id) != c.chunk_id:
-            return drop(f"chunk {chunk_id} is not the executing chunk ({c.chunk_id if c else 'none'})")
+            return drop(f"chunk {chunk_id} is not the executing chunk ({c.chunk_id if c else 'none'})", stale=True)
         if self._hold or self.state is not ExecState.EXECUTING or self._ref is None:
             return drop("not executing a chunk (holding or idle)")
         flat = np.asarray(residuals, dtype=np.float64).reshape(-1)
