@@ -13,7 +13,7 @@ Topic layout (names relative to the namespace unless absolute)::
     instruction ────────────► token_compressor, policy                    ▲                     │
     joint_states ───────────► policy, chunk_executor                      └─ execution_feedback ┘
     chunk_executor ─► /<controller>/joint_trajectory (ros2_control joint_trajectory_controller)
-    camera/<cam>/image_raw, joint_states, action_chunk, execution_feedback ─► chunk_corrector
+    camera/<cam>/image_raw (or all_visual_tokens), joint_states, action_chunk, execution_feedback ─► chunk_corrector
         ─► action_correction ─► chunk_executor       (per-step A2C2 corrections; idle unless correction.enabled)
 
 With ``sim=True`` the SO-101 MuJoCo bridge provides the cameras, joint states, instruction and the
@@ -175,7 +175,7 @@ def describe_graph(
     nodes = [
         NodeSpec(
             "token_compressor", "token_compressor", "effvla_ros.nodes.token_compressor", "TokenCompressorNode",
-            remappings=(("~/visual_tokens", "visual_tokens"),),
+            remappings=(("~/visual_tokens", "visual_tokens"), ("~/all_tokens", "all_visual_tokens")),
         ),
         NodeSpec(
             "policy", "policy", "effvla_ros.nodes.policy", "PolicyNode",
@@ -191,7 +191,7 @@ def describe_graph(
         NodeSpec(  # idle unless correction.enabled (its parameter files say)
             "chunk_corrector", "chunk_corrector", "effvla_ros.nodes.chunk_corrector", "ChunkCorrectorNode",
             remappings=(("~/action_chunk", "action_chunk"), ("~/execution_feedback", "execution_feedback"),
-                        ("~/action_correction", "action_correction")),
+                        ("~/action_correction", "action_correction"), ("~/all_tokens", "all_visual_tokens")),
         ),
     ]
     if sim:

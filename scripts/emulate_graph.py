@@ -63,7 +63,7 @@ def executor_config(target: str, overrides: str) -> ExecutorConfig:
 
 
 def run_episode(policy, env, seed: int, setting: Setting, ecfg: ExecutorConfig, *, mode: str,  # type: ignore[no-untyped-def]
-                latency: float, horizon: int, max_steps: int) -> tuple[bool, float]:
+                latency: float, horizon: int, max_steps: int, row_offset: float = 0.0) -> tuple[bool, float]:
     cfg = setting.configs()
     dt = env.control_dt
     env.reset(seed=seed)
@@ -111,7 +111,7 @@ def run_episode(policy, env, seed: int, setting: Setting, ecfg: ExecutorConfig, 
                 chunk_id += 1
                 acts = res.actions.detach().double().numpy()
                 pending.append((o_t + latency, dict(
-                    chunk_id=chunk_id, t0=o_t, dt=dt, joint_names=list(JOINT_NAMES), num_actions=acts.shape[0],
+                    chunk_id=chunk_id, t0=o_t + row_offset * dt, dt=dt, joint_names=list(JOINT_NAMES), num_actions=acts.shape[0],
                     action_dim=acts.shape[1], actions=acts.reshape(-1),
                     rtc_delay_steps=int(res.rtc_delay) if res.guided else 0,
                     rtc_prefix_chunk_id=int(guidance.source_chunk_id) if (guidance is not None and res.guided) else 0)))
@@ -156,6 +156,9 @@ def main() -> int:
     ap.add_argument("--horizon", type=int, default=5, help="the policy node's execution_horizon")
     ap.add_argument("--max-steps", type=int, default=150, help="10 Hz steps per episode (eval-sim's default)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--row-offset", type=float, default=0.0,
+                    help="steps added to each chunk's stamp before the executor sees it: 1 executes row i as the "
+                         "target reached at t_(i+1), as the demonstrations apply it (the graph's is 0: reached at t_i)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     policy = load_policy(args.checkpoint)
@@ -170,7 +173,7 @@ def main() -> int:
     ok = 0
     for seed in args.seeds:
         success, t = run_episode(policy, env, seed, setting, ecfg, mode=args.mode, latency=args.latency,
-                                 horizon=args.horizon, max_steps=args.max_steps)
+                                 horizon=args.horizon, max_steps=args.max_steps, row_offset=args.row_offset)
         ok += success
         print(f"seed {seed}: {'success' if success else 'failure'} at {t:.1f} s", flush=True)
     print(f"{ok}/{len(args.seeds)} successful")

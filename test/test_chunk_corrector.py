@@ -207,3 +207,130 @@ def test_corrector_node_refusals_name_the_parameter(tmp_path):
         r = set_parameter(sp.node("setter"), idle.get_fully_qualified_name(), "correction.enabled",
                           type=ParameterType.PARAMETER_BOOL, bool_value=True)
         assert not r.successful and "restart" in r.reason
+
+
+def test_corrector_reads_every_token_the_compressor_computed_instead_of_encoding_again():
+    """visual_source 'compressor': the token compressor publishes every token of each frame on ~/all_tokens
+    (publish_all_tokens) besides its pruned ~/visual_tokens; the corrector's residuals are the head's on exactly
+    those tokens, and they are the frames' encoder output (fp16 on the wire), not the pruned subset."""
+    import torch
+    from rclpy.parameter import Parameter
+    from sensor_msgs.msg import Image, JointState
+
+    from effvla_ros.core.correction import CorrectionConfig, encode_frames, load_corrector
+    from effvla_ros.core.observation import decode_tokens
+    from effvla_ros.msg import ActionChunk, ActionCorrection, ExecutionFeedback, VisualTokens
+    from effvla_ros.nodes.chunk_corrector import ChunkCorrectorNode
+    from effvla_ros.nodes.common import PIPELINE_QOS, SENSOR_QOS, sec_to_stamp
+    from effvla_ros.nodes.token_compressor import TokenCompressorNode
+
+    from ros_helpers import spinner, wait_for
+
+    with spinner() as sp:
+        comp = sp.add(TokenCompressorNode(context=sp.context, parameter_overrides=[
+            Parameter("checkpoint", value=str(CKPT)), Parameter("publish_all_tokens", value=True),
+            Parameter("pruning.keep_ratio", value=0.5)]))
+        corrector = sp.add(ChunkCorrectorNode(context=sp.context, parameter_overrides=[
+            Parameter("checkpoint", value=str(CKPT)), Parameter("correction.enabled", value=True),
+            Parameter("visual_source", value="compressor"), Parameter("state_joint_names", value=JOINTS)]))
+        comp_name, co_name = comp.get_fully_qualified_name(), corrector.get_fully_qualified_name()
+        t = sp.node("corrector_tokens_test")
+        got: list[ActionCorrection] = []
+        full: list[VisualTokens] = []
+        pruned: list[VisualTokens] = []
+        t.create_subscription(ActionCorrection, f"{co_name}/action_correction", got.append, PIPELINE_QOS)
+        t.create_subscription(VisualTokens, f"{comp_name}/visual_tokens", pruned.append, PIPELINE_QOS)
+        fwd = t.create_publisher(VisualTokens, f"{co_name}/all_tokens", PIPELINE_QOS)  # the graph's remapping
+
+        def on_full(m: VisualTokens) -> None:
+            full.append(m)
+            fwd.publish(m)
+
+        t.create_subscription(VisualTokens, f"{comp_name}/all_tokens", on_full, PIPELINE_QOS)
+        fb_pub = t.create_publisher(ExecutionFeedback, f"{co_name}/execution_feedback", PIPELINE_QOS)
+        chunk_pub = t.create_publisher(ActionChunk, f"{co_name}/action_chunk", PIPELINE_QOS)
+        js = t.create_publisher(JointState, "/joint_states", 10)
+        cams = {c: t.create_publisher(Image, f"camera/{c}/image_raw", SENSOR_QOS) for c in ("scene", "wrist")}
+        from std_msgs.msg import String
+
+        instr = t.create_publisher(String, "instruction", 10)  # task pruning needs the instruction
+        q = np.array([0.1, -0.4, 0.5, 0.2, 0.0, 0.8])
+
+        def now_s() -> float:
+            return t.get_clock().now().nanoseconds * 1e-9
+
+        def publish_state() -> None:
+            m = JointState(name=JOINTS, position=q.tolist())
+            m.header.stamp = sec_to_stamp(now_s())
+            js.publish(m)
+
+        for _ in range(20):
+            publish_state()
+            time.sleep(0.02)
+        t_obs = now_s() - 0.01
+        actions = q[None, :] + np.linspace(0.0, 0.3, 10)[:, None] * np.array([1, -1, 1, 1, 1, 0])
+        chunk = ActionChunk(chunk_id=7, joint_names=JOINTS, num_actions=10, action_dim=6,
+                            actions=actions.reshape(-1).tolist())
+        chunk.header.stamp = sec_to_stamp(t_obs)
+        chunk.step_period.nanosec = 100_000_000
+        wait_for(lambda: chunk_pub.get_subscription_count() and fb_pub.get_subscription_count(), 20)
+        chunk_pub.publish(chunk)
+        fb = ExecutionFeedback(chunk_id=7, state=ExecutionFeedback.STATE_EXECUTING, committed_index=2)
+        frames = _frames(5)  # the same frames every time: each later pass reuses every patch
+        deadline = time.monotonic() + 30
+        while (not got or not pruned) and time.monotonic() < deadline:
+            instr.publish(String(data="put the red cube on the plate"))
+            fb_pub.publish(fb)
+            publish_state()
+            stamp = sec_to_stamp(now_s())
+            for c, pub in cams.items():
+                img = Image(height=64, width=64, encoding="rgb8", step=64 * 3, data=frames[c].tobytes())
+                img.header.stamp = stamp
+                pub.publish(img)
+            time.sleep(0.1)
+        assert got, "no ActionCorrection from the compressor's tokens"
+        m = got[0]
+        assert m.chunk_id == 7 and m.first_index == 2 and m.num_rows == 8
+        by_stamp = {(v.header.stamp.sec, v.header.stamp.nanosec, v.camera_name): v for v in full}
+        key = (m.header.stamp.sec, m.header.stamp.nanosec)
+        tokens = {}
+        for c in ("scene", "wrist"):
+            v = by_stamp[(*key, c)]
+            ct = decode_tokens(v.dtype, bytes(v.data), list(v.kept_indices), (v.grid_height, v.grid_width),
+                               v.token_dim)
+            assert ct.tokens.shape[0] == v.grid_height * v.grid_width  # every token of the grid ...
+            tokens[c] = ct.tokens
+        assert len(pruned[-1].kept_indices) < pruned[-1].grid_height * pruned[-1].grid_width  # ... not the pruned ones
+        enc = encode_frames(comp.compressor.policy, frames)  # a fresh full encode of the same frames
+        for c in tokens:
+            assert torch.allclose(tokens[c], enc[c].float(), atol=2e-2, rtol=1e-2)  # fp16 on the wire
+        core = load_corrector(CKPT, CorrectionConfig(enabled=True))
+        obs_row = min(int(round((m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec - t_obs) / 0.1)), 2)
+        want = core.row_residuals(torch.as_tensor(actions, dtype=torch.float32), 2, q, q, tokens, obs_row=obs_row)
+        assert want is not None
+        res = np.asarray(m.residuals).reshape(8, 6)
+        assert np.allclose(res, want.double().numpy(), atol=1e-5) and np.abs(res[:, :5]).max() > 1e-4
+        assert corrector.counts["bad_tokens"] == 0
+
+
+def test_a_corrector_told_to_read_tokens_that_never_come_says_so():
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    from rclpy.parameter import Parameter
+
+    from effvla_ros.nodes.chunk_corrector import ChunkCorrectorNode
+
+    from ros_helpers import spinner, wait_for
+
+    with spinner() as sp:
+        corrector = sp.add(ChunkCorrectorNode(context=sp.context, parameter_overrides=[
+            Parameter("checkpoint", value=str(CKPT)), Parameter("correction.enabled", value=True),
+            Parameter("visual_source", value="compressor")]))
+        seen: list[DiagnosticStatus] = []
+        t = sp.node("diag_listener")
+        t.create_subscription(DiagnosticArray, "/diagnostics",
+                              lambda m: seen.extend(s for s in m.status if s.name == "effvla/chunk_corrector"), 10)
+        wait_for(lambda: seen, 10)
+        assert seen[-1].level == DiagnosticStatus.OK  # at start: no complaint yet
+        corrector._started -= 10.0  # as if 10 s had passed without a token message
+        wait_for(lambda: seen[-1].level == DiagnosticStatus.WARN, 10)
+        assert "all_tokens" in seen[-1].message

@@ -89,6 +89,43 @@ def test_files_round_trip_and_refusals(tmp_path):
         CorrectionHead.load(tmp_path)
 
 
+def test_an_ensemble_averages_its_members_and_round_trips(tmp_path):
+    head = _head(visual=True, members=3)
+    assert len(head.member_modules()) == 3
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(2)
+    chunk, vis = torch.randn(4, 10, 6, generator=g), torch.randn(4, 2, 4, 8, generator=g)
+    rows, q = torch.tensor([0, 3, 9, 10]), torch.randn(4, 6, generator=g)
+    each = [head(chunk, rows, q, q, vis, member=k) for k in range(3)]
+    assert not torch.allclose(each[0], each[1])  # the members differ ...
+    assert torch.allclose(head(chunk, rows, q, q, vis), torch.stack(each).mean(0))  # ... and are averaged
+    head.save(tmp_path)
+    assert json.loads((tmp_path / HEAD_META).read_text())["members"] == 3
+    back = CorrectionHead.load(tmp_path)
+    assert torch.equal(back(chunk, rows, q, q, vis), head(chunk, rows, q, q, vis))
+    # member 0 keeps a single head's parameter names: its weights load into a one-member head
+    single = _head(visual=True)
+    single.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("extra.")})
+    assert torch.equal(single(chunk, rows, q, q, vis), each[0])
+    with pytest.raises(ValueError, match="members"):
+        _head(members=0)
+
+
+def test_ensemble_training_fits_every_member_and_member_0_is_the_single_heads():
+    data = _synthetic(n_eps=20)
+    single, _ = train_head(data, chunk_size=10, steps=80, batch=64, hidden=16, seed=3)
+    ens, rec = train_head(data, chunk_size=10, steps=80, batch=64, hidden=16, seed=3, members=2)
+    assert rec["members"] == 2 and ens.spec.members == 2
+    q = torch.from_numpy(data.q[:5])
+    chunk, rows = torch.from_numpy(data.chunks[:5]), torch.arange(5)
+    assert torch.allclose(ens(chunk, rows, q, q, member=0), single(chunk, rows, q, q))
+    m1 = ens(chunk, rows, q, q, member=1)
+    assert m1.abs().sum() > 0 and not torch.allclose(m1, single(chunk, rows, q, q))  # trained, from its own seed
+    assert rec["held_out_after"]["corrected_rmse_arm"] < rec["held_out_before"]["base_rmse_arm"]
+
+
 def _synthetic(n_eps: int = 40, t: int = 30, seed: int = 0) -> CorrectionData:
     """Chunks whose rows drift from where the arm really is; the demonstrator's action pulls half the way back
     toward the measured joints: target residual = 0.5 * (q_now - base[j])."""

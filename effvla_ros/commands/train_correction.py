@@ -44,6 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, metavar="NPZ",
                         help="cache of the collected samples: read if it exists, else written")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--state-dims", default="",
+                        help="comma-separated joints whose measured positions the head sees (default: all)")
+    parser.add_argument("--members", type=int, default=1,
+                        help="an ensemble of N heads, each trained from its own seed, residuals averaged (default 1)")
+    parser.add_argument("--state-noise", type=float, default=0.0,
+                        help="std of Gaussian noise added to the joint-position inputs while training, in units of "
+                             "each joint's action std (the closed loop's joints are not the demonstrations'; "
+                             "default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,9 +73,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         offsets = [int(x) for x in args.offsets.split(",") if x.strip()]
         dims = [int(d) for d in args.dims.split(",") if d.strip()]
+        state_dims = [int(d) for d in args.state_dims.split(",") if d.strip()]
     except ValueError:
         print(f"effvla train-correction: --offsets {args.offsets!r} / --dims {args.dims!r}: comma-separated integers",
               file=sys.stderr)
+        return 2
+    if args.members < 1:
+        print(f"effvla train-correction: --members {args.members} must be at least 1", file=sys.stderr)
+        return 2
+    if not args.state_noise >= 0.0:
+        print(f"effvla train-correction: --state-noise {args.state_noise} must be >= 0", file=sys.stderr)
         return 2
     if not 0 <= args.min_lag <= args.max_lag:  # before minutes of collection, not after
         print(f"effvla train-correction: --min-lag {args.min_lag} must lie in 0..--max-lag ({args.max_lag})",
@@ -102,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     head, record = train_head(data, chunk_size=policy.arch.chunk_size, steps=args.steps, batch=args.batch, lr=args.lr,
                               hidden=args.hidden, seed=args.seed, use_state=not args.no_state,
-                              dims=dims, max_lag=args.max_lag, min_lag=args.min_lag, log=print)
+                              dims=dims, max_lag=args.max_lag, min_lag=args.min_lag,
+                              state_noise=args.state_noise, members=args.members,
+                              state_dims=state_dims, log=print)
     head.spec.trained = {"checkpoint": str(args.checkpoint), "demos": [str(d) for d in args.demos],
                          "setting": setting.name, "stride": args.stride, "offsets": offsets, **record}
     out = head.save(args.out or args.checkpoint)

@@ -76,6 +76,8 @@ class HeadSpec:
     use_state: bool = True  # the measured joint positions (now and at the chunk's observation) as inputs
     max_lag: int = 0  # > 0: trained on observations 0..max_lag steps older than the corrected row, told which
     dims: list[int] = field(default_factory=list)  # the action dimensions corrected (empty: all); others pass
+    state_dims: list[int] = field(default_factory=list)  # joints whose measured positions are inputs (empty: all)
+    members: int = 1  # > 1: an ensemble of that many MLPs (trained from different seeds), residuals averaged
     trained: dict[str, Any] = field(default_factory=dict)  # how (for the record)
 
     @property
@@ -93,13 +95,15 @@ class HeadSpec:
         return n
 
     def validate(self) -> None:
-        for name in ("action_dim", "chunk_size", "hidden", "layers"):
+        for name in ("action_dim", "chunk_size", "hidden", "layers", "members"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"correction head: {name} {getattr(self, name)!r} must be at least 1")
         if self.visual and (self.visual_tokens < 1 or self.visual_dim < 1 or self.visual_width < 1):
             raise ValueError("correction head: cameras given without visual_tokens / visual_dim / visual_width")
         if int(self.max_lag) < 0:
             raise ValueError(f"correction head: max_lag {self.max_lag} must be >= 0")
+        if any(not 0 <= int(d) < self.action_dim for d in self.state_dims):
+            raise ValueError(f"correction head: state_dims {self.state_dims} must lie in 0..{self.action_dim - 1}")
         if any(not 0 <= int(d) < self.action_dim for d in self.dims):
             raise ValueError(f"correction head: dims {self.dims} must lie in 0..{self.action_dim - 1}")
 
@@ -122,24 +126,44 @@ class CorrectionHead(nn.Module):
         mask = torch.zeros(a) if spec.dims else torch.ones(a)
         mask[list(spec.dims)] = 1.0
         self.register_buffer("mask", mask)  # 1 on the corrected dimensions
-        self.vis_proj = nn.Linear(spec.visual_dim, spec.visual_width) if spec.visual else None
+        # member 0 keeps the names of a single head (vis_proj, body, out): a one-member file loads as before
+        self.vis_proj, self.body, self.out = self._mlp(spec)
+        self.extra = nn.ModuleList(nn.ModuleList([m for m in self._mlp(spec) if m is not None])
+                                   for _ in range(spec.members - 1))
+
+    @staticmethod
+    def _mlp(spec: HeadSpec) -> tuple[nn.Linear | None, nn.Sequential, nn.Linear]:
+        vis_proj = nn.Linear(spec.visual_dim, spec.visual_width) if spec.visual else None
         dims = [spec.input_dim()] + [spec.hidden] * (spec.layers - 1)
         mods: list[nn.Module] = []
         for i in range(len(dims) - 1):
             mods += [nn.Linear(dims[i], dims[i + 1]), nn.LayerNorm(dims[i + 1]), nn.SiLU()]
-        self.body = nn.Sequential(*mods)
-        self.out = nn.Linear(dims[-1], a)
-        nn.init.zeros_(self.out.weight)  # a new head corrects nothing
-        nn.init.zeros_(self.out.bias)
+        out = nn.Linear(dims[-1], spec.action_dim)
+        nn.init.zeros_(out.weight)  # a new head corrects nothing
+        nn.init.zeros_(out.bias)
+        return vis_proj, nn.Sequential(*mods), out
+
+    def member_modules(self) -> list[tuple[nn.Linear | None, nn.Sequential, nn.Linear]]:
+        """(vis_proj, body, out) of each ensemble member (one for a single head)."""
+        out: list[tuple[nn.Linear | None, nn.Sequential, nn.Linear]] = [(self.vis_proj, self.body, self.out)]
+        for m in self.extra:
+            mods = list(m.children())  # [vis_proj,] body, out
+            out.append((mods[0] if len(mods) == 3 else None, mods[-2], mods[-1]))  # type: ignore[arg-type]
+        return out
+
+    def member_parameters(self, k: int) -> list[nn.Parameter]:
+        """The parameters of member ``k`` (what one training run fits)."""
+        return [p for mod in self.member_modules()[k] if mod is not None for p in mod.parameters()]
 
     def norm(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
 
     def features(self, chunk: Tensor, index: Tensor, q_now: Tensor, q_obs: Tensor,
-                 visual: Tensor | None = None, lag: Tensor | None = None) -> Tensor:
+                 visual: Tensor | None = None, lag: Tensor | None = None, member: int = 0) -> Tensor:
         """chunk (B, H, A) raw actions; index (B,) long rows (>= H: past the end); q_now, q_obs (B, A) raw joint
         positions; visual (B, C, N, D) connector tokens of the newest frames; lag (B,) long: how many steps older
-        than the row ``q_now`` and ``visual`` are (heads with ``max_lag``; None: 0). Returns (B, F)."""
+        than the row ``q_now`` and ``visual`` are (heads with ``max_lag``; None: 0); ``member``: whose visual
+        projection (ensembles). Returns (B, F)."""
         h = self.spec.chunk_size
         b = chunk.shape[0]
         row = index.clamp(0, h - 1)
@@ -150,11 +174,16 @@ class CorrectionHead(nn.Module):
         parts = [base, cn.flatten(1), onehot, frac]
         if self.spec.use_state:
             qn, qo = self.norm(q_now), self.norm(q_obs)                      # (B, A)
+            if self.spec.state_dims:  # the other joints' measurements hidden (0 = their mean)
+                keep = torch.zeros(qn.shape[1], dtype=qn.dtype)
+                keep[list(self.spec.state_dims)] = 1.0
+                qn, qo = qn * keep, qo * keep
             parts += [qn, qo, base - qn]
-        if self.vis_proj is not None:
+        vis_proj = self.member_modules()[member][0]
+        if vis_proj is not None:
             if visual is None:
                 raise ValueError("correction head: this head takes the newest camera frames (visual)")
-            parts.append(self.vis_proj(visual).flatten(1))                  # (B, C * N * W)
+            parts.append(vis_proj(visual).flatten(1))                       # (B, C * N * W)
         if self.spec.max_lag > 0:
             lag = torch.zeros_like(index) if lag is None else lag
             parts.append(torch.nn.functional.one_hot(lag.clamp(0, self.spec.max_lag),
@@ -162,9 +191,13 @@ class CorrectionHead(nn.Module):
         return torch.cat(parts, dim=1)
 
     def forward(self, chunk: Tensor, index: Tensor, q_now: Tensor, q_obs: Tensor,
-                visual: Tensor | None = None, lag: Tensor | None = None) -> Tensor:
-        """The residual in normalized units (B, A)."""
-        return self.out(self.body(self.features(chunk, index, q_now, q_obs, visual, lag))) * self.mask
+                visual: Tensor | None = None, lag: Tensor | None = None, member: int | None = None) -> Tensor:
+        """The residual in normalized units (B, A): the mean over the ensemble's members, or member ``member``'s."""
+        members = self.member_modules()
+        ks = range(len(members)) if member is None else [int(member)]
+        r = torch.stack([members[k][2](members[k][1](self.features(chunk, index, q_now, q_obs, visual, lag, k)))
+                         for k in ks]).mean(0)
+        return r * self.mask
 
     # ------------------------------------------------------------------------------------------ files
     def save(self, directory: str | Path) -> Path:

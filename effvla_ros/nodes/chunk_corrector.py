@@ -8,7 +8,12 @@ executing chunk, for every row of that chunk the executor has not committed yet,
 (``~/action_correction``, effvla_ros/ActionCorrection). The chunk executor adds each row's newest residual to that
 row when it commits it, within its limits (``ChunkExecutorCore.on_correction``).
 
-Subscribes the camera images (``image_topic``, sensor-data QoS), ``joint_states``, the policy's ``~/action_chunk``
+``visual_source``: ``images`` (default) encodes the camera images itself, one full vision pass per frame set;
+``compressor`` reads every token the token compressor already computed for those frames (``~/all_tokens``, published
+with its ``publish_all_tokens``), so a frame set costs the head alone. The compressor's tokens carry its patch reuse
+(unchanged patches' tokens come from earlier frames) and its dtype; the head was trained on fresh float32 encodes.
+
+Subscribes the camera images (``image_topic``, sensor-data QoS) or ``~/all_tokens``, ``joint_states``, the policy's ``~/action_chunk``
 (the chunks, their actions and observation stamps) and the executor's ``~/execution_feedback`` (which chunk runs,
 what is committed); publishes ``~/action_correction`` and ``/diagnostics``.
 
@@ -38,14 +43,16 @@ from effvla_ros.core.observation import (
     ImageError,
     StateError,
     StateSpec,
+    TokenError,
     checkpoint_joint_names,
+    decode_tokens,
     resolve_state_spec,
     state_at,
 )
 from effvla_ros.core.params import ConfigBase, param
 from effvla_ros.core.smolvla.config import DTYPE_CHOICES, RuntimeConfig
 from effvla_ros.core.target_check import check_device
-from effvla_ros.msg import ActionChunk, ActionCorrection, ExecutionFeedback
+from effvla_ros.msg import ActionChunk, ActionCorrection, ExecutionFeedback, VisualTokens
 from effvla_ros.nodes.common import (
     PIPELINE_QOS,
     SENSOR_QOS,
@@ -75,6 +82,10 @@ class CorrectorNodeConfig(ConfigBase):
     cameras: list[str] = param(read_only=True, default_factory=lambda: ["scene", "wrist"],
                                description="camera names (= the checkpoint's observation.images.<name>)")
     image_topic: str = param("camera/{camera}/image_raw", read_only=True, description="image topic per camera")
+    visual_source: str = param("images", choices=("images", "compressor"), read_only=True,
+                               description="images: encode the camera images (a full vision pass per frame set); "
+                                           "compressor: every token the token compressor computed for them "
+                                           "(~/all_tokens; its publish_all_tokens must be true)")
     joint_states_topic: str = param("joint_states", read_only=True, description="sensor_msgs/JointState topic")
     state_joint_names: list[str] = param(read_only=True, default_factory=list,
                                          description="joints forming the state, in order (empty: the checkpoint's)")
@@ -99,14 +110,16 @@ class ChunkCorrectorNode(WorkerNode):
         self.params = ConfigParameters(self, CorrectionConfig(), prefix="correction.", on_change=self._on_change)
         cfg = self.node_params.config
         self._cv = threading.Condition()
-        self._frames: dict[str, Image] = {}
+        self._frames: dict[str, Image | VisualTokens] = {}  # per camera, the newest (images or all tokens)
         self._states: deque[tuple[float, JointState]] = deque(maxlen=1024)
         self._chunks: OrderedDict[int, ActionChunk] = OrderedDict()
         self._feedback: ExecutionFeedback | None = None
         self._last_stamp = -1.0
         self.counts = {"published": 0, "frame_sets": 0, "no_chunk": 0, "unknown_chunk": 0, "nothing_left": 0,
-                       "no_state": 0, "nonfinite": 0, "bad_image": 0}
+                       "no_state": 0, "nonfinite": 0, "bad_image": 0, "bad_tokens": 0}
         self._last: dict[str, float] = {}
+        self._tokens_seen = False
+        self._started = time.monotonic()
         self.corrector: ChunkCorrector | None = None
         self.params.check = self._check
         if not self.params.config.enabled:
@@ -133,9 +146,12 @@ class ChunkCorrectorNode(WorkerNode):
                            StateSpec(arch.state_dim, (), by_position=True, source="no state_joint_names"))
         self.pub = self.create_publisher(ActionCorrection, "~/action_correction", PIPELINE_QOS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        for cam in cfg.cameras:
-            self.create_subscription(Image, cfg.image_topic.format(camera=cam),
-                                     lambda m, c=cam: self._on_image(c, m), SENSOR_QOS)
+        if cfg.visual_source == "compressor":
+            self.create_subscription(VisualTokens, "~/all_tokens", self._on_tokens, PIPELINE_QOS)
+        else:
+            for cam in cfg.cameras:
+                self.create_subscription(Image, cfg.image_topic.format(camera=cam),
+                                         lambda m, c=cam: self._on_image(c, m), SENSOR_QOS)
         self.create_subscription(JointState, cfg.joint_states_topic, self._on_state, 10)
         self.create_subscription(ActionChunk, "~/action_chunk", self._on_chunk, PIPELINE_QOS)
         self.create_subscription(ExecutionFeedback, "~/execution_feedback", self._on_feedback, PIPELINE_QOS)
@@ -163,6 +179,14 @@ class ChunkCorrectorNode(WorkerNode):
             self._frames[cam] = msg
             self._cv.notify()
 
+    def _on_tokens(self, msg: VisualTokens) -> None:
+        self._tokens_seen = True
+        if msg.camera_name not in self.node_params.config.cameras or msg.camera_missing:
+            return  # a missing camera: no frame set until it is back
+        with self._cv:
+            self._frames[msg.camera_name] = msg
+            self._cv.notify()
+
     def _on_state(self, msg: JointState) -> None:
         with self._cv:
             self._states.append((stamp_to_sec(msg.header.stamp), msg))
@@ -186,7 +210,7 @@ class ChunkCorrectorNode(WorkerNode):
             self._last_stamp = -1.0
 
     # ------------------------------------------------------------------ worker
-    def _frame_set(self) -> tuple[float, dict[str, Image]] | None:
+    def _frame_set(self) -> tuple[float, dict[str, Image | VisualTokens]] | None:
         """The newest frames of every camera when they are one new observation (stamps within the tolerance)."""
         cfg = self.node_params.config
         if any(c not in self._frames for c in cfg.cameras):
@@ -243,13 +267,9 @@ class ChunkCorrectorNode(WorkerNode):
             self.get_logger().warning("no joint state stamped with the frames or the chunk's observation; no "
                                       "correction", throttle_duration_sec=5.0)
             return
-        try:
-            rgb = {c: image_to_rgb(m) for c, m in frames.items()}
-        except ImageError as e:
-            self.counts["bad_image"] += 1
-            self.get_logger().warning(f"invalid image: {e}", throttle_duration_sec=5.0)
+        visual = self._visual(frames) if self.corrector.needs_visual else None
+        if self.corrector.needs_visual and visual is None:
             return
-        visual = encode_frames(self.policy, rgb) if self.corrector.needs_visual else None
         actions = torch.as_tensor(np.asarray(chunk.actions, dtype=np.float32)).reshape(h, a)
         # the frames' own row of the chunk: row i's residual comes from an observation i - obs_row steps older
         # (a lag-aware head is told so; the executor reports the age it measured when it commits the row)
@@ -275,6 +295,33 @@ class ChunkCorrectorNode(WorkerNode):
         self._last = {"compute_ms": msg.compute_ms, "rows": float(msg.num_rows),
                       "mean_abs_residual": float(res.abs().mean()) if res.numel() else 0.0}
 
+    def _visual(self, frames: dict[str, Image | VisualTokens]) -> dict[str, torch.Tensor] | None:
+        """camera -> the head's tokens (N, D) of a frame set: encoded here, or the compressor's (every token of the
+        grid, in grid order); None (counted, logged) when a frame or a token message is unusable."""
+        if self.node_params.config.visual_source == "images":
+            try:
+                rgb = {c: image_to_rgb(m) for c, m in frames.items()}  # type: ignore[arg-type]
+            except ImageError as e:
+                self.counts["bad_image"] += 1
+                self.get_logger().warning(f"invalid image: {e}", throttle_duration_sec=5.0)
+                return None
+            return encode_frames(self.policy, rgb)
+        out: dict[str, torch.Tensor] = {}
+        n = int(self.corrector.head.spec.visual_tokens) if self.corrector is not None else 0
+        for c, m in frames.items():
+            try:
+                tok = decode_tokens(m.dtype, bytes(m.data), list(m.kept_indices),  # type: ignore[union-attr]
+                                    (int(m.grid_height), int(m.grid_width)), int(m.token_dim))  # type: ignore[union-attr]
+                if tok.tokens.shape[0] != n or not torch.equal(tok.kept, torch.arange(n)):
+                    raise TokenError(f"{tok.tokens.shape[0]} tokens, the head takes all {n} of the grid in order "
+                                     "(the compressor's ~/all_tokens, not its pruned ~/visual_tokens)")
+            except TokenError as e:
+                self.counts["bad_tokens"] += 1
+                self.get_logger().warning(f"camera {c}: unusable tokens: {e}", throttle_duration_sec=5.0)
+                return None
+            out[c] = tok.tokens
+        return out
+
     # ------------------------------------------------------------------ diagnostics
     def _publish_diagnostics(self) -> None:
         arr = DiagnosticArray()
@@ -283,6 +330,12 @@ class ChunkCorrectorNode(WorkerNode):
         st.level, st.message = DiagnosticStatus.OK, "ok" if self.params.config.enabled else "off (correction.enabled)"
         if self.counts["nonfinite"] or self.counts["no_state"]:
             st.level, st.message = DiagnosticStatus.WARN, "corrections skipped (no state or non-finite head output)"
+        if (self.corrector is not None and self.node_params.config.visual_source == "compressor"
+                and not self._tokens_seen and time.monotonic() - self._started > 5.0):
+            st.level, st.message = DiagnosticStatus.WARN, "no tokens on ~/all_tokens"
+            self.get_logger().warning(
+                "visual_source is 'compressor' but nothing arrived on ~/all_tokens: set the token compressor's "
+                "publish_all_tokens: true (or visual_source: images); nothing is corrected", throttle_duration_sec=10.0)
         vals = {**{k: str(v) for k, v in self.counts.items()}, **{k: f"{v:.4f}" for k, v in self._last.items()}}
         st.values = [KeyValue(key=k, value=v) for k, v in vals.items()]
         arr.status.append(st)

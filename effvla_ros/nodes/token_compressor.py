@@ -73,6 +73,9 @@ class CompressorNodeConfig(ConfigBase):
     num_threads: int = param(0, min=0, max=64, read_only=True, description="torch CPU threads (0 = default)")
     adaptive_threads: bool = param(False, read_only=True,
                                    description="lower the torch threads before each stage call to the cores other processes leave free (/proc/stat), at most num_threads: no OpenMP spinning against a busy CPU")
+    publish_all_tokens: bool = param(False, description="also publish every token of each frame, before pruning, "
+                                                        "on ~/all_tokens (what the chunk_corrector's visual_source "
+                                                        "'compressor' reads instead of encoding the frames again)")
     backend: str = param("eager", choices=tuple(BACKENDS), read_only=True,
                          description="stage backend of the encoder: eager, packed (x86 oneDNN pre-packed weights, also "
                                      "for patch reuse), compiled (torch.compile, full frames), cudagraph / "
@@ -151,6 +154,7 @@ class TokenCompressorNode(WorkerNode):
         self._log_throttle = Throttle(2.0)
 
         self.pub = self.create_publisher(VisualTokens, "~/visual_tokens", PIPELINE_QOS)
+        self.all_pub = self.create_publisher(VisualTokens, "~/all_tokens", PIPELINE_QOS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         for cam in cfg.cameras:
             topic = cfg.image_topic.format(camera=cam)
@@ -290,6 +294,16 @@ class TokenCompressorNode(WorkerNode):
         vt.encoder_flops_full = int(out.encoder_flops_full)
         vt.encode_time_ms = float(out.time_s * 1e3)
         self.pub.publish(vt)
+        if cfg.publish_all_tokens:  # every token of the grid, in grid order (the kept ones as published above)
+            full = VisualTokens()
+            full.header, full.camera_name, full.camera_missing, full.frame_seq = msg.header, cam, False, slot.seq
+            full.grid_height, full.grid_width = out.grid
+            full.token_dim, full.dtype = vt.token_dim, cfg.wire_dtype
+            full.kept_indices = list(range(int(out.all_tokens.shape[0])))
+            full.data = encode_tokens(out.all_tokens, cfg.wire_dtype).tobytes()
+            full.encoder_flops, full.encoder_flops_full = vt.encoder_flops, vt.encoder_flops_full
+            full.encode_time_ms = vt.encode_time_ms
+            self.all_pub.publish(full)
         now = time.monotonic()
         slot.rates.append(now)
         slot.seq += 1

@@ -203,10 +203,12 @@ def _errors(head: CorrectionHead, data: CorrectionData, idx: np.ndarray, lag: in
 def train_head(data: CorrectionData, *, chunk_size: int, steps: int = 4000, batch: int = 512, lr: float = 1e-3,
                hidden: int = 256, layers: int = 3, visual_width: int = 8, use_state: bool = True,
                dims: Sequence[int] = (), max_lag: int = 0, min_lag: int = 0, val_fraction: float = 0.1, seed: int = 0,
-               log: Callable[[str], None] | None = None) -> tuple[CorrectionHead, dict[str, Any]]:
+               state_noise: float = 0.0, members: int = 1, state_dims: Sequence[int] = (), log: Callable[[str], None] | None = None) -> tuple[CorrectionHead, dict[str, Any]]:
     """Fit a head to ``data``; returns it and the training record (held-out errors before and after, per lag).
     ``max_lag`` > 0: each sample's observation is ``min_lag``..``max_lag`` frames older than its row (uniform), and
-    the head is told the lag (for a graph that commits rows before they run: the chunk_corrector's lag is 1)."""
+    the head is told the lag (for a graph that commits rows before they run: the chunk_corrector's lag is 1).
+    ``members`` > 1: an ensemble, each member fitted on its own from its own seed (``seed``, then ``[seed, k]``),
+    the residuals averaged; the held-out errors are the ensemble's."""
     if not 0 <= min_lag <= max_lag:
         raise ValueError(f"min_lag {min_lag} must lie in 0..max_lag ({max_lag})")
     rng = np.random.default_rng(seed)
@@ -221,35 +223,43 @@ def train_head(data: CorrectionData, *, chunk_size: int, steps: int = 4000, batc
     spec = HeadSpec(action_dim=a, chunk_size=chunk_size, hidden=hidden, layers=layers,
                     cameras=list(data.cameras) if data.visual is not None else [],
                     visual_tokens=int(vis_shape[1]), visual_dim=int(vis_shape[2]), visual_width=visual_width,
-                    use_state=use_state, dims=[int(d) for d in dims], max_lag=int(max_lag))
+                    use_state=use_state, dims=[int(d) for d in dims], max_lag=int(max_lag), members=int(members),
+                    state_dims=[int(d) for d in state_dims])
     head = CorrectionHead(spec)
     train_frames = np.isin(data.episode, [e for e in eps if e not in val_eps])
     head.mean.copy_(torch.from_numpy(data.action[train_frames].mean(0)))
     head.std.copy_(torch.from_numpy(np.maximum(data.action[train_frames].std(0), 1e-3)))
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     lags = range(int(min_lag), int(max_lag) + 1)
     before = {lag: _errors(head, data, val, lag) for lag in lags}
     t0 = time.perf_counter()
     head.train()
-    for step in range(steps):
-        idx = rng.choice(tr, size=min(batch, len(tr)), replace=False)
-        lag = rng.integers(int(min_lag), int(max_lag) + 1, size=len(idx)) if max_lag else None
-        chunk, j, qn, qo, vis, target, lg = _batch(data, idx, lag)
-        loss = torch.nn.functional.mse_loss(head(chunk, j, qn, qo, vis, lg), target / head.std * head.mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if log and (step % 500 == 0 or step == steps - 1):
-            log(f"step {step}: loss {float(loss.detach()):.4f}")
+    for k in range(int(members)):
+        mrng = rng if k == 0 else np.random.default_rng([int(seed), k])
+        params = head.member_parameters(k)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+        for step in range(steps):
+            idx = mrng.choice(tr, size=min(batch, len(tr)), replace=False)
+            lag = mrng.integers(int(min_lag), int(max_lag) + 1, size=len(idx)) if max_lag else None
+            chunk, j, qn, qo, vis, target, lg = _batch(data, idx, lag)
+            if state_noise > 0.0:  # the closed loop's joints differ from the demonstrations' (normalized units)
+                qn = qn + torch.randn_like(qn) * state_noise * head.std
+                qo = qo + torch.randn_like(qo) * state_noise * head.std
+            out = head(chunk, j, qn, qo, vis, lg, member=k)
+            loss = torch.nn.functional.mse_loss(out, target / head.std * head.mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            if log and (step % 500 == 0 or step == steps - 1):
+                log(f"{f'member {k} ' if members > 1 else ''}step {step}: loss {float(loss.detach()):.4f}")
     head.eval()
     after = {lag: _errors(head, data, val, lag) for lag in lags}
     record = {"samples": int(len(tr)), "held_out_samples": int(len(val)), "episodes": int(len(eps)),
               "held_out_episodes": sorted(int(e) for e in val_eps), "steps": steps, "batch": batch, "lr": lr,
               "max_lag": int(max_lag), "train_s": time.perf_counter() - t0,
-              "min_lag": int(min_lag),
+              "min_lag": int(min_lag), "state_noise": float(state_noise), "members": int(members),
               # the smallest lag's at the top level (lag 0 as before); every lag's under held_out_by_lag
               "held_out_before": before[int(min_lag)], "held_out_after": after[int(min_lag)],
               "held_out_by_lag": {str(lag): {"before": before[lag], "after": after[lag]} for lag in lags}}
