@@ -73,7 +73,7 @@ def plot(reports: list[tuple[str, dict[str, Any]]], path: str, title: str) -> No
         color = f"C{list(METHODS).index(method) % 10}" if method in METHODS else None  # one colour per method
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o" if r == 0 else "s", capsize=2, label=f"{label}: {method}",
                     color=color,
-                    linestyle="-" if r == 0 else "--", linewidth=2.2 if method in ("no_rtc", "trained", "a2c2") else 1.0,
+                    linestyle="-" if r == 0 else "--", linewidth=2.2 if method in ("no_rtc", "trained", "a2c2", "a2c2_compressor") else 1.0,
                     markersize=4)
     ax.set_xlabel("emulated inference delay d [control steps at 10 Hz]")
     ax.set_ylabel("success [%] (95 % Wilson interval)")
@@ -133,9 +133,10 @@ def main() -> int:
     if "trained" in methods and not arch.rtc_trained_max_delay:
         print(f"bench_delay_curve: {args.checkpoint} was not trained with training-time RTC: 'trained' skipped")
         methods.remove("trained")
-    if "a2c2" in methods and not (Path(args.checkpoint) / HEAD_META).is_file():
-        print(f"bench_delay_curve: {args.checkpoint} has no correction head: 'a2c2' skipped")
-        methods.remove("a2c2")
+    for m in [m for m in methods if METHODS[m].get("correction.enabled")]:
+        if not (Path(args.checkpoint) / HEAD_META).is_file():
+            print(f"bench_delay_curve: {args.checkpoint} has no correction head: {m!r} skipped")
+            methods.remove(m)
     delays = [int(d) for d in args.delays.split(",")]
     lag = {"exec.correction_lag": args.correction_lag}
     settings = [make_setting(setting_name(m, d), {**COMPRESSION, **METHODS[m], "exec.delay_steps": d,

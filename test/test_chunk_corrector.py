@@ -96,10 +96,48 @@ def _frames(seed: int) -> dict[str, np.ndarray]:
     return {c: rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for c in ("scene", "wrist")}
 
 
+class _Robot:
+    """The robot side of a node test: joint states and camera frames stamped with the test node's clock."""
+
+    def __init__(self, t, q: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+        from sensor_msgs.msg import Image, JointState
+
+        from effvla_ros.nodes.common import SENSOR_QOS
+
+        self.t, self.q, self._image, self._state = t, q, Image, JointState
+        self.js = t.create_publisher(JointState, "/joint_states", 10)
+        self.cams = {c: t.create_publisher(Image, f"camera/{c}/image_raw", SENSOR_QOS) for c in ("scene", "wrist")}
+
+    def now(self) -> float:
+        return self.t.get_clock().now().nanoseconds * 1e-9
+
+    def state(self) -> None:
+        from effvla_ros.nodes.common import sec_to_stamp
+
+        m = self._state(name=JOINTS, position=self.q.tolist())
+        m.header.stamp = sec_to_stamp(self.now())
+        self.js.publish(m)
+
+    def settle(self) -> float:
+        """A short history of joint states; returns an observation time inside it."""
+        for _ in range(20):
+            self.state()
+            time.sleep(0.02)
+        return self.now() - 0.01
+
+    def frames(self, frames: dict[str, np.ndarray]) -> None:
+        from effvla_ros.nodes.common import sec_to_stamp
+
+        stamp = sec_to_stamp(self.now())
+        for c, pub in self.cams.items():
+            img = self._image(height=64, width=64, encoding="rgb8", step=64 * 3, data=frames[c].tobytes())
+            img.header.stamp = stamp
+            pub.publish(img)
+
+
 def test_corrector_node_publishes_the_heads_residuals_and_the_executor_applies_them():
     import rclpy  # noqa: F401
     from rclpy.parameter import Parameter
-    from sensor_msgs.msg import Image, JointState
 
     from effvla_ros.core.correction import CorrectionConfig, encode_frames, load_corrector
     from effvla_ros.msg import ActionChunk, ActionCorrection
@@ -119,7 +157,7 @@ def test_corrector_node_publishes_the_heads_residuals_and_the_executor_applies_t
         ex_name = executor.get_fully_qualified_name()
         co_name = corrector.get_fully_qualified_name()
         t = sp.node("corrector_test")
-        from effvla_ros.nodes.common import PIPELINE_QOS, SENSOR_QOS
+        from effvla_ros.nodes.common import PIPELINE_QOS
 
         got: list[ActionCorrection] = []
         t.create_subscription(ActionCorrection, f"{co_name}/action_correction", got.append, PIPELINE_QOS)
@@ -131,22 +169,9 @@ def test_corrector_node_publishes_the_heads_residuals_and_the_executor_applies_t
         fb_pub = t.create_publisher(ExecutionFeedback, f"{co_name}/execution_feedback", PIPELINE_QOS)
         t.create_subscription(ExecutionFeedback, f"{ex_name}/feedback", fb_pub.publish, PIPELINE_QOS)
         chunk_pubs = [t.create_publisher(ActionChunk, f"{n}/action_chunk", PIPELINE_QOS) for n in (ex_name, co_name)]
-        js = t.create_publisher(JointState, "/joint_states", 10)
-        cams = {c: t.create_publisher(Image, f"camera/{c}/image_raw", SENSOR_QOS) for c in ("scene", "wrist")}
         q = np.array([0.0, -0.5, 0.6, 0.3, 0.0, 1.0])
-
-        def now_s() -> float:
-            return t.get_clock().now().nanoseconds * 1e-9
-
-        def publish_state() -> None:
-            m = JointState(name=JOINTS, position=q.tolist())
-            m.header.stamp = sec_to_stamp(now_s())
-            js.publish(m)
-
-        for _ in range(20):
-            publish_state()
-            time.sleep(0.02)
-        t_obs = now_s() - 0.01
+        robot = _Robot(t, q)
+        t_obs = robot.settle()
         actions = q[None, :] + np.linspace(0.0, 0.2, 10)[:, None] * np.array([1, 1, 1, 1, 1, 0])
         chunk = ActionChunk(chunk_id=1, joint_names=JOINTS, num_actions=10, action_dim=6,
                             actions=actions.reshape(-1).tolist())
@@ -158,12 +183,8 @@ def test_corrector_node_publishes_the_heads_residuals_and_the_executor_applies_t
         frames = _frames(3)
         deadline = time.monotonic() + 20
         while not got and time.monotonic() < deadline:
-            publish_state()
-            stamp = sec_to_stamp(now_s())
-            for c, pub in cams.items():
-                img = Image(height=64, width=64, encoding="rgb8", step=64 * 3, data=frames[c].tobytes())
-                img.header.stamp = stamp
-                pub.publish(img)
+            robot.state()
+            robot.frames(frames)
             time.sleep(0.05)
         assert got, "no ActionCorrection published"
         m = got[0]
@@ -215,13 +236,12 @@ def test_corrector_reads_every_token_the_compressor_computed_instead_of_encoding
     those tokens, and they are the frames' encoder output (fp16 on the wire), not the pruned subset."""
     import torch
     from rclpy.parameter import Parameter
-    from sensor_msgs.msg import Image, JointState
 
     from effvla_ros.core.correction import CorrectionConfig, encode_frames, load_corrector
     from effvla_ros.core.observation import decode_tokens
     from effvla_ros.msg import ActionChunk, ActionCorrection, ExecutionFeedback, VisualTokens
     from effvla_ros.nodes.chunk_corrector import ChunkCorrectorNode
-    from effvla_ros.nodes.common import PIPELINE_QOS, SENSOR_QOS, sec_to_stamp
+    from effvla_ros.nodes.common import PIPELINE_QOS, sec_to_stamp
     from effvla_ros.nodes.token_compressor import TokenCompressorNode
 
     from ros_helpers import spinner, wait_for
@@ -249,25 +269,12 @@ def test_corrector_reads_every_token_the_compressor_computed_instead_of_encoding
         t.create_subscription(VisualTokens, f"{comp_name}/all_tokens", on_full, PIPELINE_QOS)
         fb_pub = t.create_publisher(ExecutionFeedback, f"{co_name}/execution_feedback", PIPELINE_QOS)
         chunk_pub = t.create_publisher(ActionChunk, f"{co_name}/action_chunk", PIPELINE_QOS)
-        js = t.create_publisher(JointState, "/joint_states", 10)
-        cams = {c: t.create_publisher(Image, f"camera/{c}/image_raw", SENSOR_QOS) for c in ("scene", "wrist")}
         from std_msgs.msg import String
 
         instr = t.create_publisher(String, "instruction", 10)  # task pruning needs the instruction
         q = np.array([0.1, -0.4, 0.5, 0.2, 0.0, 0.8])
-
-        def now_s() -> float:
-            return t.get_clock().now().nanoseconds * 1e-9
-
-        def publish_state() -> None:
-            m = JointState(name=JOINTS, position=q.tolist())
-            m.header.stamp = sec_to_stamp(now_s())
-            js.publish(m)
-
-        for _ in range(20):
-            publish_state()
-            time.sleep(0.02)
-        t_obs = now_s() - 0.01
+        robot = _Robot(t, q)
+        t_obs = robot.settle()
         actions = q[None, :] + np.linspace(0.0, 0.3, 10)[:, None] * np.array([1, -1, 1, 1, 1, 0])
         chunk = ActionChunk(chunk_id=7, joint_names=JOINTS, num_actions=10, action_dim=6,
                             actions=actions.reshape(-1).tolist())
@@ -281,12 +288,8 @@ def test_corrector_reads_every_token_the_compressor_computed_instead_of_encoding
         while (not got or not pruned) and time.monotonic() < deadline:
             instr.publish(String(data="put the red cube on the plate"))
             fb_pub.publish(fb)
-            publish_state()
-            stamp = sec_to_stamp(now_s())
-            for c, pub in cams.items():
-                img = Image(height=64, width=64, encoding="rgb8", step=64 * 3, data=frames[c].tobytes())
-                img.header.stamp = stamp
-                pub.publish(img)
+            robot.state()
+            robot.frames(frames)
             time.sleep(0.1)
         assert got, "no ActionCorrection from the compressor's tokens"
         m = got[0]
@@ -311,6 +314,7 @@ def test_corrector_reads_every_token_the_compressor_computed_instead_of_encoding
         res = np.asarray(m.residuals).reshape(8, 6)
         assert np.allclose(res, want.double().numpy(), atol=1e-5) and np.abs(res[:, :5]).max() > 1e-4
         assert corrector.counts["bad_tokens"] == 0
+        assert corrector.policy is None  # it read the checkpoint's shapes, not its weights
 
 
 def test_a_corrector_told_to_read_tokens_that_never_come_says_so():

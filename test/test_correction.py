@@ -217,6 +217,51 @@ def test_eval_sim_applies_the_head_at_every_step(tmp_path, capsys):
     assert "no correction head" in capsys.readouterr().err
 
 
+def test_eval_sim_with_compressor_tokens_runs_the_compressor_on_every_frame(tmp_path, monkeypatch):
+    """correction_tokens=compressor emulates the chunk_corrector's visual_source compressor: the compressor encodes
+    every frame and the head gets its tokens before pruning; no separate encode of the frames."""
+    from effvla_ros.commands import eval_sim
+    from effvla_ros.core.compression.compressor import TokenCompressor
+    from effvla_ros.train import evaluate
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(CKPT, ckpt, ignore=shutil.ignore_patterns("eval_*.json", "train_log*.json"))
+    calls = {"process": 0, "encode_frames": 0}
+    real_process, real_encode = TokenCompressor.process, evaluate.encode_frames
+
+    def process(self, *a, **kw):  # type: ignore[no-untyped-def]
+        calls["process"] += 1
+        return real_process(self, *a, **kw)
+
+    def encode(*a, **kw):  # type: ignore[no-untyped-def]
+        calls["encode_frames"] += 1
+        return real_encode(*a, **kw)
+
+    monkeypatch.setattr(TokenCompressor, "process", process)
+    monkeypatch.setattr(evaluate, "encode_frames", encode)
+    p = argparse.ArgumentParser()
+    eval_sim.add_arguments(p)
+    threads = torch.get_num_threads()
+    counts = {}
+    try:
+        for tokens in ("fresh", "compressor"):
+            calls.update(process=0, encode_frames=0)
+            out = tmp_path / f"{tokens}.json"
+            args = p.parse_args(["--checkpoint", str(ckpt), "--episodes", "1", "--max-steps", "6", "--quiet",
+                                 "--threads", "1", "--sweep",
+                                 f"correction.enabled=true+correction_lag=1+correction_tokens={tokens}",
+                                 "--out", str(out)])
+            assert eval_sim.run(args) == 0
+            rep = json.loads(out.read_text())["settings"][-1]
+            assert rep["episode_results"][0]["per_inference"]["correction_abs_arm"] > 0.0  # the head acted
+            counts[tokens] = dict(calls)
+    finally:
+        torch.set_num_threads(threads)
+    # the baseline (no correction) runs first in both: 2 observations x 2 cameras; then the corrected setting
+    assert counts["fresh"]["encode_frames"] == 6 and counts["fresh"]["process"] == 4 + 4
+    assert counts["compressor"]["encode_frames"] == 0 and counts["compressor"]["process"] == 4 + 2 * 6
+
+
 def test_lag_aware_training_takes_the_observation_lag_frames_before_the_row():
     from effvla_ros.train.correction import _batch
 

@@ -17,6 +17,7 @@ from effvla_ros.core.smolvla import (
     build_random_policy,
     build_tiny_tokenizer,
     load_policy,
+    read_arch,
     save_policy,
     tiny_arch,
 )
@@ -167,6 +168,21 @@ def test_tiny_build_save_reload_round_trip(tmp_path):
     # normalization statistics survive the round trip and matter
     assert torch.equal(reloaded.normalizer.stats["action"]["std"], stats["action"]["std"])
     assert (a - policy.predict_action_chunk(obs, noise=noise).actions_normalized).abs().max() > 0.1
+
+
+def test_read_arch_gives_load_policys_architecture_without_the_weights(tmp_path):
+    # a checkpoint whose weights change what the config says (4 -> 2 VLM layers): the shapes decide, as in load_policy
+    policy = build_random_policy(tiny_arch(num_vlm_layers=2), tokenizer=build_tiny_tokenizer(), seed=1)
+    d = save_policy(policy, tmp_path / "two_layers")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_vlm_layers"] = 4
+    (d / "config.json").write_text(json.dumps(cfg))
+    arch = read_arch(d)
+    assert arch == load_policy(d, runtime=RuntimeConfig()).arch and arch.num_vlm_layers == 2
+    golden = _copy_ckpt(tmp_path)  # LeRobot's own files
+    assert read_arch(golden, vlm_dir=GOLDEN / "vlm") == load_policy(golden, vlm_dir=GOLDEN / "vlm").arch
+    with pytest.raises(CheckpointError, match="config.json"):
+        read_arch(tmp_path)
 
 
 def test_training_loss_backpropagates_to_expert():

@@ -56,8 +56,8 @@ def a2c2_curve() -> dict[str, dict[str, dict[str, float]]]:
 
 def test_the_curves_have_every_method_at_every_delay_on_100_episodes(curves) -> None:  # type: ignore[no-untyped-def]
     # a2c2 (per-step correction) has its own report, measured side by side with no RTC on another machine
-    assert set(curves["rtc"]) == set(METHODS) - {"a2c2"}
-    assert set(curves["pruned"]) == set(METHODS) - {"trained", "a2c2"}  # not trained for it: refused by rtc.mode
+    assert set(curves["rtc"]) == set(METHODS) - {"a2c2", "a2c2_compressor"}
+    assert set(curves["pruned"]) == set(METHODS) - {"trained", "a2c2", "a2c2_compressor"}  # not trained for it
     for c in curves.values():
         for method, pts in c.items():
             assert sorted(map(int, pts)) == [0, 1, 2, 3, 5], method
@@ -72,9 +72,13 @@ def test_each_layer_runs_the_best_measured_rtc_at_its_delay(curve, a2c2_curve, t
 
     rtc = {f"rtc.{k}": v for k, v in RTCConfig.from_dict({k[4:]: v for k, v in params.items()
                                                          if k.startswith("rtc.")}, strict=False).to_dict().items()}
-    corrected = bool(node_params(files, "chunk_corrector").get("correction.enabled", False))
+    corrector = node_params(files, "chunk_corrector")
+    corrected = bool(corrector.get("correction.enabled", False))
     d = str(DESIGN_DELAY[target, sim])
-    chosen = method_of({**rtc, "correction.enabled": corrected})
+    chosen = method_of({**rtc, "correction.enabled": corrected,
+                        "correction.visual_source": corrector.get("visual_source", "images")})
+    if chosen == "a2c2_compressor":  # the corrector reads tokens: the compressor must publish them
+        assert node_params(files, "token_compressor").get("publish_all_tokens") is True
     backend = str(params.get("backend", "eager"))
     assert _runs_on(chosen, backend, sim), f"{target} (sim={sim}): {chosen} cannot run on its backend {backend}"
     # the candidates: every method of the default checkpoint's curve the layer can run, and the per-step correction
@@ -82,10 +86,10 @@ def test_each_layer_runs_the_best_measured_rtc_at_its_delay(curve, a2c2_curve, t
     measured = {m: int(p[d]["successes"]) for m, p in curve.items() if _runs_on(m, backend, sim)}
     side = {f"{m} (a2c2 report)": int(p[d]["successes"]) for m, p in a2c2_curve.items() if _runs_on(m, backend, sim)}
     best, best_method = max((v, m) for m, v in {**measured, **side}.items())
-    got = int((a2c2_curve if chosen == "a2c2" else curve)[chosen][d]["successes"])
+    got = int((a2c2_curve if chosen.startswith("a2c2") else curve)[chosen][d]["successes"])
     assert got >= best - NOISE, (f"{target} (sim={sim}) runs {chosen}: {got}/100 at d={d}; {best_method} measured "
                                  f"{best}/100 there")
-    if chosen == "a2c2":  # and it must not lose to the no RTC measured beside it
+    if chosen.startswith("a2c2"):  # and it must not lose to the no RTC measured beside it
         assert got >= int(a2c2_curve["no_rtc"][d]["successes"])
 
 
@@ -94,12 +98,15 @@ def test_the_correction_curve_is_complete_and_measured_at_the_graphs_lag() -> No
 
     report = json.loads(A2C2_CURVE.read_text())
     c = curve_of(report)
-    assert set(c) == {"no_rtc", "a2c2"}
+    assert set(c) == {"no_rtc", "a2c2", "a2c2_compressor"}
     for pts in c.values():
         assert sorted(map(int, pts)) == [0, 1, 2, 3, 5] and all(p["episodes"] == 100 for p in pts.values())
     for s in report["settings"]:  # the lag the chunk_corrector has in the graph, which the head was trained for
-        if s["name"].startswith("a2c2@"):
+        if s["name"].startswith("a2c2"):
             assert s["correction_lag"] == A2C2_LAG
+            # (runs before the option existed encoded the frames afresh)
+            assert s.get("correction_tokens", "fresh") == ("compressor" if s["name"].startswith("a2c2_compressor@")
+                                                           else "fresh")
     head = CorrectionHead.load(A2C2_CURVE.parent)
     assert head.spec.max_lag >= A2C2_LAG and head.spec.trained["min_lag"] <= A2C2_LAG
     assert method_of({"rtc.enabled": False, "rtc.mode": "guided", "correction.enabled": True}) == "a2c2"
@@ -110,7 +117,7 @@ def _runs_on(method: str, backend: str, sim: bool = True) -> bool:
     ``caps.vjp``). The per-step correction (the chunk_corrector node) needs a head trained for the checkpoint and a
     full vision pass per frame set: only the simulated robot's layers, which run the bundled checkpoint and its head,
     can (a real-size pass is 0.2 s per camera on the x86 CPU, packed bf16: docs/benchmarks.md)."""
-    if method == "a2c2":
+    if method.startswith("a2c2"):
         return sim
     if METHODS[method].get("rtc.guidance") != "vjp":
         return True
@@ -134,10 +141,10 @@ def test_base_yaml_quotes_the_curves(curves) -> None:  # type: ignore[no-untyped
 def test_sim_yaml_quotes_the_correction_curves() -> None:
     """config/sim.yaml quotes no RTC and A2C2 over both 100-seed blocks (successes of 200 at d = 0/1/2/3/5)."""
     text = (REPO / "config" / "sim.yaml").read_text()
-    quoted = dict(re.findall(r"#\s+(no_rtc|a2c2)\s+(\d+/\d+/\d+/\d+/\d+)\b", text))
+    quoted = dict(re.findall(r"#\s+(no_rtc|a2c2|a2c2_compressor)\s+(\d+/\d+/\d+/\d+/\d+)\b", text))
     blocks = [curve_of(json.loads(p.read_text())) for p in (A2C2_CURVE, A2C2_CURVE.with_name(
         "eval_delay_curve_a2c2_next100.json"))]
-    assert set(quoted) == {"no_rtc", "a2c2"}
+    assert set(quoted) == {"no_rtc", "a2c2", "a2c2_compressor"}
     for method, row in quoted.items():
         measured = "/".join(str(sum(int(b[method][d]["successes"]) for b in blocks)) for d in ("0", "1", "2", "3", "5"))
         assert row == measured, (method, row, measured)

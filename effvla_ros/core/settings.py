@@ -65,6 +65,11 @@ class ExecConfig(ConfigBase):
     correction_lag: int = param(0, min=0, max=10000,
                                 description="correction.*: the observation a step's correction sees is this many "
                                             "control steps old (the graph commits a step before it runs)")
+    correction_tokens: str = param("fresh", choices=("fresh", "compressor"),
+                                   description="correction.*: the head's frame tokens: fresh (a full encode of each "
+                                               "frame) or compressor (the token compressor runs on every frame and "
+                                               "its tokens before pruning are used: the chunk_corrector's "
+                                               "visual_source compressor)")
 
 
 GROUPS: dict[str, type[ConfigBase]] = {
@@ -79,7 +84,7 @@ GROUPS: dict[str, type[ConfigBase]] = {
 }
 ALIASES: dict[str, str] = {"num_steps": "inference.num_steps", "count_flops": "inference.count_flops",
                            "horizon": "exec.horizon", "delay_steps": "exec.delay_steps",
-                           "correction_lag": "exec.correction_lag"}
+                           "correction_lag": "exec.correction_lag", "correction_tokens": "exec.correction_tokens"}
 # switch of each group: (field, value that turns the group on)
 SWITCHES: dict[str, tuple[str, Any]] = {
     "pruning": ("method", "task"),

@@ -10,7 +10,8 @@ row when it commits it, within its limits (``ChunkExecutorCore.on_correction``).
 
 ``visual_source``: ``images`` (default) encodes the camera images itself, one full vision pass per frame set;
 ``compressor`` reads every token the token compressor already computed for those frames (``~/all_tokens``, published
-with its ``publish_all_tokens``), so a frame set costs the head alone. The compressor's tokens carry its patch reuse
+with its ``publish_all_tokens``), so a frame set costs the head alone and the node holds no model weights (only the
+checkpoint's shapes are read). The compressor's tokens carry its patch reuse
 (unchanged patches' tokens come from earlier frames) and its dtype; the head was trained on fresh float32 encodes.
 
 Subscribes the camera images (``image_topic``, sensor-data QoS) or ``~/all_tokens``, ``joint_states``, the policy's ``~/action_chunk``
@@ -50,6 +51,7 @@ from effvla_ros.core.observation import (
     state_at,
 )
 from effvla_ros.core.params import ConfigBase, param
+from effvla_ros.core.smolvla import read_arch
 from effvla_ros.core.smolvla.config import DTYPE_CHOICES, RuntimeConfig
 from effvla_ros.core.target_check import check_device
 from effvla_ros.msg import ActionChunk, ActionCorrection, ExecutionFeedback, VisualTokens
@@ -128,13 +130,17 @@ class ChunkCorrectorNode(WorkerNode):
         if not cfg.checkpoint:
             raise ValueError("checkpoint: parameter is empty; set it to a local LeRobot SmolVLA checkpoint directory")
         check_device(cfg.device)
-        self.policy = shared_policy(cfg.checkpoint, cfg.vlm_dir or None,
-                                    RuntimeConfig(device=cfg.device, vision_dtype=cfg.vision_dtype,
-                                                  num_threads=cfg.num_threads))
-        arch = self.policy.arch
-        unknown = [c for c in cfg.cameras if c not in self.policy.cameras]
+        self.policy: Any = None
+        if cfg.visual_source == "images":  # the vision encoder runs here
+            self.policy = shared_policy(cfg.checkpoint, cfg.vlm_dir or None,
+                                        RuntimeConfig(device=cfg.device, vision_dtype=cfg.vision_dtype,
+                                                      num_threads=cfg.num_threads))
+            arch = self.policy.arch
+        else:  # the compressor's tokens: only the shapes are needed, no weight is read
+            arch = read_arch(cfg.checkpoint, vlm_dir=cfg.vlm_dir or None)
+        unknown = [c for c in cfg.cameras if c not in arch.cameras]
         if unknown:
-            raise ValueError(f"cameras: {unknown} not in the checkpoint's cameras {self.policy.cameras}")
+            raise ValueError(f"cameras: {unknown} not in the checkpoint's cameras {list(arch.cameras)}")
         try:
             self.corrector = load_corrector(cfg.checkpoint, self.params.config)
             self.corrector.check(arch.chunk_size, int(arch.action_dim), list(cfg.cameras))

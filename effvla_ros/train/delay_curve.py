@@ -14,7 +14,9 @@ defaults are checked against it (``test/test_rtc_defaults.py``). The methods, ea
 * ``a2c2`` - no RTC, and every executed action corrected by the checkpoint's correction head (A2C2, arXiv 2509.23224;
   :mod:`effvla_ros.core.correction`) from the measured joints and the frames of :data:`A2C2_LAG` steps before it (the
   ``chunk_corrector`` node's lag in the graph); needs ``correction_head.*`` beside the checkpoint (``effvla
-  train-correction``).
+  train-correction``);
+* ``a2c2_compressor`` - the same with the head reading the token compressor's tokens of every frame (before
+  pruning) instead of a fresh encode (the chunk_corrector's ``visual_source: compressor``).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "guided_vjp_b5_exp": {**_GUIDED, "rtc.guidance": "vjp", "rtc.max_guidance_weight": 5.0, "rtc.schedule": "exp"},
     "trained": {"rtc.enabled": True, "rtc.mode": "trained"},
     "a2c2": {"rtc.enabled": False, "correction.enabled": True},
+    "a2c2_compressor": {"rtc.enabled": False, "correction.enabled": True, "exec.correction_tokens": "compressor"},
 }
 #: the observation lag (control steps) of the per-step correction in the graph: the chunk_corrector's residuals
 #: from the frames of step k reach rows from k + 1 on, row k being committed already (the chunk executor's
@@ -52,7 +55,8 @@ def method_of(params: Mapping[str, Any]) -> str:
     """The :data:`METHODS` name of the policy parameters ``params`` (``rtc.*``, flattened, defaults applied);
     ValueError if they are no measured method."""
     if params.get("correction.enabled"):
-        return "a2c2" if not params["rtc.enabled"] else f"a2c2 with rtc ({params['rtc.mode']})"
+        name = "a2c2_compressor" if params.get("correction.visual_source") == "compressor" else "a2c2"
+        return name if not params["rtc.enabled"] else f"{name} with rtc ({params['rtc.mode']})"
     if not params["rtc.enabled"]:
         return "no_rtc"
     if params["rtc.mode"] == "trained":

@@ -25,7 +25,9 @@ Timeline (control step ``k``, execution horizon ``E``, emulated inference delay 
 With ``correction.enabled`` (A2C2, :mod:`effvla_ros.core.correction`) the action of every control step is the
 executing chunk's row plus the residual of the checkpoint's correction head, computed at that step from the
 measured joint positions, the chunk's observation state, the row (steps since the chunk's observation) and, for a
-head with camera input, the frames rendered at that step through the policy's own vision encoder. With
+head with camera input, the frames rendered at that step through the policy's own vision encoder (with
+``exec.correction_tokens`` compressor: the token compressor runs on every frame, as in the graph, and its tokens
+before pruning are used, as the chunk_corrector's ``visual_source: compressor`` does). With
 ``exec.correction_lag`` L the joints and frames are those of L steps before (never older than the chunk's own
 observation; a head trained with ``max_lag`` is told the lag): the graph's ``chunk_corrector`` corrects a row from
 the frames of the step before it (that step's row is committed by then; the chunk executor measures the age).
@@ -236,6 +238,7 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
     next_obs = 0
     obs_step = -1
     images: dict[str, Any] = {}
+    all_tokens: dict[str, Any] = {}  # the compressor's tokens before pruning of the last observation
     seen: dict[int, tuple[Any, Any]] = {}  # step -> (joint positions, encoded frames) the correction may use
     stats: dict[str, list[float]] = {}
 
@@ -279,6 +282,7 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
             for cam in arch.cameras:
                 out = compressor.process(cam, rgb_to_tensor(images[cam]))
                 cams[cam] = compressed_to_camera_tokens(out)
+                all_tokens[cam] = out.all_tokens.clone()  # the compressor updates its cache in place
                 enc_flops += out.encoder_flops
                 enc_full += out.encoder_flops_full
                 kept += int(out.kept.numel())
@@ -324,7 +328,15 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
         action = cur.actions[min(k - cur_start, h_chunk - 1)].detach().cpu()
         if corrector is not None:
             visual = None
-            if corrector.needs_visual:  # the newest frames (rendered above when this step observed)
+            if corrector.needs_visual and setting.execution.correction_tokens == "compressor":
+                # the graph's compressor encodes every frame; the corrector reads its tokens before pruning
+                if k == obs_step:
+                    visual = dict(all_tokens)
+                else:
+                    frames = env.render_all()
+                    visual = {c: compressor.process(c, rgb_to_tensor(frames[c])).all_tokens.clone()
+                              for c in arch.cameras}
+            elif corrector.needs_visual:  # the newest frames (rendered above when this step observed)
                 frames = images if k == obs_step else env.render_all()
                 visual = encode_frames(policy, {c: frames[c] for c in arch.cameras})
             seen[k] = (env.joint_positions(), visual)
@@ -396,7 +408,8 @@ def summarize(setting: Setting, results: Sequence[EpisodeResult], *, default_hor
         "name": setting.name,
         "changes": setting.effective_changes(),
         "horizon": h or default_horizon, "delay_steps": d,
-        **({"correction_lag": setting.execution.correction_lag} if setting.correction.enabled else {}),
+        **({"correction_lag": setting.execution.correction_lag,
+            "correction_tokens": setting.execution.correction_tokens} if setting.correction.enabled else {}),
         "episodes": n,
         "successes": len(succ),
         "success_rate": len(succ) / n if n else math.nan,

@@ -14,6 +14,7 @@ from .checkpoint import (
     CheckpointError,
     build_random_policy,
     load_policy,
+    read_arch,
     resolve_vlm_dir,
     save_policy,
 )
@@ -40,6 +41,6 @@ __all__ = [
     "CheckpointError", "ChunkResult", "DenoiseResult", "ExpertLayerContext", "ExpertPlan", "ImageEncoding", "Normalizer",
     "PrefillLayerInfo", "PrefillStop", "PrefixCache", "RuntimeConfig", "SmolVLAArch", "SmolVLAPolicy",
     "SmolVLAWeights", "StageStats", "StepInfo", "VisualTokens", "build_random_policy",
-    "build_tiny_tokenizer", "build_weights", "load_policy", "randomize_", "resolve_vlm_dir", "save_policy",
+    "build_tiny_tokenizer", "build_weights", "load_policy", "randomize_", "read_arch", "resolve_vlm_dir", "save_policy",
     "smolvla_450m_arch", "tiny_arch", "to_dtype",
 ]

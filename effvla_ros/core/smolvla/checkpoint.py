@@ -198,13 +198,8 @@ def _arch_from_weights(arch: SmolVLAArch, sd: dict[str, Tensor]) -> SmolVLAArch:
     return new
 
 
-def load_policy(checkpoint_dir: str | os.PathLike[str], *, vlm_dir: str | os.PathLike[str] | None = None,
-                runtime: RuntimeConfig | None = None, strict: bool = True) -> SmolVLAPolicy:
-    """Load a LeRobot SmolVLA checkpoint directory (safetensors only) into a :class:`SmolVLAPolicy`.
-
-    ``runtime=None`` runs it as LeRobot does: with ``load_vlm_weights=true`` in config.json (pretrained
-    VLM, e.g. lerobot/smolvla_base and its fine-tunes) the VLM is bf16 and the expert fp32, else fp32.
-    """
+def _checkpoint_files(checkpoint_dir: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], Path]:
+    """The directory, its config.json and its model.safetensors path, checked (CheckpointError names the file)."""
     d = Path(checkpoint_dir)
     if not d.is_dir():
         raise CheckpointError(f"checkpoint directory {d} does not exist")
@@ -218,6 +213,30 @@ def load_policy(checkpoint_dir: str | os.PathLike[str], *, vlm_dir: str | os.Pat
     model_path = d / "model.safetensors"
     if not model_path.is_file():
         raise CheckpointError(f"{d} has no model.safetensors (the policy weights)")
+    return d, cfg, model_path
+
+
+def read_arch(checkpoint_dir: str | os.PathLike[str], *, vlm_dir: str | os.PathLike[str] | None = None) -> SmolVLAArch:
+    """The architecture :func:`load_policy` would build, without reading a weight: the shapes come from the
+    safetensors header (a node that needs only the shapes, such as a chunk_corrector reading the compressor's tokens,
+    does not hold the model)."""
+    d, cfg, model_path = _checkpoint_files(checkpoint_dir)
+    with safe_open(str(model_path), framework="pt") as f:
+        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+    vlm_cfg, _ = load_vlm_files(resolve_vlm_dir(cfg.get("vlm_model_name", SmolVLAArch.vlm_model_name),
+                                                vlm_dir=vlm_dir, checkpoint_dir=d))
+    return _arch_from_weights(SmolVLAArch.from_vlm_config(vlm_cfg, **SmolVLAArch.policy_fields_from_lerobot(cfg)),
+                              shapes)
+
+
+def load_policy(checkpoint_dir: str | os.PathLike[str], *, vlm_dir: str | os.PathLike[str] | None = None,
+                runtime: RuntimeConfig | None = None, strict: bool = True) -> SmolVLAPolicy:
+    """Load a LeRobot SmolVLA checkpoint directory (safetensors only) into a :class:`SmolVLAPolicy`.
+
+    ``runtime=None`` runs it as LeRobot does: with ``load_vlm_weights=true`` in config.json (pretrained
+    VLM, e.g. lerobot/smolvla_base and its fine-tunes) the VLM is bf16 and the expert fp32, else fp32.
+    """
+    d, cfg, model_path = _checkpoint_files(checkpoint_dir)
     sd = read_safetensors(model_path)
 
     vlm_name = cfg.get("vlm_model_name", SmolVLAArch.vlm_model_name)
