@@ -114,9 +114,10 @@ def test_the_correction_curve_is_complete_and_measured_at_the_graphs_lag() -> No
 
 def _runs_on(method: str, backend: str, sim: bool = True) -> bool:
     """Whether the nodes on ``backend`` can run ``method`` (VJP guidance needs autograd through the expert:
-    ``caps.vjp``). The per-step correction (the chunk_corrector node) needs a head trained for the checkpoint and a
-    full vision pass per frame set: only the simulated robot's layers, which run the bundled checkpoint and its head,
-    can (a real-size pass is 0.2 s per camera on the x86 CPU, packed bf16: docs/benchmarks.md)."""
+    ``caps.vjp``). The per-step correction (the chunk_corrector node) needs a head trained for the checkpoint: only the
+    simulated robot's layers, which run the bundled checkpoint and its head, can (with ``visual_source: images`` it
+    also needs a vision pass per frame set, 0.2 s per camera at real size on the x86 CPU; with ``compressor`` the token
+    compressor's tokens: docs/benchmarks.md)."""
     if method.startswith("a2c2"):
         return sim
     if METHODS[method].get("rtc.guidance") != "vjp":
