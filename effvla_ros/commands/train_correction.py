@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
         dims = [int(d) for d in args.dims.split(",") if d.strip()]
         state_dims = [int(d) for d in args.state_dims.split(",") if d.strip()]
     except ValueError:
-        print(f"effvla train-correction: --offsets {args.offsets!r} / --dims {args.dims!r}: comma-separated integers",
-              file=sys.stderr)
+        print(f"effvla train-correction: --offsets {args.offsets!r} / --dims {args.dims!r} / --state-dims "
+              f"{args.state_dims!r}: comma-separated integers", file=sys.stderr)
         return 2
     if args.members < 1:
         print(f"effvla train-correction: --members {args.members} must be at least 1", file=sys.stderr)

@@ -108,16 +108,45 @@ class HeadSpec:
             raise ValueError(f"correction head: dims {self.dims} must lie in 0..{self.action_dim - 1}")
 
 
-class CorrectionHead(nn.Module):
-    """The residual MLP (shapes in comments: B samples, A action dims, H chunk rows, C cameras, N tokens, D width)."""
+class _Member(nn.Module):
+    """One MLP of an ensemble: the visual projection (heads with cameras), the body and the output layer."""
+
+    def __init__(self, spec: HeadSpec) -> None:
+        super().__init__()
+        self.vis_proj = nn.Linear(spec.visual_dim, spec.visual_width) if spec.visual else None
+        dims = [spec.input_dim()] + [spec.hidden] * (spec.layers - 1)
+        mods: list[nn.Module] = []
+        for i in range(len(dims) - 1):
+            mods += [nn.Linear(dims[i], dims[i + 1]), nn.LayerNorm(dims[i + 1]), nn.SiLU()]
+        self.body = nn.Sequential(*mods)
+        self.out = nn.Linear(dims[-1], spec.action_dim)
+        nn.init.zeros_(self.out.weight)  # a new head corrects nothing
+        nn.init.zeros_(self.out.bias)
+
+    def residual(self, before: list[Tensor], visual: Tensor | None, after: list[Tensor]) -> Tensor:
+        """The member's output from the shared input features around its own visual projection: (B, A)."""
+        parts = list(before)
+        if self.vis_proj is not None:
+            if visual is None:
+                raise ValueError("correction head: this head takes the newest camera frames (visual)")
+            parts.append(self.vis_proj(visual).flatten(1))                  # (B, C * N * W)
+        return self.out(self.body(torch.cat(parts + after, dim=1)))
+
+
+class CorrectionHead(_Member):
+    """The residual MLP (shapes in comments: B samples, A action dims, H chunk rows, C cameras, N tokens, D width).
+
+    The head is its ensemble's member 0 (its ``vis_proj``, ``body`` and ``out`` keep a single head's parameter
+    names, so a one-member file loads as before); members 1.. are ``extra``."""
 
     mean: Tensor
     std: Tensor
     mask: Tensor
+    state_keep: Tensor
 
     def __init__(self, spec: HeadSpec) -> None:
-        super().__init__()
         spec.validate()
+        super().__init__(spec)
         self.spec = spec
         a = spec.action_dim
         # statistics of the demonstrations' actions (also for joint positions), filled by training or loading
@@ -126,44 +155,26 @@ class CorrectionHead(nn.Module):
         mask = torch.zeros(a) if spec.dims else torch.ones(a)
         mask[list(spec.dims)] = 1.0
         self.register_buffer("mask", mask)  # 1 on the corrected dimensions
-        # member 0 keeps the names of a single head (vis_proj, body, out): a one-member file loads as before
-        self.vis_proj, self.body, self.out = self._mlp(spec)
-        self.extra = nn.ModuleList(nn.ModuleList([m for m in self._mlp(spec) if m is not None])
-                                   for _ in range(spec.members - 1))
+        keep = torch.zeros(a) if spec.state_dims else torch.ones(a)
+        keep[list(spec.state_dims)] = 1.0
+        self.register_buffer("state_keep", keep, persistent=False)  # 1 on the joints whose measurements it sees
+        self.extra = nn.ModuleList(_Member(spec) for _ in range(spec.members - 1))
 
-    @staticmethod
-    def _mlp(spec: HeadSpec) -> tuple[nn.Linear | None, nn.Sequential, nn.Linear]:
-        vis_proj = nn.Linear(spec.visual_dim, spec.visual_width) if spec.visual else None
-        dims = [spec.input_dim()] + [spec.hidden] * (spec.layers - 1)
-        mods: list[nn.Module] = []
-        for i in range(len(dims) - 1):
-            mods += [nn.Linear(dims[i], dims[i + 1]), nn.LayerNorm(dims[i + 1]), nn.SiLU()]
-        out = nn.Linear(dims[-1], spec.action_dim)
-        nn.init.zeros_(out.weight)  # a new head corrects nothing
-        nn.init.zeros_(out.bias)
-        return vis_proj, nn.Sequential(*mods), out
-
-    def member_modules(self) -> list[tuple[nn.Linear | None, nn.Sequential, nn.Linear]]:
-        """(vis_proj, body, out) of each ensemble member (one for a single head)."""
-        out: list[tuple[nn.Linear | None, nn.Sequential, nn.Linear]] = [(self.vis_proj, self.body, self.out)]
-        for m in self.extra:
-            mods = list(m.children())  # [vis_proj,] body, out
-            out.append((mods[0] if len(mods) == 3 else None, mods[-2], mods[-1]))  # type: ignore[arg-type]
-        return out
+    def member_modules(self) -> list[_Member]:
+        """Each ensemble member (the head alone for a single head)."""
+        return [self, *self.extra]
 
     def member_parameters(self, k: int) -> list[nn.Parameter]:
         """The parameters of member ``k`` (what one training run fits)."""
-        return [p for mod in self.member_modules()[k] if mod is not None for p in mod.parameters()]
+        m = self.member_modules()[k]
+        return [p for mod in (m.vis_proj, m.body, m.out) if mod is not None for p in mod.parameters()]
 
     def norm(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
 
-    def features(self, chunk: Tensor, index: Tensor, q_now: Tensor, q_obs: Tensor,
-                 visual: Tensor | None = None, lag: Tensor | None = None, member: int = 0) -> Tensor:
-        """chunk (B, H, A) raw actions; index (B,) long rows (>= H: past the end); q_now, q_obs (B, A) raw joint
-        positions; visual (B, C, N, D) connector tokens of the newest frames; lag (B,) long: how many steps older
-        than the row ``q_now`` and ``visual`` are (heads with ``max_lag``; None: 0); ``member``: whose visual
-        projection (ensembles). Returns (B, F)."""
+    def _shared(self, chunk: Tensor, index: Tensor, q_now: Tensor, q_obs: Tensor,
+                lag: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+        """The input features every member shares: those before its visual projection and those after."""
         h = self.spec.chunk_size
         b = chunk.shape[0]
         row = index.clamp(0, h - 1)
@@ -171,32 +182,28 @@ class CorrectionHead(nn.Module):
         base = cn[torch.arange(b), row]                                      # (B, A)
         onehot = torch.nn.functional.one_hot(index.clamp(0, h), h + 1).to(cn.dtype)  # (B, H + 1)
         frac = (index.to(cn.dtype) / h).unsqueeze(1)                         # (B, 1)
-        parts = [base, cn.flatten(1), onehot, frac]
+        before = [base, cn.flatten(1), onehot, frac]
         if self.spec.use_state:
-            qn, qo = self.norm(q_now), self.norm(q_obs)                      # (B, A)
-            if self.spec.state_dims:  # the other joints' measurements hidden (0 = their mean)
-                keep = torch.zeros(qn.shape[1], dtype=qn.dtype)
-                keep[list(self.spec.state_dims)] = 1.0
-                qn, qo = qn * keep, qo * keep
-            parts += [qn, qo, base - qn]
-        vis_proj = self.member_modules()[member][0]
-        if vis_proj is not None:
-            if visual is None:
-                raise ValueError("correction head: this head takes the newest camera frames (visual)")
-            parts.append(vis_proj(visual).flatten(1))                       # (B, C * N * W)
+            # joints outside state_dims hidden (0 = their mean)
+            qn, qo = self.norm(q_now) * self.state_keep, self.norm(q_obs) * self.state_keep  # (B, A)
+            before += [qn, qo, base - qn]
+        after: list[Tensor] = []
         if self.spec.max_lag > 0:
             lag = torch.zeros_like(index) if lag is None else lag
-            parts.append(torch.nn.functional.one_hot(lag.clamp(0, self.spec.max_lag),
+            after.append(torch.nn.functional.one_hot(lag.clamp(0, self.spec.max_lag),
                                                      self.spec.max_lag + 1).to(cn.dtype))  # (B, L + 1)
-        return torch.cat(parts, dim=1)
+        return before, after
 
     def forward(self, chunk: Tensor, index: Tensor, q_now: Tensor, q_obs: Tensor,
                 visual: Tensor | None = None, lag: Tensor | None = None, member: int | None = None) -> Tensor:
-        """The residual in normalized units (B, A): the mean over the ensemble's members, or member ``member``'s."""
-        members = self.member_modules()
-        ks = range(len(members)) if member is None else [int(member)]
-        r = torch.stack([members[k][2](members[k][1](self.features(chunk, index, q_now, q_obs, visual, lag, k)))
-                         for k in ks]).mean(0)
+        """The residual in normalized units (B, A): the mean over the ensemble's members, or member ``member``'s.
+
+        chunk (B, H, A) raw actions; index (B,) long rows (>= H: past the end); q_now, q_obs (B, A) raw joint
+        positions; visual (B, C, N, D) connector tokens of the newest frames; lag (B,) long: how many steps older
+        than the row ``q_now`` and ``visual`` are (heads with ``max_lag``; None: 0)."""
+        before, after = self._shared(chunk, index, q_now, q_obs, lag)    # once, whatever the member count
+        members = self.member_modules() if member is None else [self.member_modules()[int(member)]]
+        r = torch.stack([m.residual(before, visual, after) for m in members]).mean(0)
         return r * self.mask
 
     # ------------------------------------------------------------------------------------------ files

@@ -312,8 +312,9 @@ class ChunkCorrectorNode(WorkerNode):
                 self.get_logger().warning(f"invalid image: {e}", throttle_duration_sec=5.0)
                 return None
             return encode_frames(self.policy, rgb)
+        assert self.corrector is not None
         out: dict[str, torch.Tensor] = {}
-        n = int(self.corrector.head.spec.visual_tokens) if self.corrector is not None else 0
+        n = int(self.corrector.head.spec.visual_tokens)
         for c, m in frames.items():
             try:
                 tok = decode_tokens(m.dtype, bytes(m.data), list(m.kept_indices),  # type: ignore[union-attr]

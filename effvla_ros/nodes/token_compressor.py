@@ -27,7 +27,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Empty, String
 
 from effvla_ros.core.backends import BACKENDS, make_backend
-from effvla_ros.core.compression.compressor import ReuseConfig, TokenCompressor
+from effvla_ros.core.compression.compressor import CompressedCamera, ReuseConfig, TokenCompressor
 from effvla_ros.core.compression.pruning import PruningConfig
 from effvla_ros.core.observation import WIRE_DTYPES, compressed_to_rgb, encode_tokens, rgb_to_tensor
 from effvla_ros.core.params import ConfigBase, param
@@ -279,31 +279,12 @@ class TokenCompressorNode(WorkerNode):
             slot.counts["dropped_invalid"] += 1
             self.get_logger().error(f"camera {cam}: encoder produced NaN/Inf; not published", throttle_duration_sec=2.0)
             return
-        vt = VisualTokens()
-        vt.header = msg.header
-        vt.camera_name = cam
-        vt.camera_missing = False
-        vt.frame_seq = slot.seq
-        vt.grid_height, vt.grid_width = out.grid
-        vt.token_dim = int(payload.shape[1])
-        vt.dtype = cfg.wire_dtype
-        vt.kept_indices = out.kept.to(torch.int64).tolist()
-        vt.reused = out.reused.tolist()
-        vt.data = payload.tobytes()
-        vt.encoder_flops = int(out.encoder_flops)
-        vt.encoder_flops_full = int(out.encoder_flops_full)
-        vt.encode_time_ms = float(out.time_s * 1e3)
+        vt = self._tokens_msg(msg, cam, slot.seq, out, payload, out.kept.to(torch.int64).tolist(), out.reused.tolist())
         self.pub.publish(vt)
         if cfg.publish_all_tokens:  # every token of the grid, in grid order (the kept ones as published above)
-            full = VisualTokens()
-            full.header, full.camera_name, full.camera_missing, full.frame_seq = msg.header, cam, False, slot.seq
-            full.grid_height, full.grid_width = out.grid
-            full.token_dim, full.dtype = vt.token_dim, cfg.wire_dtype
-            full.kept_indices = list(range(int(out.all_tokens.shape[0])))
-            full.data = encode_tokens(out.all_tokens, cfg.wire_dtype).tobytes()
-            full.encoder_flops, full.encoder_flops_full = vt.encoder_flops, vt.encoder_flops_full
-            full.encode_time_ms = vt.encode_time_ms
-            self.all_pub.publish(full)
+            n = int(out.all_tokens.shape[0])
+            self.all_pub.publish(self._tokens_msg(msg, cam, slot.seq, out, encode_tokens(out.all_tokens, cfg.wire_dtype),
+                                                  list(range(n)), []))
         now = time.monotonic()
         slot.rates.append(now)
         slot.seq += 1
@@ -314,6 +295,25 @@ class TokenCompressorNode(WorkerNode):
         slot.last = {"kept": len(vt.kept_indices), "reused": int(out.reused.sum()), "time_ms": vt.encode_time_ms,
                      "flops_fraction": out.encoder_flops / max(out.encoder_flops_full, 1),
                      "tokens": out.grid[0] * out.grid[1]}
+
+    def _tokens_msg(self, msg: Image | CompressedImage, cam: str, seq: int, out: CompressedCamera, payload: np.ndarray,
+                    kept: list[int], reused: list[bool]) -> VisualTokens:
+        """A VisualTokens of frame ``msg`` (its header): ``payload`` (K, D) in the wire dtype at grid indices ``kept``."""
+        vt = VisualTokens()
+        vt.header = msg.header
+        vt.camera_name = cam
+        vt.camera_missing = False
+        vt.frame_seq = seq
+        vt.grid_height, vt.grid_width = out.grid
+        vt.token_dim = int(payload.shape[1])
+        vt.dtype = self.node_params.config.wire_dtype
+        vt.kept_indices = kept
+        vt.reused = reused
+        vt.data = payload.tobytes()
+        vt.encoder_flops = int(out.encoder_flops)
+        vt.encoder_flops_full = int(out.encoder_flops_full)
+        vt.encode_time_ms = float(out.time_s * 1e3)
+        return vt
 
     def _check_missing(self) -> None:
         cfg = self.node_params.config

@@ -218,6 +218,10 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
             raise ValueError(f"{setting.name}: correction.enabled needs a policy loaded from a checkpoint directory")
         corrector = load_corrector(policy.source, cfg["correction"])
         corrector.check(h_chunk, int(arch.action_dim), list(arch.cameras))
+    # the head reads the compressor's tokens (before pruning) of every frame, as the chunk_corrector's
+    # visual_source compressor does, instead of a fresh encode
+    compressor_tokens = (corrector is not None and corrector.needs_visual
+                         and setting.execution.correction_tokens == "compressor")
     controller = None
     if budget is not None:
         _check_budget(budget, cfg, compressor.backend, setting.name)
@@ -282,7 +286,8 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
             for cam in arch.cameras:
                 out = compressor.process(cam, rgb_to_tensor(images[cam]))
                 cams[cam] = compressed_to_camera_tokens(out)
-                all_tokens[cam] = out.all_tokens.clone()  # the compressor updates its cache in place
+                if compressor_tokens:
+                    all_tokens[cam] = out.all_tokens.clone()  # the compressor updates its cache in place
                 enc_flops += out.encoder_flops
                 enc_full += out.encoder_flops_full
                 kept += int(out.kept.numel())
@@ -328,8 +333,7 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
         action = cur.actions[min(k - cur_start, h_chunk - 1)].detach().cpu()
         if corrector is not None:
             visual = None
-            if corrector.needs_visual and setting.execution.correction_tokens == "compressor":
-                # the graph's compressor encodes every frame; the corrector reads its tokens before pruning
+            if compressor_tokens:  # the graph's compressor encodes every frame, not only the observed ones
                 if k == obs_step:
                     visual = dict(all_tokens)
                 else:
