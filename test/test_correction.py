@@ -299,3 +299,125 @@ def test_a_lag_aware_head_is_told_each_rows_lag(tmp_path):
     assert rows is not None and rows.shape == (6, 6)
     for i in range(4, 10):
         assert torch.allclose(rows[i - 4], c.residual(chunk, i, q1, q2, lag=i - 3), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ on-policy (DAgger)
+def _sim_env():  # type: ignore[no-untyped-def]
+    from effvla_ros.sim.env import SimConfig, TwoCubePickPlaceEnv
+
+    return TwoCubePickPlaceEnv(SimConfig(image_size=64, cameras=["scene", "wrist"]))
+
+
+def test_the_shadow_expert_completes_the_task_when_its_labels_are_executed():
+    """The labels are the demonstrator's joint targets from the state it is shown: fed back through the joint
+    interface the closed loop uses, they pick and place the cube, every step labelled, grasping where the
+    demonstrations' expert aims (gen-demos --aim-offset)."""
+    from effvla_ros.sim.env import GRASP_AIM_OFFSET
+    from effvla_ros.train.correction import ShadowExpert
+
+    env = _sim_env()
+    try:
+        n_phys = int(round(env.control_dt / env.physics_dt))
+        env.reset(seed=500000)
+        shadow = ShadowExpert(env, aim_offset=GRASP_AIM_OFFSET)
+        cube = env.cube_positions()[env.task.target_cube].copy()
+        aimed = env.aim_point(cube, GRASP_AIM_OFFSET)
+        executed = env.joint_targets().astype(np.float32)
+        usable, at_close = [], None
+        for _ in range(200):
+            executed, ok = shadow.label(executed)
+            usable.append(ok)
+            if at_close is None and float(executed[-1]) < shadow.grip_mid:
+                at_close = np.asarray(env.ik_point_pos)[:2].copy()
+            env.set_joint_targets(executed.astype(np.float64))
+            env.step_physics(n_phys)
+            if env.success:
+                break
+        assert env.success and all(usable) and at_close is not None
+        # closed at the aimed point (0.8 cm off the centre), not at the centre
+        assert np.linalg.norm(at_close - aimed[:2]) < 0.5 * np.linalg.norm(at_close - cube[:2])
+    finally:
+        env.close()
+
+
+def test_the_shadow_expert_follows_the_executed_jaw_and_refuses_what_it_cannot_label():
+    from lerobot_env_so101.scripted.pick_place import Phase
+
+    from effvla_ros.train.correction import ShadowExpert
+
+    env = _sim_env()
+    try:
+        env.reset(seed=500001)
+        shadow = ShadowExpert(env)
+        cmd = env.joint_targets().astype(np.float32)
+        n_phys = int(round(env.control_dt / env.physics_dt))
+        for _ in range(3):  # the expert's own approach for a while
+            cmd, ok = shadow.label(cmd)
+            env.set_joint_targets(cmd.astype(np.float64))
+            env.step_physics(n_phys)
+        assert ok and shadow.ctrl.phase is Phase.HOVER
+        moving, _ = ShadowExpert(env).label(cmd)  # (a fresh expert's next target: still moving)
+        closed = cmd.copy()
+        closed[-1] = float(env.ctrl_range[-1][0])  # the jaw commanded shut in the approach
+        lab, ok = shadow.label(closed)
+        assert ok and shadow.ctrl.phase is Phase.CLOSE  # the expert holds still while the jaw closes
+        assert float(lab[-1]) < shadow.grip_mid
+        here = np.asarray(env.ik_point_pos)  # where the labels' grasp points lie, by forward kinematics:
+        hold, move = (float(np.linalg.norm(env.jaw_points(x)[0] - here)) for x in (lab, moving))
+        assert hold < 0.4 * move  # (one IK solve per step: a hold is not exact) vs a step of the approach
+        lab, ok = shadow.label(cmd)  # opened again before anything was lifted: back to the approach
+        assert ok and shadow.ctrl.phase in (Phase.DESCEND, Phase.CLOSE)
+        shadow._set(Phase.RETREAT)
+        _, ok = shadow.label(closed)  # shut again after the release: nothing to label
+        assert not ok
+    finally:
+        env.close()
+
+
+def test_on_policy_collection_labels_every_step_of_the_closed_loop():
+    """collect_on_policy runs the policy with its correction head (eval-sim's episode) and pairs every row of every
+    chunk with the shadow expert's label of its step, as collect pairs them with the demonstrator's action."""
+    from effvla_ros.train.correction import collect_on_policy
+
+    base = {"correction.enabled": True, "exec.correction_lag": 1}
+    settings = [make_setting(f"d{d}", {**base, "exec.delay_steps": d}, {"num_steps": 2}) for d in (0, 3)]
+    data, infos = collect_on_policy(str(CKPT), settings, [410000, 410001], first_episode=7, max_steps=12)
+    assert [i["steps"] for i in infos] == [12, 12] and [i["setting"] for i in infos] == ["d0", "d3"]
+    assert data.q.shape == (24, 6) and data.action.shape == (24, 6) and sorted(set(data.episode)) == [7, 8]
+    assert data.visual is not None and data.visual.shape[:2] == (24, 2)
+    # the chunks executed, each at its observation's frame (every 5 steps; frames numbered across episodes): at
+    # d = 3 the one observed at step 10 arrives after the 12th step
+    assert data.chunk_frame.tolist() == [0, 5, 10, 12 + 0, 12 + 5]
+    f = data.chunk_frame[data.samples[:, 0]] + data.samples[:, 1]
+    assert f.max() < 24 and np.array_equal(data.episode[f], data.episode[data.chunk_frame[data.samples[:, 0]]])
+    assert len(data) == sum(i["samples"] for i in infos) > 0
+    # the labels move the arm toward the cube from where the policy put it: not the executed chunk's rows
+    assert np.abs(data.action[:, :5] - data.chunks[0, 0, :5]).max() > 1e-3
+
+
+def test_train_correction_records_the_demonstrations_and_refuses_on_policy_without_a_head(tmp_path, capsys):
+    """The head's record names how each demonstration set was generated (the expert's aim: the head learns the
+    demonstrator's grasp point); --on-policy needs a head to roll out and says so."""
+    from effvla_ros.commands import train_correction
+    from effvla_ros.sim import dataset as sim_dataset
+
+    demos = tmp_path / "demos"
+    sim_dataset.generate(demos, 1, image_size=64, seed=9, max_steps=30, keep_failed=True, aim_offset=(0.0, -0.008))
+    p = argparse.ArgumentParser()
+    train_correction.add_arguments(p)
+    threads = torch.get_num_threads()
+    try:
+        args = p.parse_args(["--checkpoint", str(CKPT), "--demos", str(demos), "--out", str(tmp_path / "head"),
+                             "--steps", "3", "--batch", "16", "--dims", "0,1,2,3,4", "--threads", "1",
+                             "--setting", "pruning.keep_ratio=0.5+num_steps=2"])
+        assert train_correction.run(args) == 0
+        rec = json.loads((tmp_path / "head" / HEAD_META).read_text())["trained"]
+        assert rec["demo_sets"] == [{"dir": str(demos), "episodes": 1, "base_seed": 9, "aim_offset": [0.0, -0.008],
+                                     "perturb": False, "regrasp": False}]
+        bare = tmp_path / "bare"  # a checkpoint without a head
+        shutil.copytree(CKPT, bare, ignore=shutil.ignore_patterns("eval_*.json", "train_log*.json", "correction_head*"))
+        args = p.parse_args(["--checkpoint", str(bare), "--demos", str(demos), "--on-policy", "2"])
+        assert train_correction.run(args) == 2
+        assert "--on-policy runs the head beside --checkpoint" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)

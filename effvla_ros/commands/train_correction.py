@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated joints whose measured positions the head sees (default: all)")
     parser.add_argument("--members", type=int, default=1,
                         help="an ensemble of N heads, each trained from its own seed, residuals averaged (default 1)")
+    parser.add_argument("--on-policy", type=int, default=0, metavar="N",
+                        help="also train on N closed-loop episodes of the checkpoint with its current correction "
+                             "head, each step labelled by the scripted expert (DAgger; default 0: demonstrations "
+                             "only)")
+    parser.add_argument("--on-policy-delays", default="0,1,2,3,4,5",
+                        help="emulated inference delays of those episodes, in turn (default 0,1,2,3,4,5)")
+    parser.add_argument("--on-policy-seed", type=int, default=400000,
+                        help="first sim seed of those episodes (default 400000; keep them off the evaluation's)")
+    parser.add_argument("--on-policy-lag", type=int, default=-1,
+                        help="the correction lag of those episodes (default: --min-lag, the graph's)")
+    parser.add_argument("--on-policy-data", default=None, metavar="NPZ",
+                        help="cache of the on-policy samples: read if it exists, else written")
     parser.add_argument("--state-noise", type=float, default=0.0,
                         help="std of Gaussian noise added to the joint-position inputs while training, in units of "
                              "each joint's action std (the closed loop's joints are not the demonstrations'; "
@@ -88,6 +101,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"effvla train-correction: --min-lag {args.min_lag} must lie in 0..--max-lag ({args.max_lag})",
               file=sys.stderr)
         return 2
+    try:
+        on_delays = [int(d) for d in args.on_policy_delays.split(",") if d.strip()]
+    except ValueError:
+        on_delays = []
+    if args.on_policy < 0 or (args.on_policy and (not on_delays or min(on_delays) < 0)):
+        print(f"effvla train-correction: --on-policy {args.on_policy} / --on-policy-delays "
+              f"{args.on_policy_delays!r}: a count >= 0 and comma-separated delays >= 0", file=sys.stderr)
+        return 2
+    on_lag = args.min_lag if args.on_policy_lag < 0 else args.on_policy_lag
+    if args.on_policy and not (Path(args.checkpoint) / "correction_head.json").is_file() \
+            and not (args.on_policy_data and Path(args.on_policy_data).is_file()):
+        print(f"effvla train-correction: --on-policy runs the head beside --checkpoint ({args.checkpoint} has none: "
+              "train one from the demonstrations first)", file=sys.stderr)
+        return 2
+    if args.on_policy and len({_demos_aim([d]) for d in args.demos}) != 1:
+        print("effvla train-correction: --on-policy labels with the demonstrations' expert, but the --demos sets aim "
+              f"differently ({[_demo_set(d)['aim_offset'] for d in args.demos]})", file=sys.stderr)
+        return 2
     policy = load_policy(args.checkpoint)  # CheckpointError (a ValueError) names the file
     items = parse_sweep([args.setting])
     if len(items) != 1 or len(items[0]) != 1:
@@ -111,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
             save_data(data, args.data)
         print(f"collected {len(data)} samples from {len(set(data.episode.tolist()))} episodes, "
               f"{data.chunks.shape[0]} chunks under {setting.name}")
+    on_policy: dict[str, Any] = {}
+    if args.on_policy:
+        data, on_policy = _add_on_policy(args, data, (name, changes, policy.num_steps), on_delays, on_lag)
     if args.no_visual:  # a cache collected with frames trains a head without them too
         data.visual = None
     if args.threads > 0:
@@ -121,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
                               state_noise=args.state_noise, members=args.members,
                               state_dims=state_dims, log=print)
     head.spec.trained = {"checkpoint": str(args.checkpoint), "demos": [str(d) for d in args.demos],
-                         "setting": setting.name, "stride": args.stride, "offsets": offsets, **record}
+                         "demo_sets": [_demo_set(d) for d in args.demos],
+                         "setting": setting.name, "stride": args.stride, "offsets": offsets, **record,
+                         **({"on_policy": on_policy} if on_policy else {})}
     out = head.save(args.out or args.checkpoint)
     for lag, r in record["held_out_by_lag"].items():
         b, a = r["before"], r["after"]
@@ -131,3 +167,58 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}/correction_head.safetensors, correction_head.json")
     print(json.dumps({k: v for k, v in record.items() if k != "held_out_episodes"}))
     return 0
+
+
+def _add_on_policy(args: argparse.Namespace, data: Any, setting: tuple[str, dict[str, Any], int], delays: list[int],
+                   lag: int) -> tuple[Any, dict[str, Any]]:
+    """The demonstrations' samples plus those of ``--on-policy`` closed-loop episodes (DAgger) of the base policy
+    under ``setting`` (name, changes, denoising steps) with its correction on, and their record."""
+    import numpy as np
+
+    from effvla_ros.core.settings import make_setting
+    from effvla_ros.train.correction import CorrectionData, collect_on_policy, load_data, save_data
+
+    first = int(data.episode.max()) + 1 if len(data.episode) else 0
+    if args.on_policy_data and Path(args.on_policy_data).is_file():
+        onp = load_data(args.on_policy_data)
+        onp.episode = onp.episode - int(onp.episode.min()) + first  # after the demonstrations'
+        print(f"on-policy samples from {args.on_policy_data}: {len(onp)}")
+        infos: list[dict[str, Any]] = []
+    else:
+        name, changes, num_steps = setting
+        changes = {**changes, "correction.enabled": True, "exec.correction_lag": lag}
+        rollouts = [make_setting(f"{name}+correction.enabled=true+correction_lag={lag}+delay_steps={d}",
+                                 {**changes, "exec.delay_steps": d}, {"num_steps": num_steps}) for d in delays]
+
+        def progress(k: int, n: int, info: dict[str, Any]) -> None:
+            if k % 20 == 0 or k == n:
+                print(f"  on-policy {k}/{n} episodes", flush=True)
+
+        seeds = list(range(int(args.on_policy_seed), int(args.on_policy_seed) + int(args.on_policy)))
+        onp, infos = collect_on_policy(args.checkpoint, rollouts, seeds, first_episode=first, workers=args.workers,
+                                       progress=progress, aim_offset=_demos_aim(args.demos))
+        if args.on_policy_data:
+            save_data(onp, args.on_policy_data)
+        ok = sum(i["success"] for i in infos)
+        print(f"on-policy: {len(onp)} samples from {len(infos)} episodes ({ok} successful), "
+              f"{sum(i['valid_steps'] for i in infos)} of {sum(i['steps'] for i in infos)} steps labelled")
+    record = {"episodes": int(len(np.unique(onp.episode))), "samples": len(onp), "delays": delays, "lag": lag,
+              "first_seed": int(args.on_policy_seed),
+              "successes": int(sum(i["success"] for i in infos)) if infos else None}
+    return CorrectionData.concat([data, onp]), record
+
+
+def _demo_set(directory: str) -> dict[str, Any]:
+    """How a demonstration set was generated (its index.json), for the head's record: the expert's aim above all
+    (the head learns the demonstrator's grasp point, not the base policy's)."""
+    idx = json.loads((Path(directory) / "index.json").read_text())
+    gen = idx.get("generator", {})
+    return {"dir": str(directory), "episodes": len(idx.get("episodes", [])), "base_seed": gen.get("base_seed"),
+            "aim_offset": gen.get("aim_offset"), "perturb": gen.get("perturb") is not None,
+            "regrasp": gen.get("regrasp") is not None}
+
+
+def _demos_aim(demos: list[str]) -> tuple[float, float]:
+    """The expert's aim of the first of ``demos`` (gen-demos --aim-offset; the labels of --on-policy use it)."""
+    aim = _demo_set(demos[0])["aim_offset"] or (0.0, 0.0)
+    return float(aim[0]), float(aim[1])

@@ -279,4 +279,174 @@ def load_data(path: str | Path) -> CorrectionData:
                               z["chunk_frame"], z["samples"], [str(c) for c in z["cameras"]])
 
 
-__all__ = ["CorrectionData", "collect", "load_data", "save_data", "train_head"]
+# ------------------------------------------------------------------------------------------ on-policy data
+class ShadowExpert:
+    """The scripted demonstrator run alongside a closed-loop episode it does not drive (DAgger, Ross et al.,
+    AISTATS 2011): at each step it sees the simulation's state and says which joint targets it would command from
+    there (:meth:`label`), as in the demonstrations (``action``: absolute joint targets). Its Cartesian target
+    starts from where the executed command points (the grasp point of the commanded joints), as the demonstrator's
+    accumulated target does in its own episodes.
+
+    The expert carries a phase (hover, descend, close, lift, ...) advanced by geometry and step counts. The gripper
+    stays the policy's (the head corrects the arm), so the phase follows the executed jaw command: the policy closing
+    the jaw during the approach puts the expert in its close phase (hold still, then lift), opening it while lowering
+    in its open phase, opening it before the cube was lifted back in the approach. A label is not used (``valid``
+    false) where the expert has no answer: the jaw opened while the cube is carried or closed again after the
+    release, and everything after a failed grasp (the expert lifting with the cube left on the table:
+    :class:`~effvla_ros.sim.dataset.Regrasp`'s test)."""
+
+    def __init__(self, env: Any, *, aim_offset: tuple[float, float] = (0.0, 0.0), detect_rise: float = 0.015,
+                 min_cube_rise: float = 0.008) -> None:
+        from lerobot_env_so101.scripted import PickPlaceController
+
+        self.env = env
+        self.aim_offset = (float(aim_offset[0]), float(aim_offset[1]))  # the demonstrations' (gen-demos --aim-offset)
+        self.ctrl = PickPlaceController()
+        self.grip_mid = float(np.mean(env.ctrl_range[-1]))
+        self.detect_rise, self.min_cube_rise = float(detect_rise), float(min_cube_rise)
+        self.lift_from: tuple[float, float] | None = None
+        self.failed = False
+
+    def label(self, executed: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The expert's joint targets (A,) at the current state and whether they are usable, given the action
+        ``executed`` (A,) now (before it is applied)."""
+        from lerobot_env_so101.scripted.pick_place import Phase
+
+        from effvla_ros.sim.dataset import _expert_target_without_applying
+
+        env = self.env
+        ctrl = self.ctrl
+        target = env.task.target_cube
+        closed = float(executed[-1]) < self.grip_mid
+        lifted = self.lift_from is not None and \
+            float(env.cube_positions()[target][2]) - self.lift_from[1] >= self.min_cube_rise
+        usable = True
+        ph = ctrl.phase
+        if closed and ph in (Phase.HOVER, Phase.DESCEND):
+            self._set(Phase.CLOSE)  # the policy grasps here: hold still while the jaw closes, then lift
+        elif not closed and ph in (Phase.CLOSE, Phase.LIFT, Phase.TRAVERSE):
+            if lifted:
+                usable = False  # the cube dropped from the jaw
+            else:
+                self._set(Phase.DESCEND)  # not grasped yet: (back) to the cube at grasp height
+                self.lift_from = None
+        elif not closed and ph is Phase.LOWER:
+            self._set(Phase.OPEN)  # the policy releases here
+        elif closed and ph in (Phase.OPEN, Phase.RETREAT, Phase.DONE):
+            usable = False
+        a = env.expert_action(ctrl, self.aim_offset)
+        phase = ctrl.phase.name
+        if phase in ("LIFT", "TRAVERSE", "LOWER") and not self.failed:
+            jaw_z, cube_z = float(env.ik_point_pos[2]), float(env.cube_positions()[target][2])
+            if self.lift_from is None:
+                self.lift_from = (jaw_z, cube_z)
+            if jaw_z - self.lift_from[0] >= self.detect_rise and cube_z - self.lift_from[1] < self.min_cube_rise:
+                self.failed = True
+        env._target_ee_pos = env.jaw_points(env.joint_targets())[0]  # the executed command's grasp point
+        env._last_action_was_zero = False
+        q = _expert_target_without_applying(env, a)
+        return q.astype(np.float32), bool(usable and not self.failed)
+
+    def _set(self, phase: Any) -> None:
+        self.ctrl._phase = phase  # the controller has no setter: its phase is private state
+        self.ctrl._steps_in_phase = 0
+
+
+def _on_policy_episode(policy: Any, env: Any, seed: int, setting: Any, episode: int, *, max_steps: int,
+                       aim_offset: tuple[float, float] = (0.0, 0.0)) -> tuple[CorrectionData, dict[str, Any]]:
+    """One closed-loop episode of ``policy`` under ``setting`` (its correction on: the head's visual input is
+    recorded), labelled by a :class:`ShadowExpert`: every row of every chunk whose step has a usable label is a
+    sample (as :func:`collect`'s: target = the label minus the row)."""
+    from effvla_ros.train.evaluate import StepView, run_episode
+
+    qs: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    valid: list[bool] = []
+    vis: list[np.ndarray] = []
+    chunks: dict[int, np.ndarray] = {}
+    shadow: list[ShadowExpert] = []
+    cams = list(policy.arch.cameras)
+
+    def on_step(v: StepView) -> None:
+        if not shadow:
+            shadow.append(ShadowExpert(env, aim_offset=aim_offset))  # after run_episode's reset
+        if v.visual is None:
+            raise ValueError("on-policy collection needs a visual correction head in the rollouts")
+        qs.append(env.joint_positions().astype(np.float32))
+        lab, ok = shadow[0].label(v.action.numpy())
+        labels.append(lab)
+        valid.append(ok)
+        vis.append(torch.stack([v.visual[c].float().reshape(v.visual[c].shape[-2:]) for c in cams])
+                   .to(torch.float16).numpy())
+        chunks.setdefault(v.chunk_start, v.chunk.float().numpy())
+
+    res = run_episode(policy, env, int(seed), setting, max_steps=max_steps, on_step=on_step)
+    n = len(qs)
+    h = policy.arch.chunk_size
+    ok = np.asarray(valid, dtype=bool)
+    starts = sorted(chunks)
+    samples = [(m, j) for m, t0 in enumerate(starts) for j in range(h) if t0 + j < n and ok[t0 + j]]
+    a = int(policy.arch.action_dim)
+    data = CorrectionData(np.asarray(qs, dtype=np.float32).reshape(n, -1), np.asarray(labels, np.float32).reshape(n, a),
+                          np.stack(vis) if vis else None, np.full(n, episode, dtype=np.int64),
+                          np.asarray([chunks[t] for t in starts], dtype=np.float32).reshape(-1, h, a),
+                          np.asarray(starts, dtype=np.int64), np.asarray(samples, dtype=np.int64).reshape(-1, 2), cams)
+    info = {"seed": int(seed), "success": bool(res.success), "outcome": res.outcome, "steps": n,
+            "valid_steps": int(ok.sum()), "samples": len(samples)}
+    return data, info
+
+
+def _on_policy_init(checkpoint: str, max_steps: int, aim_offset: tuple[float, float]) -> None:
+    import os
+
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    torch.set_num_threads(1)
+    from effvla_ros.core.smolvla import load_policy
+    from effvla_ros.sim.env import SimConfig, TwoCubePickPlaceEnv
+
+    policy = load_policy(checkpoint)
+    sim = SimConfig(image_size=int(policy.arch.camera_shape[-1]), cameras=list(policy.arch.cameras))
+    _W.update(policy=policy, env=TwoCubePickPlaceEnv(sim), max_steps=max_steps, aim_offset=aim_offset)
+
+
+def _on_policy_job(job: tuple[int, Any, int]) -> tuple[CorrectionData, dict[str, Any]]:
+    seed, setting, episode = job
+    return _on_policy_episode(_W["policy"], _W["env"], seed, setting, episode, max_steps=_W["max_steps"],
+                              aim_offset=_W["aim_offset"])
+
+
+def collect_on_policy(checkpoint: str, settings: Sequence[Any], seeds: Sequence[int], *, first_episode: int = 0,
+                      workers: int = 1, max_steps: int = 150, aim_offset: tuple[float, float] = (0.0, 0.0),
+                      progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+                      ) -> tuple[CorrectionData, list[dict[str, Any]]]:
+    """On-policy samples (DAgger): episode ``i`` runs ``seeds[i]`` under ``settings[i % len(settings)]`` (closed
+    loop with the checkpoint's correction head on, e.g. at several delays), each step labelled by the scripted
+    expert (:class:`ShadowExpert`) aimed as the demonstrations (``aim_offset``). Episodes are numbered from
+    ``first_episode`` (after the demonstrations' when both are trained on). Returns the data and one record per
+    episode."""
+    jobs = [(int(sd), settings[i % len(settings)], int(first_episode) + i) for i, sd in enumerate(seeds)]
+    parts: list[CorrectionData] = []
+    infos: list[dict[str, Any]] = []
+    if workers <= 1:
+        _on_policy_init(checkpoint, max_steps, aim_offset)
+        it: Any = map(_on_policy_job, jobs)
+        pool = None
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        pool = ctx.Pool(workers, initializer=_on_policy_init, initargs=(checkpoint, max_steps, aim_offset))
+        it = pool.imap(_on_policy_job, jobs)
+    try:
+        for k, (d, info) in enumerate(it):
+            info["setting"] = jobs[k][1].name
+            parts.append(d)
+            infos.append(info)
+            if progress:
+                progress(k + 1, len(jobs), info)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return CorrectionData.concat(parts), infos
+
+
+__all__ = ["CorrectionData", "ShadowExpert", "collect", "collect_on_policy", "load_data", "save_data", "train_head"]
