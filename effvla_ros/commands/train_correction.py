@@ -115,9 +115,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"effvla train-correction: --on-policy runs the head beside --checkpoint ({args.checkpoint} has none: "
               "train one from the demonstrations first)", file=sys.stderr)
         return 2
-    if args.on_policy and len({_demos_aim([d]) for d in args.demos}) != 1:
+    demo_sets = [_demo_set(d) for d in args.demos]  # how each set was generated (index.json, read once)
+    aims = [_aim(ds) for ds in demo_sets]
+    if args.on_policy and len(set(aims)) != 1:
         print("effvla train-correction: --on-policy labels with the demonstrations' expert, but the --demos sets aim "
-              f"differently ({[_demo_set(d)['aim_offset'] for d in args.demos]})", file=sys.stderr)
+              f"differently ({aims})", file=sys.stderr)
         return 2
     policy = load_policy(args.checkpoint)  # CheckpointError (a ValueError) names the file
     items = parse_sweep([args.setting])
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
               f"{data.chunks.shape[0]} chunks under {setting.name}")
     on_policy: dict[str, Any] = {}
     if args.on_policy:
-        data, on_policy = _add_on_policy(args, data, (name, changes, policy.num_steps), on_delays, on_lag)
+        data, on_policy = _add_on_policy(args, data, (name, changes, policy.num_steps), on_delays, on_lag, aims[0])
     if args.no_visual:  # a cache collected with frames trains a head without them too
         data.visual = None
     if args.threads > 0:
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
                               state_noise=args.state_noise, members=args.members,
                               state_dims=state_dims, log=print)
     head.spec.trained = {"checkpoint": str(args.checkpoint), "demos": [str(d) for d in args.demos],
-                         "demo_sets": [_demo_set(d) for d in args.demos],
+                         "demo_sets": demo_sets,
                          "setting": setting.name, "stride": args.stride, "offsets": offsets, **record,
                          **({"on_policy": on_policy} if on_policy else {})}
     out = head.save(args.out or args.checkpoint)
@@ -170,9 +172,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _add_on_policy(args: argparse.Namespace, data: Any, setting: tuple[str, dict[str, Any], int], delays: list[int],
-                   lag: int) -> tuple[Any, dict[str, Any]]:
+                   lag: int, aim: tuple[float, float]) -> tuple[Any, dict[str, Any]]:
     """The demonstrations' samples plus those of ``--on-policy`` closed-loop episodes (DAgger) of the base policy
-    under ``setting`` (name, changes, denoising steps) with its correction on, and their record."""
+    under ``setting`` (name, changes, denoising steps) with its correction on, labelled by the expert aimed at
+    ``aim`` (the demonstrations'), and their record."""
     import numpy as np
 
     from effvla_ros.core.settings import make_setting
@@ -196,7 +199,7 @@ def _add_on_policy(args: argparse.Namespace, data: Any, setting: tuple[str, dict
 
         seeds = list(range(int(args.on_policy_seed), int(args.on_policy_seed) + int(args.on_policy)))
         onp, infos = collect_on_policy(args.checkpoint, rollouts, seeds, first_episode=first, workers=args.workers,
-                                       progress=progress, aim_offset=_demos_aim(args.demos))
+                                       progress=progress, aim_offset=aim)
         if args.on_policy_data:
             save_data(onp, args.on_policy_data)
         ok = sum(i["success"] for i in infos)
@@ -218,7 +221,7 @@ def _demo_set(directory: str) -> dict[str, Any]:
             "regrasp": gen.get("regrasp") is not None}
 
 
-def _demos_aim(demos: list[str]) -> tuple[float, float]:
-    """The expert's aim of the first of ``demos`` (gen-demos --aim-offset; the labels of --on-policy use it)."""
-    aim = _demo_set(demos[0])["aim_offset"] or (0.0, 0.0)
+def _aim(demo_set: dict[str, Any]) -> tuple[float, float]:
+    """The expert's aim of a :func:`_demo_set` record (gen-demos --aim-offset; the labels of --on-policy use it)."""
+    aim = demo_set["aim_offset"] or (0.0, 0.0)
     return float(aim[0]), float(aim[1])

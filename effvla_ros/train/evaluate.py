@@ -194,14 +194,12 @@ def classify_outcome(success: bool, dist_target_cm: float, dist_other_cm: float,
 class StepView:
     """What :func:`run_episode` hands its ``on_step`` callback at each control step, before the action is applied
     (the simulation is at the step's state): the executing chunk (H, A) raw, the step its row 0 is meant for (= its
-    observation's), the joint positions of that observation, the action about to be applied (A,) (corrected when
-    the correction runs) and the head's visual input of this step's frames (camera -> (N, D); None without a
-    visual correction)."""
+    observation's), the action about to be applied (A,) (corrected when the correction runs) and the head's visual
+    input of this step's frames (camera -> (N, D); None without a visual correction)."""
 
     step: int
     chunk: torch.Tensor
     chunk_start: int
-    chunk_state: Any
     action: torch.Tensor
     visual: dict[str, torch.Tensor] | None
 
@@ -376,9 +374,7 @@ def run_episode(policy: SmolVLAPolicy, env: Any, seed: int, setting: Setting, *,
             add("correction_abs_gripper", float((corrected - action)[-1].abs()))
             action = corrected
         if on_step is not None:
-            on_step(StepView(k, cur.actions.detach().cpu(), cur_start,
-                             cur.state if cur.state is not None else q0, action,
-                             seen[k][1] if k in seen else None))
+            on_step(StepView(k, cur.actions.detach().cpu(), cur_start, action, seen[k][1] if k in seen else None))
         env.set_joint_targets(action.numpy().astype(np.float64))
         closed = float(action[-1]) < grip_mid
         closes += closed and not was_closed
